@@ -1,0 +1,198 @@
+"""Few-shot episodes (training and test) and the base-class segmentation dataset of stage 1.
+
+The episode sampler lives here and only here:
+- training: item ``index`` is the query image ``lists.images[index]``; its class is drawn among the
+  base classes that count in it, and K distinct supports of that class are drawn among the other
+  images of the class (never the query). All randomness (class, supports, augmentation) comes from
+  a numpy Generator seeded with (seed, epoch, index): the index is global (a DistributedSampler
+  hands each rank different indices), so an item does not depend on the rank, the number of
+  data-loader workers, or which worker loads it.
+- test: the whole episode list is drawn up front from one seed (queries follow seeded
+  permutations of the image list, so every image is a query once before any repeats), hence it
+  is identical for any number of workers or ranks; ``shard_indices`` splits it across ranks.
+Masks are binarised: the episode's class -> 1, every other class -> 0, 255 stays 255.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .files import read_pair
+from .splits import IGNORE_LABEL
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One episode: indices into the list's (image, label) pairs, and the 1-based class id."""
+    query: int
+    supports: tuple
+    class_id: int
+
+
+def binarize(label, class_id):
+    """class_id -> 1, other classes and background -> 0, 255 stays 255 (uint8 array)."""
+    out = (label == class_id).astype(np.uint8)
+    out[label == IGNORE_LABEL] = IGNORE_LABEL
+    return out
+
+
+def item_rng(seed, epoch, index):
+    """The Generator of one training item; depends only on (seed, epoch, index)."""
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+def shard_indices(num_items, rank, world_size):
+    """Indices of ``rank``'s share of a test set: strided, disjoint, and together all of them."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    return list(range(rank, num_items, world_size))
+
+
+def classes_of_images(lists):
+    """{image index: [classes that count in it]} for the images of a FoldLists."""
+    by_image = {i: [] for i in lists.images}
+    for c in lists.classes:
+        for i in lists.class_images[c]:
+            by_image[i].append(c)
+    return by_image
+
+
+def check_enough_images(lists, shot, role):
+    """Every class needs ``shot`` supports besides the query: raise a clear error otherwise."""
+    if not lists.images:
+        raise ValueError(f"no image of {lists.list_file} has a {role} class of this fold: check the "
+                         "list, the fold and min_class_pixels")
+    short = {c: len(lists.class_images[c]) for c in lists.classes if len(lists.class_images[c]) < shot + 1}
+    if short:
+        raise ValueError(f"{role} classes {sorted(short)} of {lists.list_file} have only "
+                         f"{sorted(short.values())} images but {shot}-shot episodes need {shot + 1} "
+                         "(query + distinct supports): lower the shot or min_class_pixels, or use "
+                         "more data")
+
+
+def sample_supports(lists, class_id, query, shot, rng):
+    """``shot`` distinct images of ``class_id`` other than ``query``."""
+    candidates = [i for i in lists.class_images[class_id] if i != query]
+    picked = rng.choice(len(candidates), size=shot, replace=False)
+    return tuple(candidates[int(k)] for k in picked)
+
+
+def make_test_episodes(lists, shot, num_episodes, seed):
+    """The fixed list of ``num_episodes`` test episodes drawn from ``seed``."""
+    check_enough_images(lists, shot, "novel")
+    rng = np.random.default_rng(int(seed))
+    by_image = classes_of_images(lists)
+    episodes, order = [], []
+    for _ in range(num_episodes):
+        if not order:
+            order = [lists.images[int(k)] for k in rng.permutation(len(lists.images))][::-1]
+        query = order.pop()
+        present = by_image[query]
+        class_id = present[int(rng.integers(len(present)))]
+        episodes.append(Episode(query, sample_supports(lists, class_id, query, shot, rng), class_id))
+    return episodes
+
+
+class _ListDataset(Dataset):
+    """Shared loading of (image, label) pairs by index."""
+
+    def __init__(self, lists, num_classes):
+        self.lists = lists
+        self.num_classes = num_classes
+
+    def _load(self, index):
+        image_path, label_path = self.lists.pairs[index]
+        return read_pair(image_path, label_path, self.num_classes)
+
+
+class TrainEpisodes(_ListDataset):
+    """Training episodes over the base classes; call ``set_epoch`` every epoch."""
+
+    def __init__(self, lists, shot, transform, num_classes, seed):
+        super().__init__(lists, num_classes)
+        check_enough_images(lists, shot, "base")
+        self.shot, self.transform, self.seed, self.epoch = shot, transform, seed, 0
+        self.image_classes = classes_of_images(lists)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.lists.images)
+
+    def episode(self, index, rng):
+        """The (query, supports, class) of item ``index``, drawn from ``rng``."""
+        query = self.lists.images[index]
+        present = self.image_classes[query]
+        class_id = present[int(rng.integers(len(present)))]
+        return Episode(query, sample_supports(self.lists, class_id, query, self.shot, rng), class_id)
+
+    def __getitem__(self, index):
+        rng = item_rng(self.seed, self.epoch, index)
+        ep = self.episode(index, rng)
+        images, masks = [], []
+        for i in (ep.query,) + ep.supports:
+            image, label = self._load(i)
+            image, mask = self.transform(image, binarize(label, ep.class_id), rng)
+            images.append(image)
+            masks.append(mask)
+        return {"query_img": images[0], "query_mask": masks[0], "support_imgs": torch.stack(images[1:]),
+                "support_masks": torch.stack(masks[1:]), "class_id": ep.class_id}
+
+
+class TestEpisodes(_ListDataset):
+    """A precomputed list of test episodes (``self.episodes``); items carry the original label."""
+
+    def __init__(self, lists, episodes, transform, num_classes):
+        super().__init__(lists, num_classes)
+        self.episodes, self.transform = episodes, transform
+
+    def __len__(self):
+        return len(self.episodes)
+
+    def __getitem__(self, index):
+        ep = self.episodes[index]
+        image, label = self._load(ep.query)
+        query_label = binarize(label, ep.class_id)
+        query_img, query_mask = self.transform(image, query_label)
+        support_imgs, support_masks = [], []
+        for i in ep.supports:
+            image, label = self._load(i)
+            image, mask = self.transform(image, binarize(label, ep.class_id))
+            support_imgs.append(image)
+            support_masks.append(mask)
+        return {"query_img": query_img, "query_mask": query_mask, "support_imgs": torch.stack(support_imgs),
+                "support_masks": torch.stack(support_masks), "class_id": ep.class_id,
+                "query_label": torch.from_numpy(query_label).long(), "episode": index}
+
+
+class BaseClassSegmentation(_ListDataset):
+    """Images with base classes for the stage-1 PSPNet: base classes -> 1..n_base, others -> 0.
+
+    ``seed`` given: training (random transform from (seed, epoch, index), call set_epoch);
+    None: validation (deterministic test transform).
+    """
+
+    def __init__(self, lists, transform, num_classes, seed=None):
+        super().__init__(lists, num_classes)
+        self.transform, self.seed, self.epoch = transform, seed, 0
+        self.lut = np.zeros(256, dtype=np.uint8)  # background and novel classes -> 0
+        for new_id, c in enumerate(lists.classes, 1):
+            self.lut[c] = new_id
+        self.lut[IGNORE_LABEL] = IGNORE_LABEL
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.lists.images)
+
+    def __getitem__(self, index):
+        image, label = self._load(self.lists.images[index])
+        label = self.lut[label]
+        if self.seed is None:
+            img, label = self.transform(image, label)
+        else:
+            img, label = self.transform(image, label, item_rng(self.seed, self.epoch, index))
+        return {"img": img, "label": label}

@@ -1,0 +1,135 @@
+"""Training and test transforms of an (image, label) pair, with OpenCV, image and mask kept aligned.
+
+Training (PFENet/BAM recipe, DESIGN.md §3), each step drawing from the caller's numpy Generator
+so that an episode is reproducible from its seed: random scale (linear for the image, nearest for
+the mask); rotation within ±rotate_max with p=0.5 (image padded with the ImageNet mean, mask with
+255); Gaussian blur 5x5 with p=0.5 (image only); horizontal flip with p=0.5; crop to size×size
+(padding the image with the mean and the mask with 255 when smaller, retrying up to 30 crops to keep
+at least 85% of the foreground, else the crop that kept most); ImageNet normalisation on 0..255.
+
+Test: the long side is resized to ``size`` keeping the aspect ratio, and the result is placed at
+the TOP-LEFT of a size×size canvas (image padded with the mean, mask with 255). The evaluation
+compares upsampled logits with the original-resolution label padded the same way:
+``pad_label_to_square`` is that one rule.
+"""
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from .splits import IGNORE_LABEL
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
+_MEAN_BORDER = tuple(float(v) for v in IMAGENET_MEAN)
+
+
+def to_tensors(image, label):
+    """float32 RGB (H, W, 3) 0..255 and uint8 (H, W) -> normalised (3, H, W) float and (H, W) long."""
+    image = (image - IMAGENET_MEAN) / IMAGENET_STD
+    return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(label)).long())
+
+
+def denormalize(image):
+    """Inverse of the normalisation: (3, H, W) tensor -> float32 RGB (H, W, 3) array on 0..255."""
+    return image.permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN
+
+
+def foreground(label):
+    """Pixels that are neither background (0) nor ignore (255)."""
+    return (label != 0) & (label != IGNORE_LABEL)
+
+
+@dataclass
+class TrainTransform:
+    """Random training augmentation; ``__call__(image, label, rng)`` -> (3,S,S) float, (S,S) long."""
+    size: int
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    rotate_max: float = 10.0
+    rotate_p: float = 0.5
+    blur_p: float = 0.5
+    blur_kernel: int = 5
+    flip_p: float = 0.5
+    crop_tries: int = 30
+    crop_keep_foreground: float = 0.85
+
+    def __call__(self, image, label, rng):
+        scale = rng.uniform(self.scale_min, self.scale_max)
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+        label = cv2.resize(label, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
+        if rng.random() < self.rotate_p:
+            angle = rng.uniform(-self.rotate_max, self.rotate_max)
+            h, w = label.shape
+            matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+            image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_CONSTANT, borderValue=_MEAN_BORDER)
+            label = cv2.warpAffine(label, matrix, (w, h), flags=cv2.INTER_NEAREST,
+                                   borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE_LABEL)
+        if rng.random() < self.blur_p:
+            image = cv2.GaussianBlur(image, (self.blur_kernel, self.blur_kernel), 0)
+        if rng.random() < self.flip_p:
+            image, label = image[:, ::-1], label[:, ::-1]
+        image, label = self._crop(image, label, rng)
+        return to_tensors(image, label)
+
+    def _crop(self, image, label, rng):
+        s = self.size
+        h, w = label.shape
+        pad_h, pad_w = max(s - h, 0), max(s - w, 0)
+        if pad_h or pad_w:  # centred padding, as PFENet
+            top, left = pad_h // 2, pad_w // 2
+            image = cv2.copyMakeBorder(np.ascontiguousarray(image), top, pad_h - top, left, pad_w - left,
+                                       cv2.BORDER_CONSTANT, value=_MEAN_BORDER)
+            label = cv2.copyMakeBorder(np.ascontiguousarray(label), top, pad_h - top, left, pad_w - left,
+                                       cv2.BORDER_CONSTANT, value=IGNORE_LABEL)
+            h, w = label.shape
+        fg = foreground(label)
+        total = int(fg.sum())
+        best, best_kept = None, -1
+        for _ in range(self.crop_tries):
+            y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+            kept = int(fg[y:y + s, x:x + s].sum())
+            if kept > best_kept:
+                best, best_kept = (y, x), kept
+            if kept >= self.crop_keep_foreground * total:
+                break
+        y, x = best
+        return image[y:y + s, x:x + s], label[y:y + s, x:x + s]
+
+
+@dataclass
+class TestTransform:
+    """Long side resized to ``size``, padded to size×size at the top-left; -> (3,S,S), (S,S) long."""
+    size: int
+
+    def __call__(self, image, label):
+        h, w = label.shape
+        new_h, new_w = resized_shape(h, w, self.size)
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+        image = cv2.copyMakeBorder(image, 0, self.size - new_h, 0, self.size - new_w,
+                                   cv2.BORDER_CONSTANT, value=_MEAN_BORDER)
+        label = cv2.copyMakeBorder(label, 0, self.size - new_h, 0, self.size - new_w,
+                                   cv2.BORDER_CONSTANT, value=IGNORE_LABEL)
+        return to_tensors(image, label)
+
+
+def resized_shape(h, w, size):
+    """(h, w) with the long side equal to ``size`` and the aspect ratio kept (at least 1 pixel)."""
+    if h >= w:
+        return size, max(1, int(round(w * size / h)))
+    return max(1, int(round(h * size / w))), size
+
+
+def pad_label_to_square(label):
+    """Pad a (..., H, W) label tensor with 255 at the bottom/right to (..., L, L), L = max(H, W).
+
+    The evaluation upsamples the (B, 2, S, S) logits of a test item to L×L and compares them with
+    this: the content sits at the top-left in both, as TestTransform places it.
+    """
+    h, w = label.shape[-2:]
+    side = max(h, w)
+    return torch.nn.functional.pad(label, (0, side - w, 0, side - h), value=IGNORE_LABEL)

@@ -1,0 +1,171 @@
+"""Backbones for few-shot segmentation, each exposing the stages ``layer0 .. layer4``.
+
+- ``resnet50`` / ``resnet101``: PSPNet's deep-stem ResNet (``resnet50_v2``): ``layer0`` = three 3x3 convs
+  3->64->64->128 (BN+ReLU each) + 3x3/2 max-pool; torchvision-style Bottleneck with the stride on the
+  3x3 conv; ``layer3``/``layer4`` use stride 1 and dilation 2/4 on every 3x3 conv (PSPNet/PFENet's
+  conversion: every block of the stage, the first included), so the output stride is 8.
+- ``resnet18_deep``: the same deep stem and dilation with BasicBlocks [2, 2, 2, 2]; small, for the demo and tests.
+- ``resnet50_tv``: torchvision's ResNet-50 (7x7 stem: ``layer0`` = conv1, bn1, relu, maxpool), dilated the same way.
+- ``vgg16_bn``: torchvision's VGG16-bn ``features`` split into stages as PFENet/BAM do (indices 0-6, 7-13,
+  14-23, 24-33, 34-42; the last max-pool dropped) with ceil-mode max-pools as in their vgg.py; output stride 16.
+
+Parameter names inside the stages are those of the released weight files (``layer0.conv1``, ``layer1.0.conv2``,
+``layer2.3.downsample.0`` ...) so that ``model.weights`` only has to move the stem keys under ``layer0``.
+"""
+from collections import OrderedDict
+
+import torch.nn as nn
+
+__all__ = ["Backbone", "build_backbone", "BACKBONES", "STAGES"]
+
+STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+
+
+def _conv3x3(in_c, out_c, stride=1, dilation=1):
+    return nn.Conv2d(in_c, out_c, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; both dilated in a dilated stage."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes, 1, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 x4, as torchvision and PSPNet's resnet50_v2."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class Backbone(nn.Module):
+    """Stages ``layer0..layer4`` run in sequence; ``channels[stage]`` and ``output_stride`` describe them."""
+
+    def __init__(self, name, stages, channels, output_stride):
+        super().__init__()
+        self.name = name
+        for stage, module in zip(STAGES, stages):
+            setattr(self, stage, module)
+        self.channels = dict(zip(STAGES, channels))
+        self.output_stride = output_stride
+
+    def forward(self, x):
+        """All five stage outputs, as a list [layer0 .. layer4]."""
+        feats = []
+        for stage in STAGES:
+            x = getattr(self, stage)(x)
+            feats.append(x)
+        return feats
+
+
+def _resnet_stage(block, inplanes, planes, blocks, stride, dilation):
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                                   nn.BatchNorm2d(planes * block.expansion))
+    layers = [block(inplanes, planes, stride, dilation, downsample)]
+    layers += [block(planes * block.expansion, planes, 1, dilation) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+def _init_resnet(module):
+    for m in module.modules():  # torchvision's initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _resnet(name, block, layers, deep_stem):
+    if deep_stem:
+        layer0 = nn.Sequential(OrderedDict([
+            ("conv1", _conv3x3(3, 64, stride=2)), ("bn1", nn.BatchNorm2d(64)), ("relu1", nn.ReLU(inplace=True)),
+            ("conv2", _conv3x3(64, 64)), ("bn2", nn.BatchNorm2d(64)), ("relu2", nn.ReLU(inplace=True)),
+            ("conv3", _conv3x3(64, 128)), ("bn3", nn.BatchNorm2d(128)), ("relu3", nn.ReLU(inplace=True)),
+            ("maxpool", nn.MaxPool2d(3, stride=2, padding=1))]))
+        inplanes = 128
+    else:
+        layer0 = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)), ("bn1", nn.BatchNorm2d(64)),
+            ("relu", nn.ReLU(inplace=True)), ("maxpool", nn.MaxPool2d(3, stride=2, padding=1))]))
+        inplanes = 64
+    stages, channels = [layer0], [inplanes]
+    # (planes, stride, dilation) per stage: layer3/4 dilated instead of strided -> output stride 8
+    for planes, blocks, stride, dilation in zip((64, 128, 256, 512), layers, (1, 2, 1, 1), (1, 1, 2, 4)):
+        stages.append(_resnet_stage(block, inplanes, planes, blocks, stride, dilation))
+        inplanes = planes * block.expansion
+        channels.append(inplanes)
+    backbone = Backbone(name, stages, channels, output_stride=8)
+    _init_resnet(backbone)
+    return backbone
+
+
+# torchvision vgg16_bn.features, as (out_channels | "M") entries; each conv entry is conv, bn, relu.
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+_VGG_SPLIT = (0, 7, 14, 24, 34, 43)  # PFENet's get_vgg16_layer: features[0:7], [7:14], [14:24], [24:34], [34:43]
+
+
+def _vgg16_bn(name):
+    features, in_c = [], 3
+    for v in _VGG16:
+        if v == "M":
+            features.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
+        else:
+            features += [nn.Conv2d(in_c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            in_c = v
+    stages = [nn.Sequential(*features[a:b]) for a, b in zip(_VGG_SPLIT[:-1], _VGG_SPLIT[1:])]
+    for m in features:  # torchvision's VGG initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return Backbone(name, stages, (64, 128, 256, 512, 512), output_stride=16)
+
+
+BACKBONES = {
+    "resnet50": lambda: _resnet("resnet50", Bottleneck, (3, 4, 6, 3), deep_stem=True),
+    "resnet101": lambda: _resnet("resnet101", Bottleneck, (3, 4, 23, 3), deep_stem=True),
+    "resnet18_deep": lambda: _resnet("resnet18_deep", BasicBlock, (2, 2, 2, 2), deep_stem=True),
+    "resnet50_tv": lambda: _resnet("resnet50_tv", Bottleneck, (3, 4, 6, 3), deep_stem=False),
+    "vgg16_bn": lambda: _vgg16_bn("vgg16_bn"),
+}
+
+
+def build_backbone(name):
+    """A randomly initialised backbone by name (one of ``BACKBONES``); load weights with ``model.weights``."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}: expected one of {sorted(BACKBONES)}")
+    return BACKBONES[name]()

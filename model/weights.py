@@ -1,0 +1,110 @@
+"""Strict loading of pretrained weights into a backbone, and of this project's checkpoints into a model.
+
+Accepted files (all read with ``torch.load(..., weights_only=True)``):
+
+- PSPNet/PFENet's ``resnet50_v2.pth`` / ``resnet101_v2.pth`` (deep stem: keys ``conv1 bn1 conv2 bn2 conv3 bn3``,
+  ``layer1..layer4``, ``fc``) and torchvision ResNet state dicts (``conv1 bn1``, ``layer1..4``, ``fc``):
+  the stem keys move under ``layer0.``; the ImageNet classifier ``fc.*`` is dropped.
+- torchvision VGG16-bn state dicts (``features.N``, ``classifier``): ``features.N`` moves to its stage
+  (PFENet's split); ``classifier.*`` is dropped.
+- this project's checkpoints: a raw state dict, or a dict with a ``model`` / ``state_dict`` entry (what the
+  engine saves); for a backbone only the ``backbone.*`` part is used (e.g. a stage-1 PSPNet checkpoint).
+
+Anything else missing or unexpected is a ValueError that lists the keys and names the file: weights that
+silently fail to load are the most common way an FSS result is quietly wrong.
+"""
+import os
+
+import torch
+
+from .backbones import _VGG_SPLIT
+
+__all__ = ["load_backbone_weights", "read_state_dict", "load_state_dict_strict", "WEIGHTS_HELP"]
+
+WEIGHTS_HELP = ("Where backbone weights come from: resnet50_v2.pth / resnet101_v2.pth (deep-stem ResNets) are "
+                "PSPNet/PFENet's released ImageNet weights (the 'initmodel' folder linked from PFENet's README); "
+                "vgg16_bn.pth is torchvision's vgg16_bn (VGG16_BN_Weights.IMAGENET1K_V1); resnet50_tv takes "
+                "torchvision's resnet50 weights (ResNet50_Weights.IMAGENET1K_V1) from torchvision's model zoo. "
+                "Put the file at the path given by `pretrained` in the config, or set `pretrained: null` "
+                "for random initialisation (tests and demos only).")
+
+_STEM_KEYS = ("conv1.", "bn1.", "conv2.", "bn2.", "conv3.", "bn3.")
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+
+
+def read_state_dict(path, what="weights", hint=WEIGHTS_HELP):
+    """The tensor dict stored in ``path``: a raw state dict, or the ``model``/``state_dict`` entry of a
+    checkpoint dict; a DDP ``module.`` prefix on every key is removed. ``hint`` completes the
+    file-not-found message (where such a file comes from)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path!r}. {hint}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, non-tensor objects
+        raise ValueError(f"cannot read {what} file {path!r} with torch.load(weights_only=True): {e}") from e
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{what} file {path!r} holds no state dict (expected a dict of tensors, or a "
+                         "checkpoint dict with a 'model' or 'state_dict' entry)")
+    if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state_dict_strict(module, state, path, what="weights"):
+    """``module.load_state_dict(state)`` where every key must match in name and shape; BatchNorm's
+    ``num_batches_tracked`` may be absent (old files predate it). Errors list the keys and name ``path``."""
+    own = module.state_dict()
+    optional = {k for k in own if k.endswith("num_batches_tracked")}
+    missing = sorted(set(own) - set(state) - optional)
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{what} file {path!r} does not match the model: "
+                         f"{len(missing)} missing keys {missing}; {len(unexpected)} unexpected keys {unexpected}. "
+                         "Check that the file is for this architecture/backbone (and was saved without SVF).")
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in state if state[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{what} file {path!r} has tensors of the wrong shape: {bad}")
+    full = dict(state)
+    for k in optional - set(state):
+        full[k] = own[k]
+    module.load_state_dict(full, strict=True)
+    return module
+
+
+def _to_backbone_keys(state):
+    """Rename a file's keys to the backbone's own names; classifier keys are dropped."""
+    if any(k.startswith("backbone.") for k in state):  # this project's model checkpoint: take its backbone
+        return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if any(k.startswith("layer0.") for k in state):  # a backbone state dict saved by this project
+        return dict(state)
+    out = {}
+    for k, v in state.items():
+        if k.startswith(_CLASSIFIER_PREFIXES):
+            continue
+        if k.startswith("features."):  # torchvision VGG: features.N -> layerS.(N - start of stage S)
+            idx, rest = k[len("features."):].split(".", 1)
+            idx = int(idx)
+            stage = next((s for s in range(5) if _VGG_SPLIT[s] <= idx < _VGG_SPLIT[s + 1]), None)
+            if stage is None:
+                out[k] = v  # outside the stages: reported as unexpected
+            else:
+                out[f"layer{stage}.{idx - _VGG_SPLIT[stage]}.{rest}"] = v
+        elif k.startswith(_STEM_KEYS):  # ResNet stem (deep or 7x7) lives in layer0
+            out["layer0." + k] = v
+        else:
+            out[k] = v
+    return out
+
+
+def load_backbone_weights(backbone, path):
+    """Load ImageNet (or stage-1) weights from ``path`` into ``backbone`` (a plain, not yet SVF-converted,
+    ``model.backbones.Backbone``), strictly. Returns the backbone."""
+    state = read_state_dict(path, what="backbone weights")
+    return load_state_dict_strict(backbone, _to_backbone_keys(state), path, what="backbone weights")

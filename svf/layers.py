@@ -1,0 +1,172 @@
+"""SVD layers: a conv or linear layer rebuilt as ``U · diag(S) · Vᵀ`` (kernel-number-first SVD).
+
+``SVD_Conv2d`` keeps the paper's names (``conv_V``, ``vector_S``, ``conv_U``) so the seed's freezing
+code (``'vector_S' in name``) works unchanged. Grouped and depthwise convs are factored per group:
+``conv_V`` and ``conv_U`` are grouped with the same number of groups, so the factorisation is exact.
+
+Speed: when no factor needs a gradient (frozen stages, ``torch.no_grad()``, inference) the layer runs
+ONE convolution with the merged weight, cached until a factor changes. When a factor trains, it runs
+the factored form ``conv_U(conv_V(x) * S)``, which is the cheapest exact way to get dL/dS: it needs
+``Vᵀx`` and ``Uᵀg`` per pixel anyway, and autograd saves only ``Vᵀx`` (U and V being frozen).
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["SVDLayer", "SVD_Conv1d", "SVD_Conv2d", "SVD_Conv3d", "SVD_Linear"]
+
+
+class SVDLayer(nn.Module):
+    """What every SVD layer shares: the merged-weight cache and the fast/factored dispatch."""
+
+    # Filled by svf.resolver: a weightless (meta-device) copy of the original layer when its class is
+    # a subclass that ``merge`` must rebuild, and a fingerprint of the weights it was resolved from.
+    _svf_template = None
+    base_fingerprint = None
+
+    def _factors(self):  # (V, U) modules
+        raise NotImplementedError
+
+    def _needs_factored(self):
+        if not torch.is_grad_enabled():
+            return False
+        V, U = self._factors()
+        return V.weight.requires_grad or U.weight.requires_grad or self.vector_S.requires_grad
+
+    def _cache_key(self):
+        V, U = self._factors()
+        return tuple((t.data_ptr(), t._version, t.device, t.dtype)
+                     for t in (V.weight, U.weight, self.vector_S))
+
+    def merged_weight(self):
+        """The weight of the equivalent plain layer, ``U · diag(S) · Vᵀ`` (computed in float64 on CPU/CUDA)."""
+        V, U = self._factors()
+        g = getattr(V, "groups", 1)
+        out_f, r = U.weight.shape[0], V.weight.shape[0]
+        work = torch.float64 if V.weight.device.type in ("cpu", "cuda") else torch.float32
+        u = U.weight.detach().to(work).reshape(g, out_f // g, r // g)
+        s = self.vector_S.detach().to(work).reshape(g, 1, r // g)
+        v = V.weight.detach().to(work).reshape(g, r // g, -1)
+        w = torch.bmm(u * s, v)
+        return w.reshape((out_f,) + tuple(V.weight.shape[1:])).to(V.weight.dtype)
+
+    def _cached_merged_weight(self):
+        key = self._cache_key()
+        cache = self.__dict__.get("_svf_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, self.merged_weight())
+            self.__dict__["_svf_cache"] = cache
+        return cache[1]
+
+    def clear_cache(self):
+        """Forget the merged weight (needed only after editing a factor through ``.data``)."""
+        self.__dict__.pop("_svf_cache", None)
+
+    def __getstate__(self):  # never pickle or deep-copy the cache
+        state = self.__dict__.copy()
+        state.pop("_svf_cache", None)
+        return state
+
+    def _new_plain(self):  # the plain layer built from this layer's own arguments
+        raise NotImplementedError
+
+    def to_plain(self):
+        """The plain layer this one stands for, with the merged weight (its original class when
+        it was resolved from a subclass of nn.Conv*/nn.Linear)."""
+        V, U = self._factors()
+        if self._svf_template is not None:
+            plain = copy.deepcopy(self._svf_template[0]).to_empty(device=V.weight.device)
+        else:
+            plain = self._new_plain()
+        with torch.no_grad():
+            plain.weight.copy_(self.merged_weight())
+            if U.bias is not None:
+                plain.bias.copy_(U.bias)
+        plain.weight.requires_grad_(any(p.requires_grad for p in (V.weight, U.weight, self.vector_S)))
+        if U.bias is not None:
+            plain.bias.requires_grad_(U.bias.requires_grad)
+        plain.train(self.training)
+        return plain
+
+    @property
+    def rank(self):
+        return self.vector_S.shape[1]
+
+
+class _SVDConvNd(SVDLayer):
+    _conv_cls = None
+    _nd = None
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, rank=1):
+        super().__init__()
+        if rank < 1 or rank % groups:
+            raise ValueError(f"rank must be a positive multiple of groups={groups}, got {rank}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.conv_V = self._conv_cls(in_channels, rank, kernel_size, stride, padding, dilation, groups,
+                                     False, padding_mode, **factory)
+        self.vector_S = nn.Parameter(torch.ones((1, rank) + (1,) * self._nd, **factory))
+        self.conv_U = self._conv_cls(rank, out_channels, 1, 1, 0, 1, groups, bias, **factory)
+
+    def _factors(self):
+        return self.conv_V, self.conv_U
+
+    def forward(self, x):
+        if self._needs_factored():
+            return self.conv_U(self.conv_V(x) * self.vector_S)
+        # conv_V carries stride, padding (incl. 'same' and padding_mode), dilation and groups.
+        return self.conv_V._conv_forward(x, self._cached_merged_weight(), self.conv_U.bias)
+
+    def _new_plain(self):
+        V, U = self.conv_V, self.conv_U
+        return self._conv_cls(self.in_channels, self.out_channels, V.kernel_size, V.stride, V.padding,
+                              V.dilation, self.groups, U.bias is not None, V.padding_mode,
+                              device=V.weight.device, dtype=V.weight.dtype)
+
+    def extra_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, rank={self.rank}"
+
+
+class SVD_Conv1d(_SVDConvNd):
+    _conv_cls, _nd = nn.Conv1d, 1
+
+
+class SVD_Conv2d(_SVDConvNd):
+    """Kernel-number-first SVD of a Conv2d: ``conv_U(conv_V(x) * vector_S)``; the paper's signature."""
+    _conv_cls, _nd = nn.Conv2d, 2
+
+
+class SVD_Conv3d(_SVDConvNd):
+    _conv_cls, _nd = nn.Conv3d, 3
+
+
+class SVD_Linear(SVDLayer):
+    """``fc_U(fc_V(x) * vector_S)``; ``vector_S`` has shape (1, rank)."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, rank=1):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.fc_V = nn.Linear(in_features, rank, False, **factory)
+        self.vector_S = nn.Parameter(torch.ones((1, rank), **factory))
+        self.fc_U = nn.Linear(rank, out_features, bias, **factory)
+
+    def _factors(self):
+        return self.fc_V, self.fc_U
+
+    def forward(self, x):
+        if self._needs_factored():
+            return self.fc_U(self.fc_V(x) * self.vector_S)
+        return F.linear(x, self._cached_merged_weight(), self.fc_U.bias)
+
+    def _new_plain(self):
+        V, U = self.fc_V, self.fc_U
+        return nn.Linear(self.in_features, self.out_features, U.bias is not None,
+                         device=V.weight.device, dtype=V.weight.dtype)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}"
+

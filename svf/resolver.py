@@ -1,0 +1,189 @@
+"""``resolver``: replace conv/linear layers by their exact SVD; ``merge``: fold them back.
+
+Both return a new model and leave the caller's model untouched (same device, same dtype).
+"""
+import copy
+import difflib
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+from .layers import SVD_Conv1d, SVD_Conv2d, SVD_Conv3d, SVD_Linear, SVDLayer
+
+__all__ = ["resolver", "merge", "weight_fingerprint"]
+
+_SVD_CLASS = {nn.Conv1d: SVD_Conv1d, nn.Conv2d: SVD_Conv2d, nn.Conv3d: SVD_Conv3d}
+
+
+def _base_class(module):
+    """nn.Conv1d/2d/3d or nn.Linear if ``module`` is one (or a subclass that keeps its forward), else None."""
+    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+        if isinstance(module, base):
+            same_forward = type(module).forward is base.forward
+            if base is not nn.Linear:
+                same_forward = same_forward and type(module)._conv_forward is base._conv_forward
+            return base if same_forward else None
+    return None
+
+
+def _unsupported_reason(module):
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "transposed convolution"
+    if isinstance(module, (nn.modules.lazy.LazyModuleMixin,)):
+        return "lazy module (run a forward pass first)"
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and _base_class(module) is None:
+        return f"{type(module).__name__} overrides forward"
+    return None
+
+
+def weight_fingerprint(weight, bias=None):
+    """A few float64 statistics of a layer's weights, equal (to ~1e-12) for the same weights on any
+    device and different for different weights; compared with a tolerance by ``svf.load_state_dict``."""
+    out = [float(weight.numel())]
+    for t in (weight, bias):
+        if t is None:
+            out += [0.0, 0.0]
+            continue
+        t = t.detach().reshape(-1).to(torch.float64)
+        phase = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64).sin()
+        out += [float((t * t).sum()), float((t * phase).sum())]
+    return out
+
+
+def _rank(full, ratio):
+    return max(1, min(full, math.ceil(ratio * full - 1e-9)))
+
+
+@torch.no_grad()
+def _decompose(module, base, ratio):
+    w = module.weight.detach()
+    work_device = w.device if w.device.type in ("cpu", "cuda") else torch.device("cpu")
+    w64 = w.to(work_device, torch.float64)
+    bias = module.bias is not None
+    factory = {"device": w.device, "dtype": w.dtype}
+    if base is nn.Linear:
+        full = min(w.shape)
+        r = _rank(full, ratio)
+        u, s, vh = torch.linalg.svd(w64, full_matrices=False)
+        layer = SVD_Linear(module.in_features, module.out_features, bias, rank=r, **factory)
+        layer.fc_V.weight.copy_(vh[:r])
+        layer.fc_U.weight.copy_(u[:, :r])
+        layer.vector_S.copy_(s[:r].reshape(1, r))
+        if bias:
+            layer.fc_U.bias.copy_(module.bias)
+        return layer
+    g, out_c, in_c = module.groups, module.out_channels, module.in_channels
+    per_group = w64.reshape(g, out_c // g, -1)           # kernel-number first, one matrix per group
+    full = min(per_group.shape[1:])
+    r = _rank(full, ratio)
+    u, s, vh = torch.linalg.svd(per_group, full_matrices=False)
+    layer = _SVD_CLASS[base](in_c, out_c, module.kernel_size, module.stride, module.padding,
+                             module.dilation, g, bias, module.padding_mode, rank=g * r, **factory)
+    layer.conv_V.weight.copy_(vh[:, :r].reshape(layer.conv_V.weight.shape))
+    layer.conv_U.weight.copy_(u[:, :, :r].reshape(layer.conv_U.weight.shape))
+    layer.vector_S.copy_(s[:, :r].reshape(layer.vector_S.shape))
+    if bias:
+        layer.conv_U.bias.copy_(module.bias)
+    return layer
+
+
+def _check_ratio(ratio, what):
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"{what} must be a number in (0, 1], got {ratio!r}")
+
+
+def _unknown_names(names, known, what):
+    bad = [n for n in names if n not in known]
+    if bad:
+        hints = "; ".join(f"{n!r} (did you mean {difflib.get_close_matches(n, known, 1)})" for n in bad)
+        raise ValueError(f"{what}: no submodule named {hints}. Names are dotted module names as in "
+                         "model.named_modules(), e.g. 'layer2.0.conv1'.")
+
+
+def _set_submodule(root, name, new):
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_layers_low_rank_ratio=None,
+             skip_1x1=False, skip_3x3=False):
+    """Return a copy of ``model`` whose conv/linear layers are replaced by their SVD (``SVD_Conv2d``...).
+
+    - ``global_low_rank_ratio``: fraction of each layer's full rank kept (1.0 = exact); the largest
+      singular values are kept.
+    - ``excluded_layers``: dotted module names left as they are (a name excludes its whole subtree).
+    - ``customized_layers_low_rank_ratio``: ``{name: ratio}`` overriding the global ratio per layer.
+    - ``skip_1x1`` / ``skip_3x3``: leave convs whose kernel is all 1s / all 3s as they are (Linear
+      layers are not affected).
+    Handled exactly: nn.Conv1d/2d/3d (any kernel, stride, dilation, padding incl. 'same', padding_mode,
+    bias, groups: grouped/depthwise convs are factored per group) and nn.Linear, and subclasses that
+    keep their forward. Anything else that looks like one (transposed convs, subclasses with their own
+    forward, Linear layers whose weight nn.MultiheadAttention or
+    nn.Transformer*Layer read directly) is left untouched and listed in a warning.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"svf.resolver expects a torch.nn.Module, got {type(model).__name__}")
+    _check_ratio(global_low_rank_ratio, "global_low_rank_ratio")
+    if isinstance(excluded_layers, str):
+        excluded_layers = (excluded_layers,)
+    custom = dict(customized_layers_low_rank_ratio or {})
+    for name, ratio in custom.items():
+        _check_ratio(ratio, f"customized_layers_low_rank_ratio[{name!r}]")
+    known = [n for n, _ in model.named_modules()]
+    _unknown_names(list(excluded_layers), known, "excluded_layers")
+    _unknown_names(list(custom), known, "customized_layers_low_rank_ratio")
+
+    new = copy.deepcopy(model)
+    # torch's attention/transformer modules read their Linear children's .weight directly
+    readers = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    read_directly = {id(c): type(m).__name__ for m in new.modules() if isinstance(m, readers) for c in m.children()}
+    converted, left = [], []
+    for name, module in list(new.named_modules()):
+        if any(name == e or name.startswith(e + ".") for e in excluded_layers) or isinstance(module, SVDLayer):
+            continue
+        reason = _unsupported_reason(module)
+        if reason is None and id(module) in read_directly and _base_class(module) is not None:
+            reason = f"its weight is read directly by nn.{read_directly[id(module)]}"
+        if reason is not None:
+            left.append(f"{name or '<root>'} ({reason})")
+            continue
+        base = _base_class(module)
+        if base is None:
+            continue
+        if base is not nn.Linear:
+            if skip_1x1 and all(k == 1 for k in module.kernel_size):
+                continue
+            if skip_3x3 and all(k == 3 for k in module.kernel_size):
+                continue
+        layer = _decompose(module, base, custom.get(name, global_low_rank_ratio))
+        if type(module) is not base:  # remember the subclass so merge() rebuilds it
+            layer._svf_template = (copy.deepcopy(module).to("meta"),)
+        layer.base_fingerprint = weight_fingerprint(module.weight, module.bias)
+        layer.train(module.training)
+        if name == "":
+            return layer
+        _set_submodule(new, name, layer)
+        converted.append(name)
+    if left:
+        warnings.warn("svf.resolver left these layers unconverted (no exact SVD form): " + ", ".join(left),
+                      stacklevel=2)
+    if not converted:
+        raise ValueError(f"svf.resolver found nothing to convert in {type(model).__name__}: it has no "
+                         "nn.Conv1d/2d/3d or nn.Linear layer outside excluded_layers/skip_1x1/skip_3x3")
+    return new
+
+
+def merge(model):
+    """Return a copy of ``model`` with every SVD layer folded back into a plain layer
+    (W = U·diag(S)·Vᵀ): the original architecture and state-dict keys, loadable into the original class."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"svf.merge expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, SVDLayer):
+        return model.to_plain()
+    new = copy.deepcopy(model)
+    for name, module in list(new.named_modules()):
+        if isinstance(module, SVDLayer):
+            _set_submodule(new, name, module.to_plain())
+    return new

@@ -1,0 +1,119 @@
+"""What trains: the paper's freezing as one-liners, and the singular values as a tiny adapter file."""
+import math
+
+import torch
+import torch.nn as nn
+
+from .layers import SVDLayer
+
+__all__ = ["mark_only_singular_values_as_trainable", "freeze_batchnorm", "apply_paper_freezing",
+           "singular_value_parameters", "state_dict", "load_state_dict"]
+
+FORMAT = "svf.singular_values/1"
+
+
+def mark_only_singular_values_as_trainable(module):
+    """requires_grad=False on every parameter of ``module`` except those named ``*vector_S``."""
+    for name, p in module.named_parameters():
+        p.requires_grad_("vector_S" in name)
+    return module
+
+
+def _keep_eval(bn, args):  # forward pre-hook: a frozen BatchNorm stays in eval mode after .train()
+    bn.training = False
+
+
+def freeze_batchnorm(module):
+    """Freeze every BatchNorm in ``module``: no grads on its affine parameters, running statistics
+    used and never updated, even after ``model.train()``."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+            m.eval()
+            if not getattr(m, "_svf_frozen", False):
+                m.register_forward_pre_hook(_keep_eval)
+                m._svf_frozen = True
+    return module
+
+
+def apply_paper_freezing(model, frozen_stages=("layer0", "layer1"), tuned_stages=("layer2", "layer3", "layer4")):
+    """The SVF paper's freezing for a backbone with stages ``layer0..layer4``: ``frozen_stages`` fully
+    frozen, ``tuned_stages`` frozen except their singular values, all their BatchNorm frozen in eval mode.
+    Other attributes of ``model`` (e.g. segmentation heads) are not touched."""
+    for stage in tuple(frozen_stages) + tuple(tuned_stages):
+        if not isinstance(getattr(model, stage, None), nn.Module):
+            raise AttributeError(f"apply_paper_freezing: {type(model).__name__} has no stage {stage!r}; "
+                                 "pass frozen_stages/tuned_stages with the names your model uses")
+    for stage in frozen_stages:
+        getattr(model, stage).requires_grad_(False)
+        freeze_batchnorm(getattr(model, stage))
+    for stage in tuned_stages:
+        sub = getattr(model, stage)
+        if not any(isinstance(m, SVDLayer) for m in sub.modules()):
+            raise ValueError(f"apply_paper_freezing: stage {stage!r} has no SVD layer; "
+                             f"run model.{stage} = svf.resolver(model.{stage}) first")
+        mark_only_singular_values_as_trainable(sub)
+        freeze_batchnorm(sub)
+    return model
+
+
+def singular_value_parameters(model):
+    """``{dotted name: vector_S}`` of every SVD layer in ``model``."""
+    return {f"{name}.vector_S" if name else "vector_S": m.vector_S
+            for name, m in model.named_modules() if isinstance(m, SVDLayer)}
+
+
+def state_dict(model):
+    """The singular values alone (kilobytes), with a fingerprint of the base weights they belong to."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SVDLayer)}
+    if not layers:
+        raise ValueError("svf.state_dict: the model has no SVD layer (was it passed through svf.resolver?)")
+    return {"format": FORMAT,
+            "singular_values": {k: v.detach().clone() for k, v in singular_value_parameters(model).items()},
+            "fingerprints": {name: m.base_fingerprint for name, m in layers.items()}}
+
+
+def _same_fingerprint(a, b):
+    if a is None or b is None or len(a) != len(b) or a[0] != b[0]:
+        return False
+    n = a[0]
+    for i in (1, 3):  # (sum of squares, phase-weighted sum) of weight and bias
+        sq_a, sq_b, ph_a, ph_b = a[i], b[i], a[i + 1], b[i + 1]
+        scale = max(abs(sq_a), abs(sq_b), 1e-30)
+        if abs(sq_a - sq_b) > 1e-6 * scale or abs(ph_a - ph_b) > 1e-6 * math.sqrt(scale * n):
+            return False
+    return True
+
+
+@torch.no_grad()
+def load_state_dict(model, state, check_fingerprint=True):
+    """Load singular values saved by ``svf.state_dict`` into a model resolved from the same base weights.
+    Missing/extra layers, shape mismatches and (unless ``check_fingerprint=False``) different base
+    weights are errors that name the layers."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError("svf.load_state_dict: not a singular-value file written by svf.state_dict "
+                         f"(expected format {FORMAT!r})")
+    params = singular_value_parameters(model)
+    saved = state["singular_values"]
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or extra:
+        raise KeyError(f"svf.load_state_dict: layers do not match; missing from the file: {missing}; "
+                       f"in the file but not in the model: {extra}. Resolve the model with the same "
+                       "resolver options as when the file was saved.")
+    bad_shape = [k for k in params if params[k].shape != saved[k].shape]
+    if bad_shape:
+        raise ValueError(f"svf.load_state_dict: rank differs for {bad_shape}: "
+                         "use the same global_low_rank_ratio / customized ratios as when saving")
+    if check_fingerprint:
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, SVDLayer)}
+        other = [n for n, m in layers.items()
+                 if not _same_fingerprint(m.base_fingerprint, state["fingerprints"].get(n))]
+        if other:
+            raise ValueError(f"svf.load_state_dict: these singular values were fine-tuned on different base "
+                             f"weights than the model's ({len(other)} layers differ, e.g. {other[:3]}). "
+                             "Resolve the model from the same pretrained weights, or pass "
+                             "check_fingerprint=False if you know better.")
+    for k, p in params.items():
+        p.copy_(saved[k])
+    return model
