@@ -8,7 +8,7 @@ for the one-off label scan when a list cache is missing).
 import os
 
 from .episodes import BaseClassSegmentation, TestEpisodes, TrainEpisodes, make_test_episodes
-from .make_lists import DEFAULT_MIN_CLASS_PIXELS, fold_lists
+from .lists import DEFAULT_MIN_CLASS_PIXELS, fold_lists
 from .splits import num_classes
 from .transforms import TestTransform, TrainTransform
 

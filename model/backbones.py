@@ -14,7 +14,9 @@ Parameter names inside the stages are those of the released weight files (``laye
 """
 from collections import OrderedDict
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["Backbone", "build_backbone", "BACKBONES", "STAGES"]
 
@@ -79,11 +81,20 @@ class Backbone(nn.Module):
         self.channels = dict(zip(STAGES, channels))
         self.output_stride = output_stride
 
-    def forward(self, x):
-        """All five stage outputs, as a list [layer0 .. layer4]."""
+    def forward(self, x, layer4_mask=None):
+        """All five stage outputs, as a list [layer0 .. layer4]. With ``layer4_mask`` (N, 1, H, W) in [0, 1],
+        layer4 sees layer3's output times the mask (PFENet/BAM's masked support features). A stage with
+        nothing to train runs without autograd, which saves the memory of its activations."""
         feats = []
         for stage in STAGES:
-            x = getattr(self, stage)(x)
+            module = getattr(self, stage)
+            if stage == "layer4" and layer4_mask is not None:
+                x = x * F.interpolate(layer4_mask, size=x.shape[-2:], mode="bilinear", align_corners=True)
+            if any(p.requires_grad for p in module.parameters()):
+                x = module(x)
+            else:
+                with torch.no_grad():
+                    x = module(x)
             feats.append(x)
         return feats
 

@@ -1,0 +1,218 @@
+"""How much does SVF training cost, compared with its arithmetic floor? And merged inference?
+
+    python benchmarks/svf_speed.py                 # CPU-sized: batch 2 at 241x241 (a few minutes)
+    python benchmarks/svf_speed.py --paper-size    # batch 8 at 473x473 (for a GPU)
+    python benchmarks/svf_speed.py --json out.json
+
+Training step = forward + backward + optimizer step of the ResNet-50 `baseline` FSS model (dilated, output
+stride 8, 1-shot), median over timed iterations after warm-up, for:
+- floor: plain convs, every backbone weight frozen, gradients still flowing back through layer2-4 (a
+  trainable scalar at layer2's input): what any method that tunes something inside layer2 must pay;
+- frozen: the backbone frozen with no backward through it (PFENet/BAM without SVF);
+- full: full fine-tuning of the backbone (BatchNorm statistics still frozen);
+- svf_paper: SVF as the released code computes it: every conv factored into three, layer0/1 included;
+- svf_ours: this project's SVF (`svf.resolver` + `svf.apply_paper_freezing`, nothing else).
+Memory: bytes autograd saves for the backward pass (measured with saved-tensor hooks, on any device), and
+on CUDA the peak allocated memory of the step. Inference: plain, resolved (SVD layers in eval) and merged
+models, with the relative difference of their outputs. And the time of `svf.resolver` on ResNet-50/101.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import svf  # noqa: E402
+from model import build_backbone, build_model  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class InputScale(nn.Module):
+    """A trainable scalar on a stage's input: makes autograd go back through everything after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.alpha
+
+
+def build_variant(name, shot):
+    cfg = SimpleNamespace(arch="baseline", backbone="resnet50", svf=name.startswith("svf"), shot=shot,
+                          pretrained=None)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = build_model(cfg)
+    if name == "floor":
+        m.backbone.layer2 = nn.Sequential(InputScale(), m.backbone.layer2)
+    elif name == "full":
+        m.backbone.requires_grad_(True)
+        svf.freeze_batchnorm(m.backbone)
+    elif name == "svf_paper":  # the released code: three convolutions in every layer, always
+        for mod in m.backbone.modules():
+            if isinstance(mod, svf.SVDLayer):
+                mod._needs_factored = lambda: True
+    return m
+
+
+class SavedBytes:
+    """Counts the bytes autograd keeps for backward (each storage once)."""
+
+    def __init__(self):
+        self.storages = {}
+
+    def pack(self, t):
+        try:
+            st = t.untyped_storage()
+            self.storages[(st.data_ptr(), t.device)] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    @property
+    def mib(self):
+        return sum(self.storages.values()) / 2**20
+
+
+def episode(batch, size, shot, device):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, 3, size, size, generator=g)
+    s = torch.randn(batch, shot, 3, size, size, generator=g)
+    sm = (torch.rand(batch, shot, size, size, generator=g) > 0.5).long()
+    qm = (torch.rand(batch, size, size, generator=g) > 0.5).long()
+    return [t.to(device) for t in (q, s, sm, qm)]
+
+
+def time_training(name, args, device):
+    model = build_variant(name, args.shot).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    q, s, sm, qm = episode(args.batch, args.size, args.shot, device)
+    times, saved = [], SavedBytes()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for it in range(args.warmup + args.iters):
+        sync(device)
+        t0 = time.perf_counter()
+        if it == 0:
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                _, loss = model(q, s, sm, qm)
+        else:
+            _, loss = model(q, s, sm, qm)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        if it >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    trainable = sum(p.numel() for p in params)
+    return {"median_s": statistics.median(times), "saved_mib": saved.mib, "peak_mib": peak,
+            "trainable": trainable}
+
+
+@torch.no_grad()
+def time_inference(args, device):
+    plain = build_variant("frozen", args.shot).to(device).eval()
+    resolved = build_variant("svf_ours", args.shot).to(device)
+    resolved.load_state_dict(_as_svf_state(plain, resolved))
+    resolved.eval()
+    merged = svf.merge(resolved)
+    q, s, sm, _ = episode(args.batch, args.size, args.shot, device)
+    out, res = {}, {}
+    for name, m in (("plain", plain), ("resolved", resolved), ("merged", merged)):
+        ts = []
+        for it in range(args.warmup + args.iters):
+            sync(device)
+            t0 = time.perf_counter()
+            y = m(q, s, sm)
+            sync(device)
+            if it >= args.warmup:
+                ts.append(time.perf_counter() - t0)
+        out[name] = y
+        res[name] = {"median_s": statistics.median(ts), "params": sum(p.numel() for p in m.parameters())}
+    for name in ("resolved", "merged"):
+        res[name]["rel_diff_to_plain"] = ((out[name] - out["plain"]).norm() / out["plain"].norm()).item()
+    return res
+
+
+def _as_svf_state(plain, resolved):
+    """The SVF model's state with the plain model's weights (resolve the plain backbone, keep the heads)."""
+    state = resolved.state_dict()
+    bb = svf.resolver(plain.backbone)
+    state.update({f"backbone.{k}": v for k, v in bb.state_dict().items()})
+    state.update({k: v for k, v in plain.state_dict().items() if not k.startswith("backbone.")})
+    return state
+
+
+def time_resolver(device):
+    res = {}
+    for name in ("resnet50", "resnet101"):
+        bb = build_backbone(name).to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        svf.resolver(bb)
+        sync(device)
+        res[name] = time.perf_counter() - t0
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--paper-size", action="store_true", help="batch 8 at 473x473 (GPU)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--size", type=int, default=241)
+    ap.add_argument("--shot", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", nargs="+", default=["floor", "frozen", "full", "svf_paper", "svf_ours"])
+    ap.add_argument("--json", help="also write the numbers to this file")
+    args = ap.parse_args()
+    if args.paper_size:
+        args.batch, args.size = 8, 473
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"batch {args.batch} at {args.size}x{args.size}, {args.shot}-shot, median of {args.iters} after {args.warmup} warm-up")
+
+    train = {v: time_training(v, args, device) for v in args.variants}
+    floor = train.get("floor")
+    print(f"\ntraining step          {'time (s)':>9} {'x floor':>8} {'saved (MiB)':>12} {'x floor':>8} "
+          f"{'peak (MiB)':>11} {'trainable':>12}")
+    for v, r in train.items():
+        tr = r["median_s"] / floor["median_s"] if floor else float("nan")
+        mr = r["saved_mib"] / floor["saved_mib"] if floor and floor["saved_mib"] else float("nan")
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        print(f"{v:<22} {r['median_s']:>9.3f} {tr:>8.2f} {r['saved_mib']:>12.0f} {mr:>8.2f} {peak:>11} {r['trainable']:>12,d}")
+
+    infer = time_inference(args, device)
+    print(f"\ninference              {'time (s)':>9} {'x plain':>8} {'params':>12} {'rel. diff':>10}")
+    for v, r in infer.items():
+        print(f"{v:<22} {r['median_s']:>9.3f} {r['median_s'] / infer['plain']['median_s']:>8.2f} "
+              f"{r['params']:>12,d} {r.get('rel_diff_to_plain', 0.0):>10.1e}")
+
+    resolve = time_resolver(device)
+    print("\nsvf.resolver: " + ", ".join(f"{k} {v:.2f} s" for k, v in resolve.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": str(device), "training": train, "inference": infer,
+                       "resolver_s": resolve}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Checks run before any heavy work, so that missing inputs fail in seconds with the command that
+makes them: the data root, the image lists, and the stage-1 PSPNet checkpoint BAM needs."""
+from __future__ import annotations
+
+import os
+
+
+def check_data(cfg, config_path: str = "CONFIG"):
+    """The data root and the train/val lists must exist; the message says which command builds them."""
+    if not os.path.isdir(cfg.data_root):
+        if "synthetic" in cfg.data_root:
+            how = f"generate it with: python -m dataset.synthetic --out {cfg.data_root}  (or run sh demo.sh)"
+        elif cfg.benchmark == "coco":
+            how = ("put COCO2014 there (train2014/, val2014/, annotations/instances_*2014.json) and run "
+                   f"python -m dataset.prepare_coco --data-root {cfg.data_root}")
+        else:
+            how = "put VOC2012 with SBD's SegmentationClassAug there (JPEGImages/, SegmentationClassAug/, ImageSets/)"
+        raise FileNotFoundError(f"data root '{cfg.data_root}' (config key data_root in {config_path}) not found; {how}; "
+                                f"or point data_root=PATH at it")
+    for split in ("train", "val"):
+        path = os.path.join(cfg.list_dir, split + ".txt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"image list '{path}' (config key list_dir in {config_path}) not found; build it with: "
+                f"python -m dataset.make_lists {cfg.benchmark} --data-root {cfg.data_root} --list-dir {cfg.list_dir}")
+
+
+def check_base_learner(cfg, config_path: str = "CONFIG"):
+    """arch=bam needs the stage-1 PSPNet checkpoint; say how it is made when it is missing."""
+    if cfg.arch != "bam":
+        return
+    if not cfg.base_learner:
+        raise ValueError(f"arch=bam needs base_learner (the stage-1 PSPNet checkpoint path) in {config_path}")
+    if not os.path.isfile(cfg.base_learner):
+        raise FileNotFoundError(
+            f"stage-1 PSPNet checkpoint '{cfg.base_learner}' (config key base_learner) not found; make it with: "
+            f"python train.py --config {config_path} --stage1   (sh train.sh does this automatically "
+            f"when it is missing), or point base_learner=PATH at an existing one")
+
+
+def check_pretrained(cfg, config_path: str = "CONFIG"):
+    """Backbone weights named by `pretrained` must exist; a stage-1 checkpoint says how it is made."""
+    if not cfg.pretrained or os.path.isfile(cfg.pretrained):
+        return
+    if cfg.base_learner and os.path.abspath(cfg.pretrained) == os.path.abspath(cfg.base_learner):
+        raise FileNotFoundError(
+            f"backbone weights '{cfg.pretrained}' (config key pretrained) are the stage-1 PSPNet checkpoint, which "
+            f"is not there yet; make it with: python train.py --config {config_path} --stage1")
+    raise FileNotFoundError(
+        f"backbone weights '{cfg.pretrained}' (config key pretrained in {config_path}) not found; ImageNet weights "
+        f"cannot be downloaded here: put resnet50_v2.pth (PSPNet/PFENet's initmodel) or a torchvision state dict "
+        f"at that path, or set pretrained=null for a random initialisation (tests and demos only)")

@@ -1,0 +1,168 @@
+"""``build_model(cfg)``: the one way to build a model, and ``param_groups(model, cfg)``: what trains and how fast.
+
+How the config chooses the model:
+- ``arch``: ``pspnet`` (BAM's stage 1) | ``baseline`` | ``pfenet`` | ``bam``;
+- ``backbone``: ``resnet50`` | ``resnet101`` | ``resnet18_deep`` | ``vgg16_bn`` | ``resnet50_tv``;
+- ``pretrained``: backbone weights file (or null: random init, with a warning); for ``bam`` the backbone and
+  the base learner come from ``base_learner`` (the stage-1 PSPNet checkpoint) instead;
+- ``svf``: on, the backbone goes through ``svf.resolver`` (exact SVD of every conv) and
+  ``svf.apply_paper_freezing`` (layer0/1 frozen, layer2-4 train only ``vector_S``, BatchNorm frozen in eval
+  mode); off, the backbone of the few-shot models is frozen (no grads, BatchNorm in eval) as in PFENet/BAM,
+  and the PSPNet backbone is trained fully (BAM's stage 1).
+
+Keys read here and their defaults are in ``MODEL_DEFAULTS`` (a key missing from cfg takes its default).
+"""
+import warnings
+
+import svf
+
+from .backbones import build_backbone
+from .fewshot import BAM, PFENet, Baseline
+from .pspnet import PSPNet
+from .weights import load_backbone_weights, load_state_dict_strict, read_state_dict
+
+__all__ = ["build_model", "param_groups", "MODEL_DEFAULTS", "ARCHS", "cfg_value"]
+
+ARCHS = ("pspnet", "baseline", "pfenet", "bam")
+
+MODEL_DEFAULTS = {
+    "backbone": "resnet50",
+    "pretrained": None,
+    "svf": False,
+    "svf_lr_mult": 0.1,          # singular values learn at 1/10 of the heads' LR (the released SVF code)
+    "svf_weight_decay": False,   # decay shrinks S, and with frozen BatchNorm that scales the features
+    "backbone_lr_mult": 1.0,     # a fully trained backbone (pspnet without SVF): BAM trains it at the base LR
+    "weight_decay": 1e-4,
+    "reduce_dim": 256,
+    "ppm_bins": (1, 2, 3, 6),
+    "pyramid_bins": (60, 30, 15, 8),
+    "aux_loss_weight": 1.0,      # PFENet's aux_weight and BAM's aux_weight1
+    "base_learner": None,
+    "num_base_classes": None,    # None: len(base_classes(benchmark, fold)) + 1 (background)
+    "shot": 1,
+    "benchmark": None,
+    "fold": None,
+    "coco_split": "interleaved",
+}
+
+BASE_LEARNER_HELP = ("The stage-1 PSPNet checkpoint is what training arch=pspnet on the same benchmark and fold "
+                     "writes (e.g. exp/<run>/best.pth); train it first, then point `base_learner` at it.")
+
+
+def cfg_value(cfg, key):
+    """``cfg.key``, or its default from ``MODEL_DEFAULTS``; a key with no default must be set."""
+    if hasattr(cfg, key):
+        return getattr(cfg, key)
+    if key in MODEL_DEFAULTS:
+        return MODEL_DEFAULTS[key]
+    raise KeyError(f"config key {key!r} is required to build the model")
+
+
+def _base_class_ids(cfg):
+    """Global ids of the base classes in the base learner's label order (1..n), or None if the config
+    does not name a benchmark/fold (then BAM can run inference but not training)."""
+    benchmark, fold = cfg_value(cfg, "benchmark"), cfg_value(cfg, "fold")
+    if benchmark is None or fold is None:
+        return None
+    from dataset.splits import base_classes  # the one place fold splits live
+    return base_classes(benchmark, fold, cfg_value(cfg, "coco_split"))
+
+
+def _num_base_classes(cfg):
+    ids = _base_class_ids(cfg)
+    n = cfg_value(cfg, "num_base_classes")
+    if ids is not None and n is not None and n != len(ids) + 1:
+        raise ValueError(f"num_base_classes={n} but {cfg_value(cfg, 'benchmark')} fold {cfg_value(cfg, 'fold')} "
+                         f"has {len(ids)} base classes (+1 background = {len(ids) + 1})")
+    if n is None:
+        if ids is None:
+            raise KeyError("set num_base_classes (16 pascal / 61 coco) or benchmark and fold in the config")
+        n = len(ids) + 1
+    return int(n)
+
+
+def _backbone_from(cfg):
+    backbone = build_backbone(cfg_value(cfg, "backbone"))
+    path = cfg_value(cfg, "pretrained")
+    if path:
+        load_backbone_weights(backbone, path)
+    else:
+        warnings.warn(f"pretrained is not set: the {backbone.name} backbone is randomly initialised "
+                      "(fine for tests and demos, meaningless for results)", stacklevel=3)
+    return backbone
+
+
+def _pspnet(cfg, backbone):
+    return PSPNet(backbone, _num_base_classes(cfg), tuple(cfg_value(cfg, "ppm_bins")))
+
+
+def _set_backbone_training(model, cfg):
+    """SVF on: exact SVD + the paper's freezing. SVF off: frozen few-shot backbone, fully trained PSPNet one."""
+    if cfg_value(cfg, "svf"):
+        model.backbone = svf.resolver(model.backbone)  # a converted copy; exact at ratio 1.0
+        svf.apply_paper_freezing(model.backbone)
+        svf.freeze_batchnorm(model.backbone)  # every backbone BN, layer0/1 included
+        model.eval_modules = tuple(dict.fromkeys(model.eval_modules + ("backbone",)))
+    elif isinstance(model, PSPNet):
+        model.backbone.requires_grad_(True)
+    else:
+        model.backbone.requires_grad_(False)
+        svf.freeze_batchnorm(model.backbone)
+    model.train()
+    return model
+
+
+def build_model(cfg):
+    """The model for ``cfg.arch`` (see the module docstring), with its trainable set already chosen."""
+    arch = cfg_value(cfg, "arch")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {ARCHS}")
+    reduce_dim, aux = int(cfg_value(cfg, "reduce_dim")), float(cfg_value(cfg, "aux_loss_weight"))
+    if arch == "bam":
+        path = cfg_value(cfg, "base_learner")
+        if path:
+            pspnet = _pspnet(cfg, build_backbone(cfg_value(cfg, "backbone")))
+            load_state_dict_strict(pspnet, read_state_dict(path, "base learner (stage-1 PSPNet)", BASE_LEARNER_HELP),
+                                   path, what="base learner (stage-1 PSPNet)")
+        else:
+            warnings.warn("base_learner is not set: BAM's base learner (PSPNet head) is randomly initialised "
+                          "(fine for tests and demos, meaningless for results)", stacklevel=2)
+            pspnet = _pspnet(cfg, _backbone_from(cfg))
+        model = BAM(pspnet.backbone, pspnet.head, shot=int(cfg_value(cfg, "shot")), reduce_dim=reduce_dim,
+                    aux_loss_weight=aux, base_class_ids=_base_class_ids(cfg))
+    elif arch == "pspnet":
+        model = _pspnet(cfg, _backbone_from(cfg))
+    elif arch == "baseline":
+        model = Baseline(_backbone_from(cfg), reduce_dim=reduce_dim, aux_loss_weight=aux)
+    else:
+        model = PFENet(_backbone_from(cfg), reduce_dim=reduce_dim, aux_loss_weight=aux,
+                       pyramid_bins=tuple(cfg_value(cfg, "pyramid_bins")))
+    return _set_backbone_training(model, cfg)
+
+
+def param_groups(model, cfg):
+    """Optimizer parameter groups, each with ``name``, explicit ``lr_mult`` and ``weight_decay`` (the engine
+    sets lr = base_lr * lr_mult; nothing else scales the LR):
+    - ``heads``: every trainable parameter outside the backbone, lr_mult 1.0, weight decay cfg.weight_decay;
+    - ``singular_values`` (SVF on): the backbone's trainable ``vector_S``, lr_mult cfg.svf_lr_mult,
+      weight decay cfg.weight_decay only if cfg.svf_weight_decay;
+    - ``backbone`` (pspnet without SVF): lr_mult cfg.backbone_lr_mult, weight decay cfg.weight_decay.
+    Empty groups are left out."""
+    model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
+    weight_decay = float(cfg_value(cfg, "weight_decay"))
+    in_backbone = {id(p) for p in model.backbone.parameters()}
+    heads = [p for p in model.parameters() if p.requires_grad and id(p) not in in_backbone]
+    backbone = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
+    groups = [{"name": "heads", "params": heads, "lr_mult": 1.0, "weight_decay": weight_decay}]
+    if cfg_value(cfg, "svf"):
+        other = [n for n, _ in backbone if "vector_S" not in n]
+        if other:
+            raise ValueError(f"SVF is on but these backbone tensors are trainable too: {other[:5]} "
+                             f"({len(other)} in all); build the model with build_model")
+        groups.append({"name": "singular_values", "params": [p for _, p in backbone],
+                       "lr_mult": float(cfg_value(cfg, "svf_lr_mult")),
+                       "weight_decay": weight_decay if cfg_value(cfg, "svf_weight_decay") else 0.0})
+    else:
+        groups.append({"name": "backbone", "params": [p for _, p in backbone],
+                       "lr_mult": float(cfg_value(cfg, "backbone_lr_mult")), "weight_decay": weight_decay})
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,194 @@
+"""Evaluate a trained few-shot segmentation model with the standard episodic protocol.
+
+    python test.py --config config/pascal_split0.yaml            # the run that config produced
+    python test.py --config config/pascal_split0.yaml --shot 5   # same model, 5-shot episodes
+    python test.py --config ... --weights FILE                   # any checkpoint / state dict
+    python test.py --config ... --untrained                      # the model as built, no training
+    python -m torch.distributed.run --nproc_per_node 2 test.py --config ...
+
+Weights: `exp_dir/best.pth` or `exp_dir/last.pth` per `checkpoint_select`, unless --weights.
+For every seed in `test_seeds`, `test_episodes` episodes are precomputed from the seed (same list
+for any number of processes or loader workers), sharded across ranks, and the intersection/union
+buffers are all-reduced: the numbers do not depend on the number of processes or workers. Prints the
+per-class IoU, mIoU and FB-IoU (mean ± sample std over seeds) and writes them to
+`exp_dir/test_{K}shot.json` (`test_{K}shot_untrained.json` with --untrained). `--vis N` writes N PNG
+figures of the first seed's episodes (supports | query + ground truth | query + prediction) to
+`exp_dir/vis_{K}shot/`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+from engine.checkpoint import atomic_write_text, evaluation_checkpoint, load_model_weights
+from engine.config import Config, load_config, split_overrides
+from engine.distributed import DistInfo, cleanup_distributed, init_distributed, print0, seed_everything
+from engine.loop import evaluate_episodes
+from engine.preflight import check_base_learner, check_data, check_pretrained
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="Overrides: key=value or --set key=value (any config key).")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--weights", help="checkpoint to evaluate instead of the run's best/last.pth")
+    parser.add_argument("--untrained", action="store_true",
+                        help="evaluate the freshly built model (pretrained backbone, untrained heads)")
+    parser.add_argument("--shot", type=int, help="support images per episode (default: the config's shot)")
+    parser.add_argument("--vis", type=int, default=0, metavar="N", help="write N PNG figures")
+    parser.add_argument("--out", help="results JSON (default exp_dir/test_{K}shot.json)")
+    args, rest = parser.parse_known_args(argv)
+    if args.weights and args.untrained:
+        parser.error("--weights and --untrained exclude each other")
+    return args, split_overrides(rest)
+
+
+def mean_std(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main(argv=None) -> dict:
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides)
+    origin = " ".join([args.config] + overrides)
+    shot = args.shot or cfg.shot
+    check_data(cfg, origin)
+    if args.untrained:  # built as in training; otherwise every weight comes from the checkpoint
+        check_base_learner(cfg, origin)
+        check_pretrained(cfg, origin)
+    dist_info = init_distributed()
+    try:
+        return evaluate(cfg, args, shot, dist_info, origin)
+    finally:
+        cleanup_distributed()
+
+
+def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> dict:
+    import dataset
+    import model as models
+
+    seed_everything(cfg.seed)
+    if args.untrained:
+        net = models.build_model(cfg.replace(shot=shot))
+    else:
+        # the checkpoint holds every weight (backbone and base learner included), so the model is built
+        # without reading `pretrained` / `base_learner`, and their "random init" warnings do not apply
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(pretrained|base_learner) is not set.*")
+            net = models.build_model(cfg.replace(shot=shot, pretrained=None, base_learner=None))
+    net = net.to(dist_info.device)
+    if args.untrained:
+        weights = None
+        print0("evaluating the untrained model (as built from the config)")
+    else:
+        weights = args.weights or evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)
+        ckpt = load_model_weights(net, weights, hint=f"train it first: sh train.sh ... or python train.py --config {origin}")
+        epoch = f" (epoch {ckpt['epoch']})" if isinstance(ckpt.get("epoch"), int) else ""
+        print0(f"weights: {weights}{epoch}; checkpoint rule: "
+               f"{'--weights' if args.weights else cfg.checkpoint_select}")
+    net.eval()
+    class_ids = dataset.novel_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
+    amp = cfg.amp and dist_info.device.type == "cuda"
+
+    per_seed = []
+    for i, seed in enumerate(cfg.test_seeds):
+        episodes = dataset.build_test_dataset(cfg, seed, cfg.test_episodes, shot=shot)
+        on_episode = None
+        if i == 0 and args.vis > 0:
+            vis_dir = os.path.join(os.path.dirname(args.out) if args.out else cfg.exp_dir, f"vis_{shot}shot")
+            on_episode = make_visualiser(vis_dir, args.vis)
+        t0 = time.time()
+        metric = evaluate_episodes(net, episodes, class_ids, dist_info, cfg.workers, amp,
+                                   progress=True, on_episode=on_episode)
+        missing = metric.missing_classes()
+        if missing:
+            print0(f"warning: seed {seed}: no episode of classes {missing}; mIoU averages the others")
+        per_seed.append({"seed": seed, "miou": metric.miou(), "fbiou": metric.fbiou(),
+                         "class_iou": {str(c): v for c, v in metric.class_iou().items()},
+                         "episodes": int(metric.episodes.sum())})
+        print0(f"seed {seed}: mIoU {100 * metric.miou():.2f}  FB-IoU {100 * metric.fbiou():.2f}  "
+               f"({len(episodes)} episodes, {time.time() - t0:.0f}s)")
+
+    miou_mean, miou_std = mean_std([r["miou"] for r in per_seed])
+    fbiou_mean, fbiou_std = mean_std([r["fbiou"] for r in per_seed])
+    class_iou = {str(c): statistics.fmean(r["class_iou"][str(c)] for r in per_seed) for c in class_ids}
+    result = {"benchmark": cfg.benchmark, "fold": cfg.fold, "shot": shot, "trained_shot": cfg.shot,
+              "arch": cfg.arch, "backbone": cfg.backbone, "svf": cfg.svf, "coco_split": cfg.coco_split,
+              "filter_novel": cfg.filter_novel, "weights": weights, "untrained": bool(args.untrained),
+              "checkpoint_select": "--weights" if args.weights else cfg.checkpoint_select,
+              "episodes_per_seed": cfg.test_episodes, "seeds": list(cfg.test_seeds),
+              "miou": miou_mean, "miou_std": miou_std, "fbiou": fbiou_mean, "fbiou_std": fbiou_std,
+              "class_iou": class_iou, "per_seed": per_seed, "world_size": dist_info.world_size}
+
+    print0(f"\n{cfg.benchmark} fold {cfg.fold} {shot}-shot, {len(cfg.test_seeds)} seed(s) x {cfg.test_episodes} episodes")
+    print0("class  IoU %")
+    for c in class_ids:
+        print0(f"{c:>5}  {100 * class_iou[str(c)]:6.2f}")
+    print0(f"mIoU   {100 * miou_mean:.2f} ± {100 * miou_std:.2f}")
+    print0(f"FB-IoU {100 * fbiou_mean:.2f} ± {100 * fbiou_std:.2f}")
+    if dist_info.is_main:
+        name = f"test_{shot}shot{'_untrained' if args.untrained else ''}.json"
+        out = args.out or os.path.join(cfg.exp_dir, name)
+        atomic_write_text(json.dumps(result, indent=1) + "\n", out)
+        print0(f"results: {out}")
+    return result
+
+
+def make_visualiser(vis_dir: str, count: int):
+    """on_episode callback writing figures of the first `count` episodes (by episode index)."""
+    import cv2
+    import numpy as np
+    from dataset.transforms import denormalize
+
+    os.makedirs(vis_dir, exist_ok=True)
+    height = 240
+    colours = {"gt": np.array([0, 200, 0]), "pred": np.array([230, 40, 40]), "support": np.array([0, 120, 255])}
+
+    def overlay(rgb, mask, colour):
+        out = rgb.astype(np.float32).copy()
+        fg, ignore = mask == 1, mask == 255
+        out[fg] = 0.5 * out[fg] + 0.5 * colour
+        out[ignore] = 0.5 * out[ignore] + 0.5 * 128
+        return out
+
+    def panel(rgb, title):
+        h, w = rgb.shape[:2]
+        img = cv2.resize(np.clip(rgb, 0, 255).astype(np.uint8), (max(1, round(w * height / h)), height),
+                         interpolation=cv2.INTER_NEAREST)
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+        cv2.putText(img, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        return img
+
+    def on_episode(batch, pred):
+        index = int(batch["episode"][0])
+        if index >= count:
+            return
+        label = batch["query_label"][0].numpy()
+        h0, w0 = label.shape
+        square = denormalize(batch["query_img"][0])
+        s = square.shape[0]
+        hs, ws = round(h0 * s / max(h0, w0)), round(w0 * s / max(h0, w0))  # top-left content of the square
+        query = cv2.resize(square[:hs, :ws], (w0, h0), interpolation=cv2.INTER_LINEAR)
+        panels = [panel(overlay(denormalize(img), m.numpy(), colours["support"]), f"support {k + 1}")
+                  for k, (img, m) in enumerate(zip(batch["support_imgs"][0], batch["support_masks"][0]))]
+        panels.append(panel(overlay(query, label, colours["gt"]), f"ground truth (class {int(batch['class_id'][0])})"))
+        panels.append(panel(overlay(query, pred.numpy(), colours["pred"]), "prediction"))
+        path = os.path.join(vis_dir, f"episode_{index:05d}.png")
+        if not cv2.imwrite(path, np.concatenate(panels, axis=1)):
+            raise OSError(f"could not write {path}")
+
+    return on_episode
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")

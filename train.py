@@ -1,0 +1,313 @@
+"""Train a few-shot segmentation model, or with --stage1 the PSPNet base learner (BAM's stage 1).
+
+    python train.py --config config/pascal_split0.yaml [key=value ...] [--resume]
+    python -m torch.distributed.run --nproc_per_node 4 train.py --config ...   (what train.sh runs)
+    python train.py --config config/pascal_split0.yaml --stage1   (writes cfg.base_learner's folder)
+
+One process per GPU (NCCL) or CPU processes (gloo) under torchrun; `batch_size` is the total over
+all processes. SGD with the poly schedule of engine/optim.py and the explicit per-group LR
+multipliers of `model.param_groups`. After every `val_every` epochs the model is validated on
+`val_episodes` episodes of the fold's novel classes (sharded over ranks, buffers all-reduced) and
+`last.pth` is written; `best.pth` keeps the epoch with the highest validation mIoU. Because that
+validation uses the test fold (as PFENet, BAM and SVF do), `checkpoint_select: last` is offered for
+a selection that never looks at the test classes; the log states which rule applies.
+
+Reproducibility: the episode order comes from a DistributedSampler seeded with `seed`, the
+augmentation of item i in epoch e from (seed, epoch, i) in the dataset, and the global torch RNG
+(dropout) is reseeded from (seed, epoch, iteration, rank) before every step, so `--resume` after
+an interruption ends with the same weights as an uninterrupted run (`deterministic: true` on CPU).
+A non-finite loss stops the run before the update and keeps the last good checkpoint; Ctrl-C or
+SIGTERM saves `last.pth` at the current iteration and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from engine.checkpoint import BEST, LAST, atomic_save, atomic_write_text, load_checkpoint, unwrap
+from engine.config import Config, dump_config, load_config, split_overrides
+from engine.distributed import (DistInfo, all_reduce_sum_, cleanup_distributed, derive_seed,
+                                init_distributed, loader_generator, print0, seed_everything, worker_init_fn)
+from engine.loop import autocast, evaluate_episodes, evaluate_semantic
+from engine.optim import build_sgd, describe_groups, poly_lr, set_lr
+from engine.preflight import check_base_learner, check_data, check_pretrained
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class EpochSampler(Sampler):
+    """This rank's part of a DistributedSampler permutation, minus the batches already done."""
+
+    def __init__(self, dataset, dist_info: DistInfo, seed: int, batch_per_rank: int):
+        self.inner = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                        shuffle=True, seed=seed, drop_last=True)
+        self.batch_per_rank = batch_per_rank
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0):
+        self.inner.set_epoch(epoch)
+        self.skip = skip_batches * self.batch_per_rank
+
+    def batches_per_epoch(self) -> int:
+        return len(self.inner) // self.batch_per_rank
+
+    def __iter__(self):
+        return iter(list(self.inner)[self.skip:])
+
+    def __len__(self):
+        return len(self.inner) - self.skip
+
+
+def stage1_config(cfg: Config) -> Config:
+    """The PSPNet base-learner run of a config: stage1_* settings, written beside cfg.base_learner."""
+    if not cfg.base_learner:
+        raise ValueError("--stage1 needs base_learner (where the stage-1 checkpoint goes) in the config")
+    return cfg.replace(arch="pspnet", svf=False, pretrained=cfg.stage1_pretrained, epochs=cfg.stage1_epochs, batch_size=cfg.stage1_batch_size,
+                       base_lr=cfg.stage1_base_lr, train_size=cfg.stage1_train_size,
+                       scale_min=cfg.stage1_scale_min, scale_max=cfg.stage1_scale_max,
+                       exp_dir=os.path.dirname(cfg.base_learner) or ".")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="Overrides: key=value or --set key=value (any config key).")
+    parser.add_argument("--config", required=True, help="YAML config, e.g. config/pascal_split0.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue from exp_dir/last.pth")
+    parser.add_argument("--stage1", action="store_true", help="train the PSPNet base learner (BAM stage 1)")
+    args, rest = parser.parse_known_args(argv)
+    return args, split_overrides(rest)
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides)
+    origin = " ".join([args.config] + overrides)
+    if args.stage1:
+        cfg = stage1_config(cfg)
+    check_data(cfg, origin)
+    check_base_learner(cfg, origin)
+    check_pretrained(cfg, origin)
+    dist_info = init_distributed()
+    try:
+        return train(cfg, args, dist_info)
+    finally:
+        cleanup_distributed()
+
+
+def train(cfg: Config, args, dist_info: DistInfo) -> int:
+    import dataset
+    import model as models
+
+    stage1 = cfg.arch == "pspnet"
+    device, world = dist_info.device, dist_info.world_size
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} is the total over {world} processes and must divide by it")
+    batch_per_rank = cfg.batch_size // world
+    use_amp = cfg.amp and device.type == "cuda"
+    if cfg.amp and not use_amp:
+        print0("note: amp=true applies to CUDA only; this CPU run uses float32")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(derive_seed(cfg.seed, dist_info.rank))
+
+    last_path, best_path = os.path.join(cfg.exp_dir, LAST), os.path.join(cfg.exp_dir, BEST)
+    if not args.resume and os.path.exists(last_path):
+        raise FileExistsError(f"'{last_path}' exists: continue that run with --resume, or choose another "
+                              f"exp_dir=... (or delete the folder) to start afresh")
+
+    train_set = dataset.build_base_dataset(cfg, "train") if stage1 else dataset.build_train_dataset(cfg)
+    if stage1:
+        val_set = dataset.build_base_dataset(cfg, "val")
+    else:
+        val_set = dataset.build_test_dataset(cfg, cfg.seed, cfg.val_episodes)
+        class_ids = dataset.novel_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
+
+    net = models.build_model(cfg).to(device)
+    optimizer = build_sgd(models.param_groups(net, cfg), cfg.base_lr, cfg.momentum, cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch, start_iter, best_miou, best_epoch = 0, 0, -math.inf, 0
+    if args.resume:
+        ckpt = load_checkpoint(last_path, hint="nothing to resume; start without --resume")
+        unwrap(net).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if use_amp and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
+        best_miou, best_epoch = ckpt["best_miou"], ckpt["best_epoch"]
+        changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.to_dict().items() if ckpt["config"].get(k) != v}
+        if changed:
+            print0("resume: config differs from the checkpoint's in " +
+                   ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        print0(f"resume: {last_path} at epoch {start_epoch}, iteration {start_iter}")
+
+    if dist_info.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = EpochSampler(train_set, dist_info, cfg.seed, batch_per_rank)
+    iters_per_epoch = sampler.batches_per_epoch()
+    if iters_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training items are fewer than one batch of {cfg.batch_size}; "
+                         "lower batch_size")
+    total_steps = cfg.epochs * iters_per_epoch
+
+    writer = None
+    if dist_info.is_main:
+        os.makedirs(cfg.exp_dir, exist_ok=True)
+        atomic_write_text(dump_config(cfg), os.path.join(cfg.exp_dir, "config.yaml"))
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(cfg.exp_dir, "tb"))
+        try:
+            import svf
+            svf.print_trainable_parameters(unwrap(net))
+        except (ImportError, AttributeError):
+            pass
+        print0(f"{'stage-1 PSPNet' if stage1 else cfg.arch} | backbone {cfg.backbone} | svf {cfg.svf} | "
+               f"fold {cfg.fold} | shot {cfg.shot} | {world} process(es) on {device.type} | "
+               f"{len(train_set)} training items, {iters_per_epoch} steps/epoch x {cfg.epochs} epochs")
+        print0("optimizer: SGD momentum {} | base_lr {} | poly power {}\n{}".format(
+            cfg.momentum, cfg.base_lr, cfg.power, describe_groups(optimizer)))
+        if stage1:
+            print0("checkpoint rule: best.pth = highest base-class mIoU on the val images (no novel class involved)")
+        elif cfg.checkpoint_select == "best":
+            print0(f"checkpoint rule: best — test.py evaluates best.pth, the epoch with the highest mIoU on "
+                   f"{cfg.val_episodes} validation episodes of the TEST fold's novel classes (as in PFENet/BAM/SVF); "
+                   f"use checkpoint_select=last for a choice that does not look at the test classes")
+        else:
+            print0("checkpoint rule: last — test.py evaluates last.pth, the final epoch (no selection on the test fold)")
+        print0(f"output: {cfg.exp_dir}")
+
+    progress = {"epoch": start_epoch, "iteration": start_iter}
+
+    def checkpoint_state():
+        return {"model": unwrap(net).state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if use_amp else {}, "epoch": progress["epoch"],
+                "iteration": progress["iteration"], "best_miou": best_miou, "best_epoch": best_epoch,
+                "config": cfg.to_dict()}
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            skip = start_iter if epoch == start_epoch else 0
+            t0 = time.time()
+            mean_loss = train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, epoch, skip,
+                                        iters_per_epoch, total_steps, use_amp, writer, progress, stage1)
+            progress.update(epoch=epoch, iteration=iters_per_epoch)
+            line = f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} ({time.time() - t0:.0f}s)"
+            validate_now = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+            if validate_now:
+                if stage1:
+                    metric = evaluate_semantic(net, val_set, cfg.num_base_classes, dist_info, cfg.workers, use_amp)
+                    miou, fbiou = metric.miou(), float("nan")
+                else:
+                    metric = evaluate_episodes(net, val_set, class_ids, dist_info, cfg.workers, use_amp)
+                    miou, fbiou = metric.miou(), metric.fbiou()
+                line += f" | val mIoU {100 * miou:.2f}" + ("" if stage1 else f" FB-IoU {100 * fbiou:.2f}")
+                if writer:
+                    writer.add_scalar("val/miou", miou, epoch + 1)
+                    if not stage1:
+                        writer.add_scalar("val/fbiou", fbiou, epoch + 1)
+                if miou > best_miou:
+                    best_miou, best_epoch = miou, epoch + 1
+                    if dist_info.is_main:
+                        atomic_save({"model": unwrap(net).state_dict(), "epoch": epoch + 1, "miou": miou,
+                                     "fbiou": fbiou, "config": cfg.to_dict()}, best_path)
+                    line += " (best)"
+            progress.update(epoch=epoch + 1, iteration=0)
+            if dist_info.is_main:
+                atomic_save(checkpoint_state(), last_path)
+                writer.add_scalar("train/epoch_loss", mean_loss, epoch + 1)
+                writer.flush()
+            print0(line)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the save short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if dist_info.is_main:
+            atomic_save(checkpoint_state(), last_path)
+            print(f"\ninterrupted: saved {last_path} at epoch {progress['epoch']}, iteration "
+                  f"{progress['iteration']}; continue with: python train.py --config ... --resume", flush=True)
+        return 130
+    except NonFiniteLoss as exc:
+        print0(f"error: {exc}; stopped before applying that update. The last good checkpoint is kept: "
+               f"{last_path if os.path.exists(last_path) else '(none yet)'}. Lower base_lr, or set amp=false, "
+               f"and resume with --resume")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        if writer:
+            writer.close()
+    print0(f"done: best validation mIoU {100 * best_miou:.2f} at epoch {best_epoch}; "
+           f"test.py evaluates {best_path if cfg.checkpoint_select == 'best' else last_path}")
+    return 0
+
+
+def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, epoch, skip, iters_per_epoch,
+                    total_steps, use_amp, writer, progress, stage1) -> float:
+    """One pass over this rank's batches (from batch `skip` on); returns the mean loss over ranks."""
+    device = dist_info.device
+    sampler.set_epoch(epoch, skip)
+    train_set.set_epoch(epoch)
+    loader = DataLoader(train_set, batch_size=sampler.batch_per_rank, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=True, worker_init_fn=worker_init_fn, pin_memory=device.type == "cuda",
+                        generator=loader_generator(cfg.seed, epoch, dist_info.rank))
+    net.train()
+    bar = None
+    if dist_info.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=iters_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   dynamic_ncols=True, leave=False, disable=None)
+    loss_sum, count = 0.0, 0
+    for it, batch in enumerate(loader, start=skip):
+        step = epoch * iters_per_epoch + it
+        lr = poly_lr(cfg.base_lr, step, total_steps, cfg.power)
+        set_lr(optimizer, lr)
+        torch.manual_seed(derive_seed(cfg.seed, epoch, it, dist_info.rank))
+        with autocast(device, use_amp):
+            if stage1:
+                _, loss = net(batch["img"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
+            else:
+                _, loss = net(batch["query_img"].to(device, non_blocking=True),
+                              batch["support_imgs"].to(device, non_blocking=True),
+                              batch["support_masks"].to(device, non_blocking=True),
+                              batch["query_mask"].to(device, non_blocking=True))
+        stats = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()])
+        stats = all_reduce_sum_(stats).cpu()
+        if stats[1] > 0:
+            raise NonFiniteLoss(f"non-finite loss (NaN/inf) at epoch {epoch + 1}, iteration {it + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        progress.update(epoch=epoch, iteration=it + 1)
+        mean = float(stats[0]) / dist_info.world_size
+        loss_sum, count = loss_sum + mean, count + 1
+        if writer:
+            writer.add_scalar("train/loss", mean, step + 1)
+            writer.add_scalar("train/lr", lr, step + 1)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+    if bar:
+        bar.close()
+    return loss_sum / max(count, 1)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
+        # bad config or missing inputs: one clear line, not a traceback
+        sys.exit(f"error: {exc}")
