@@ -83,6 +83,9 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, help="YAML config, e.g. config/pascal_split0.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from exp_dir/last.pth")
     parser.add_argument("--stage1", action="store_true", help="train the PSPNet base learner (BAM stage 1)")
+    parser.add_argument("--stop-after", type=int, metavar="N",
+                        help="leave after N epochs of this invocation (time-limited jobs); the LR schedule still "
+                             "spans `epochs`, and --resume continues")
     args, rest = parser.parse_known_args(argv)
     return args, split_overrides(rest)
 
@@ -232,6 +235,9 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
                 writer.add_scalar("train/epoch_loss", mean_loss, epoch + 1)
                 writer.flush()
             print0(line)
+            if args.stop_after and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < cfg.epochs:
+                print0(f"stopping after {args.stop_after} epoch(s) as asked (--stop-after); continue with --resume")
+                return 0
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the save short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -65,8 +65,8 @@ def check_enough_images(lists, shot, role):
                          "list, the fold and min_class_pixels")
     short = {c: len(lists.class_images[c]) for c in lists.classes if len(lists.class_images[c]) < shot + 1}
     if short:
-        raise ValueError(f"{role} classes {sorted(short)} of {lists.list_file} have only "
-                         f"{sorted(short.values())} images but {shot}-shot episodes need {shot + 1} "
+        raise ValueError(f"{role} classes of {lists.list_file} with too few images {{class: images}}: "
+                         f"{short}; {shot}-shot episodes need {shot + 1} "
                          "(query + distinct supports): lower the shot or min_class_pixels, or use "
                          "more data")
 
@@ -95,11 +95,21 @@ def make_test_episodes(lists, shot, num_episodes, seed):
 
 
 class _ListDataset(Dataset):
-    """Shared loading of (image, label) pairs by index."""
+    """Shared loading of (image, label) pairs by index, and the epoch of the random transforms."""
 
     def __init__(self, lists, num_classes):
         self.lists = lists
         self.num_classes = num_classes
+        # in shared memory, so that set_epoch also reaches persistent data-loader workers
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self):
+        return int(self._epoch)
+
+    def set_epoch(self, epoch):
+        """Use the random draws of ``epoch`` (call it before every training epoch)."""
+        self._epoch.fill_(int(epoch))
 
     def _load(self, index):
         image_path, label_path = self.lists.pairs[index]
@@ -112,11 +122,8 @@ class TrainEpisodes(_ListDataset):
     def __init__(self, lists, shot, transform, num_classes, seed):
         super().__init__(lists, num_classes)
         check_enough_images(lists, shot, "base")
-        self.shot, self.transform, self.seed, self.epoch = shot, transform, seed, 0
+        self.shot, self.transform, self.seed = shot, transform, seed
         self.image_classes = classes_of_images(lists)
-
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.lists.images)
@@ -176,14 +183,11 @@ class BaseClassSegmentation(_ListDataset):
 
     def __init__(self, lists, transform, num_classes, seed=None):
         super().__init__(lists, num_classes)
-        self.transform, self.seed, self.epoch = transform, seed, 0
+        self.transform, self.seed = transform, seed
         self.lut = np.zeros(256, dtype=np.uint8)  # background and novel classes -> 0
         for new_id, c in enumerate(lists.classes, 1):
             self.lut[c] = new_id
         self.lut[IGNORE_LABEL] = IGNORE_LABEL
-
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.lists.images)

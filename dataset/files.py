@@ -51,7 +51,7 @@ def label_histogram(label):
 def check_label_values(label, num_classes, path, histogram=None):
     """Raise ValueError naming ``path`` if a label is outside 0..num_classes and not 255."""
     hist = label_histogram(label) if histogram is None else histogram
-    bad = [v for v in np.flatnonzero(hist) if num_classes < v != IGNORE_LABEL]
+    bad = [int(v) for v in np.flatnonzero(hist) if num_classes < v != IGNORE_LABEL]
     if bad:
         raise ValueError(f"label map {path} contains values {bad}, outside 0..{num_classes} and "
                          f"{IGNORE_LABEL}: is it the right benchmark's label map (e.g. a colour or "

@@ -138,12 +138,17 @@ def _load_cache(path, key):
     return cached["value"] if cached.get("key") == key else None
 
 
+def _list_key(list_path, data_root, benchmark):
+    """What every cache built from a list file depends on (read_list checks the paths first)."""
+    return {"version": CACHE_VERSION, "list_file": os.path.abspath(list_path),
+            "list_sha256": _file_sha256(list_path), "data_root": os.path.abspath(data_root),
+            "benchmark": benchmark}
+
+
 def class_pixel_counts(list_path, data_root, benchmark, workers=0):
-    """Per listed image, {class: pixels} of the classes present; cached in ``<list dir>/cache/``."""
+    """(pairs, per listed image {class: pixels} of the classes present); cached in ``<list dir>/cache/``."""
     pairs = read_list(list_path, data_root)
-    key = {"version": CACHE_VERSION, "list_file": os.path.abspath(list_path),
-           "list_sha256": _file_sha256(list_path), "data_root": os.path.abspath(data_root),
-           "benchmark": benchmark}
+    key = _list_key(list_path, data_root, benchmark)
     stem = os.path.splitext(os.path.basename(list_path))[0]
     path = os.path.join(cache_dir(list_path), f"{stem}_class_pixels.json")
     value = _load_cache(path, key)
@@ -189,17 +194,17 @@ def fold_lists(list_path, data_root, benchmark, fold, classes="base", drop_novel
     if benchmark == "pascal":
         coco_split = None  # not part of PASCAL's key: one cache serves any value
     chosen = (base_classes if classes == "base" else novel_classes)(benchmark, fold, coco_split or "interleaved")
-    pairs, counts = class_pixel_counts(list_path, data_root, benchmark, workers)
-    key = {"version": CACHE_VERSION, "list_file": os.path.abspath(list_path),
-           "list_sha256": _file_sha256(list_path), "data_root": os.path.abspath(data_root),
-           "benchmark": benchmark, "coco_split": coco_split, "fold": fold, "classes": classes,
-           "drop_novel_images": bool(drop_novel_images), "min_class_pixels": int(min_class_pixels)}
+    pairs = read_list(list_path, data_root)
+    key = {**_list_key(list_path, data_root, benchmark), "coco_split": coco_split, "fold": fold,
+           "classes": classes, "drop_novel_images": bool(drop_novel_images),
+           "min_class_pixels": int(min_class_pixels)}
     stem = os.path.splitext(os.path.basename(list_path))[0]
     name = (f"{stem}_{benchmark}{'_' + coco_split if coco_split else ''}_fold{fold}_{classes}"
             f"{'_dropnovel' if drop_novel_images else ''}_min{int(min_class_pixels)}.json")
     path = os.path.join(cache_dir(list_path), name)
     value = _load_cache(path, key)
     if value is None:
+        _, counts = class_pixel_counts(list_path, data_root, benchmark, workers)
         chosen_set = set(chosen)
         images, class_images = [], {c: [] for c in chosen}
         for index, image_counts in enumerate(counts):

@@ -39,7 +39,7 @@ def load_coco(json_path):
 
 def category_to_label(coco, json_path):
     """{COCO category id: label 1..80} in the official (ascending id) order."""
-    category_ids = sorted(coco.getCatIds())
+    category_ids = sorted(set(coco.getCatIds()))  # a repeated id must not pass as a category
     if len(category_ids) != num_classes("coco"):
         raise ValueError(f"{json_path} has {len(category_ids)} categories, expected the "
                          f"{num_classes('coco')} of COCO2014 instances")

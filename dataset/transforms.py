@@ -2,8 +2,10 @@
 
 Training (PFENet/BAM recipe, DESIGN.md §3), each step drawing from the caller's numpy Generator
 so that an episode is reproducible from its seed: random scale (linear for the image, nearest for
-the mask); rotation within ±rotate_max with p=0.5 (image padded with the ImageNet mean, mask with
-255); Gaussian blur 5x5 with p=0.5 (image only); horizontal flip with p=0.5; crop to size×size
+the mask: INTER_NEAREST_EXACT, because OpenCV's INTER_NEAREST is offset by half a pixel from
+INTER_LINEAR and would shift the mask against the image); rotation within ±rotate_max with p=0.5
+(image padded with the ImageNet mean, mask with 255); Gaussian blur 5x5 with p=0.5 (image only);
+horizontal flip with p=0.5; crop to size×size
 (padding the image with the mean and the mask with 255 when smaller, retrying up to 30 crops to keep
 at least 85% of the foreground, else the crop that kept most); ImageNet normalisation on 0..255.
 
@@ -59,7 +61,7 @@ class TrainTransform:
     def __call__(self, image, label, rng):
         scale = rng.uniform(self.scale_min, self.scale_max)
         image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-        label = cv2.resize(label, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
+        label = cv2.resize(label, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
         if rng.random() < self.rotate_p:
             angle = rng.uniform(-self.rotate_max, self.rotate_max)
             h, w = label.shape
@@ -103,13 +105,14 @@ class TrainTransform:
 @dataclass
 class TestTransform:
     """Long side resized to ``size``, padded to size×size at the top-left; -> (3,S,S), (S,S) long."""
+    __test__ = False  # a transform, not a pytest test class
     size: int
 
     def __call__(self, image, label):
         h, w = label.shape
         new_h, new_w = resized_shape(h, w, self.size)
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+        label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST_EXACT)
         image = cv2.copyMakeBorder(image, 0, self.size - new_h, 0, self.size - new_w,
                                    cv2.BORDER_CONSTANT, value=_MEAN_BORDER)
         label = cv2.copyMakeBorder(label, 0, self.size - new_h, 0, self.size - new_w,

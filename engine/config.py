@@ -264,13 +264,27 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
 
 
+def stage1_checkpoint_missing(cfg: Config) -> Optional[str]:
+    """The stage-1 PSPNet checkpoint path when the run needs it (bam, or a backbone pretrained by stage 1,
+    as in the demo) and it does not exist yet; else None."""
+    path = cfg.base_learner
+    if not path or os.path.isfile(path):
+        return None
+    needed = cfg.arch == "bam" or (cfg.pretrained and os.path.abspath(cfg.pretrained) == os.path.abspath(path))
+    return path if needed else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Print a resolved config, or one key of it.")
     parser.add_argument("config")
     parser.add_argument("--get", help="print only this key ('' for null)")
+    parser.add_argument("--missing-stage1", action="store_true",
+                        help="print the stage-1 checkpoint path if this run needs it and it is missing (train.sh)")
     args, rest = parser.parse_known_args(argv)
     cfg = load_config(args.config, split_overrides(rest))
-    if args.get:
+    if args.missing_stage1:
+        print(stage1_checkpoint_missing(cfg) or "")
+    elif args.get:
         value = getattr(cfg, args.get)
         print("" if value is None else value)
     else:

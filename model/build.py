@@ -10,7 +10,8 @@ How the config chooses the model:
   mode); off, the backbone of the few-shot models is frozen (no grads, BatchNorm in eval) as in PFENet/BAM,
   and the PSPNet backbone is trained fully (BAM's stage 1).
 
-Keys read here and their defaults are in ``MODEL_DEFAULTS`` (a key missing from cfg takes its default).
+Keys read here and their defaults are in ``MODEL_DEFAULTS`` (a key missing from cfg takes its default; the
+values match engine/config.py's schema, which gives every key when the config comes from ``load_config``).
 """
 import warnings
 
@@ -28,10 +29,10 @@ ARCHS = ("pspnet", "baseline", "pfenet", "bam")
 MODEL_DEFAULTS = {
     "backbone": "resnet50",
     "pretrained": None,
-    "svf": False,
+    "svf": True,
     "svf_lr_mult": 0.1,          # singular values learn at 1/10 of the heads' LR (the released SVF code)
     "svf_weight_decay": False,   # decay shrinks S, and with frozen BatchNorm that scales the features
-    "backbone_lr_mult": 1.0,     # a fully trained backbone (pspnet without SVF): BAM trains it at the base LR
+    "backbone_lr_mult": 0.1,     # a fully trained backbone (pspnet without SVF): BAM's heads learn 10x faster
     "weight_decay": 1e-4,
     "reduce_dim": 256,
     "ppm_bins": (1, 2, 3, 6),

@@ -66,6 +66,17 @@ def masked_average_pooling(feat, mask):
     return (feat * mask).sum((2, 3), keepdim=True) / area
 
 
+def _float32(fn):
+    """Run ``fn`` in float32 with autocast off: its sums over h*w positions overflow float16 and its
+    epsilons vanish in it."""
+    def wrapped(*tensors):
+        with torch.autocast(device_type=tensors[0].device.type, enabled=False):
+            return fn(*(t.float() for t in tensors))
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
+@_float32
 def prior_mask(query_feat, support_feat, support_mask):
     """PFENet's training-free prior (B, 1, h, w): for each query position the highest cosine similarity to any
     masked support position (high-level, layer4 features), min-max normalised per image."""
@@ -80,6 +91,7 @@ def prior_mask(query_feat, support_feat, support_mask):
     return similarity.reshape(b, 1, h, w)
 
 
+@_float32
 def gram_matrix(feat):
     """Normalised Gram matrix (B, C, C) of the channel vectors (BAM's get_gram_matrix)."""
     b, c = feat.shape[:2]

@@ -5,9 +5,10 @@ code (``'vector_S' in name``) works unchanged. Grouped and depthwise convs are f
 ``conv_V`` and ``conv_U`` are grouped with the same number of groups, so the factorisation is exact.
 
 Speed: when no factor needs a gradient (frozen stages, ``torch.no_grad()``, inference) the layer runs
-ONE convolution with the merged weight, cached until a factor changes. When a factor trains, it runs
-the factored form ``conv_U(conv_V(x) * S)``, which is the cheapest exact way to get dL/dS: it needs
-``Vᵀx`` and ``Uᵀg`` per pixel anyway, and autograd saves only ``Vᵀx`` (U and V being frozen).
+ONE convolution with the merged weight, cached until a factor changes. When only S (and the bias)
+trains, it runs the factored form ``conv_U(conv_V(x) * S)`` -- the cheapest exact way to get dL/dS, which
+needs ``Vᵀx`` and ``Uᵀg`` per pixel anyway -- through a small autograd function that keeps only ``Vᵀx``
+for the backward pass. When U or V train too, plain autograd runs the same factored form.
 """
 import copy
 
@@ -16,6 +17,61 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["SVDLayer", "SVD_Conv1d", "SVD_Conv2d", "SVD_Conv3d", "SVD_Linear"]
+
+
+class _TrainSingularValues(torch.autograd.Function):
+    """``y = U((V ⋆ x) * S) + b`` with U and V frozen: the factored form, saving only ``h = V ⋆ x``.
+
+    Plain autograd would also keep ``x`` (for conv_V) and ``h * S`` (for conv_U), because a convolution saves
+    its input even when its weight is frozen. The backward pass needs only ``h`` (for dL/dS) and the frozen
+    weights: ``g_hS = Uᵀ g``, ``dS = Σ h ⊙ g_hS``, ``dx = Vᵀ ⋆ (g_hS * S)``.
+    ``conv`` = (stride, padding, dilation, groups) with numeric padding, or None for a Linear layer.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, v, s, u, b, conv):
+        if conv is None:
+            h = F.linear(x, v)
+            y = F.linear(h * s, u, b)
+        else:
+            stride, padding, dilation, groups = conv
+            h = _CONV[v.dim()](x, v, None, stride, padding, dilation, groups)
+            y = _CONV[v.dim()](h * s, u, b, 1, 0, 1, groups)
+        ctx.save_for_backward(h, v, s, u)
+        ctx.conv, ctx.x_shape, ctx.x_dtype = conv, x.shape, x.dtype
+        ctx.b_dtype = None if b is None else b.dtype
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g):
+        h, v, s, u = ctx.saved_tensors
+        dt = h.dtype  # the compute dtype of the forward pass (half under autocast)
+        g, v, u = g.to(dt), v.to(dt), u.to(dt)
+        if ctx.conv is None:
+            g_hs = g.matmul(u)
+            reduce = tuple(range(g.dim() - 1))
+            g_x = (g_hs * s).to(dt).matmul(v) if ctx.needs_input_grad[0] else None
+        else:
+            stride, padding, dilation, groups = ctx.conv
+            nd = v.dim() - 2
+            g_hs = torch.ops.aten.convolution_backward(
+                g, h, u, None, (1,) * nd, (0,) * nd, (1,) * nd, False, (0,) * nd, groups, (True, False, False))[0]
+            reduce = (0,) + tuple(range(2, g.dim()))
+            g_x = None
+            if ctx.needs_input_grad[0]:
+                x_shape_only = g.new_empty(1).expand(ctx.x_shape)
+                g_x = torch.ops.aten.convolution_backward(
+                    (g_hs * s).to(dt), x_shape_only, v, None, stride, padding, dilation, False, (0,) * nd, groups,
+                    (True, False, False))[0]
+        acc = torch.promote_types(dt, torch.float32)  # reductions at least in float32
+        g_s = (g_hs.to(acc) * h.to(acc)).sum(reduce).reshape(s.shape).to(s.dtype) if ctx.needs_input_grad[2] else None
+        g_b = g.to(acc).sum(reduce).to(ctx.b_dtype) if ctx.b_dtype is not None and ctx.needs_input_grad[4] else None
+        return (None if g_x is None else g_x.to(ctx.x_dtype)), None, g_s, None, g_b, None
+
+
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
 class SVDLayer(nn.Module):
@@ -115,10 +171,19 @@ class _SVDConvNd(SVDLayer):
         return self.conv_V, self.conv_U
 
     def forward(self, x):
-        if self._needs_factored():
-            return self.conv_U(self.conv_V(x) * self.vector_S)
-        # conv_V carries stride, padding (incl. 'same' and padding_mode), dilation and groups.
-        return self.conv_V._conv_forward(x, self._cached_merged_weight(), self.conv_U.bias)
+        V, U = self.conv_V, self.conv_U
+        if not self._needs_factored():
+            # conv_V carries stride, padding (incl. 'same' and padding_mode), dilation and groups.
+            return V._conv_forward(x, self._cached_merged_weight(), U.bias)
+        if V.weight.requires_grad or U.weight.requires_grad:  # the factors train too: plain autograd
+            return U(V(x) * self.vector_S)
+        padding = V.padding
+        if V.padding_mode != "zeros" or isinstance(padding, str):  # pad here, so the conv's padding is numeric
+            mode = "constant" if V.padding_mode == "zeros" else V.padding_mode
+            x = F.pad(x, V._reversed_padding_repeated_twice, mode=mode)
+            padding = (0,) * len(V.kernel_size)
+        return _TrainSingularValues.apply(x, V.weight, self.vector_S, U.weight, U.bias,
+                                          (V.stride, padding, V.dilation, V.groups))
 
     def _new_plain(self):
         V, U = self.conv_V, self.conv_U
@@ -158,9 +223,12 @@ class SVD_Linear(SVDLayer):
         return self.fc_V, self.fc_U
 
     def forward(self, x):
-        if self._needs_factored():
-            return self.fc_U(self.fc_V(x) * self.vector_S)
-        return F.linear(x, self._cached_merged_weight(), self.fc_U.bias)
+        V, U = self.fc_V, self.fc_U
+        if not self._needs_factored():
+            return F.linear(x, self._cached_merged_weight(), U.bias)
+        if V.weight.requires_grad or U.weight.requires_grad:
+            return U(V(x) * self.vector_S)
+        return _TrainSingularValues.apply(x, V.weight, self.vector_S, U.weight, U.bias, None)
 
     def _new_plain(self):
         V, U = self.fc_V, self.fc_U

@@ -57,9 +57,12 @@ def write_voc_tree(root, labels=TREE, voc_train=("a", "b", "c"), sbd=("b", "c", 
 def voc(tmp_path):
     root, list_dir = str(tmp_path / "voc"), str(tmp_path / "lists")
     write_voc_tree(root)
-    with pytest.warns(UserWarning, match="not the standard 5953 of pascal train"):
+    with pytest.warns(UserWarning) as warned:
         make_lists_main(["pascal", "--data-root", root, "--list-dir", list_dir, "--min-class-pixels", "100",
                          "--workers", "1"])
+    messages = [str(w.message) for w in warned]
+    assert any("has 6 images, not the standard 5953 of pascal train" in m for m in messages)
+    assert any("has 3 images, not the standard 1449 of pascal val" in m for m in messages)
     return root, list_dir
 
 
@@ -90,7 +93,7 @@ def test_fold_lists_with_and_without_dagger(voc):
     assert names(val, val.images) == ["v1", "v3"]
     assert {c: names(val, v) for c, v in val.class_images.items() if v} == {1: ["v1"], 3: ["v3"]}
     fold1 = fold_lists(train, root, "pascal", 1, "base", drop_novel_images=True, min_class_pixels=100)
-    assert names(fold1, fold1.images) == ["a", "b", "d", "e"]  # c has class 7, novel in fold 1
+    assert names(fold1, fold1.images) == ["d"]  # fold 1: 6..10 novel, 1..5 base
     low = fold_lists(train, root, "pascal", 0, "base", drop_novel_images=True, min_class_pixels=99)
     assert {c: names(low, v) for c, v in low.class_images.items() if v} == {6: ["a"], 7: ["c"], 8: ["c"]}
 
@@ -175,6 +178,7 @@ def write_instances(path, categories=COCO_CATEGORY_IDS):
         json.dump({"images": images, "annotations": anns, "categories": cats}, f)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
 def test_prepare_coco_and_lists(tmp_path, capsys):
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
@@ -197,7 +201,7 @@ def test_prepare_coco_and_lists(tmp_path, capsys):
         two = cv2.imread(str(root / "annotations" / split / "COCO_x_2.png"), cv2.IMREAD_UNCHANGED)
         assert (two[:, :2] == 12).all() and (two[:, 2:] == 0).all()  # column-major RLE: 2 columns
     list_dir = str(tmp_path / "lists")
-    with pytest.warns(UserWarning, match="not the standard 82081 of coco train"):
+    with pytest.warns(UserWarning, match="not the standard"):
         make_lists_main(["coco", "--data-root", str(root), "--list-dir", list_dir, "--min-class-pixels", "10",
                          "--workers", "1"])
     with open(os.path.join(list_dir, "train.txt")) as f:
@@ -214,7 +218,8 @@ def test_prepare_coco_and_lists(tmp_path, capsys):
     assert base.images == [1] and base.class_images[12] == [1]  # image 1 has a novel "person"
     consecutive = fold_lists(os.path.join(list_dir, "train.txt"), str(root), "coco", 0, "base",
                              drop_novel_images=True, min_class_pixels=10, coco_split="consecutive")
-    assert consecutive.images == [0] and consecutive.class_images[80] == [0]  # novel 1..20: 12 novel
+    # consecutive fold 0: novel 1..20, so image 0 (has 1) is dropped and image 1's class 12 is novel
+    assert consecutive.images == [] and consecutive.classes == list(range(21, 81))
 
 
 def test_prepare_coco_bad_inputs(tmp_path):
@@ -224,13 +229,16 @@ def test_prepare_coco_bad_inputs(tmp_path):
     write_instances(tmp_path / "annotations" / "instances_val2014.json", categories=COCO_CATEGORY_IDS[:79] + [1])
     with pytest.raises(ValueError, match=r"instances_val2014\.json has 79 categories, expected the 80"):
         prepare_split(str(tmp_path), "val2014")
+    write_instances(tmp_path / "annotations" / "instances_val2014.json", categories=COCO_CATEGORY_IDS[:79] + [91])
+    with pytest.raises(KeyError, match=r"instances_val2014\.json: annotation 11 has unknown category_id 90"):
+        prepare_split(str(tmp_path), "val2014")
     # a COCO label map with 81 is outside 0..80
     label_dir = tmp_path / "annotations" / "train2014"
     label_dir.mkdir()
     (tmp_path / "train2014").mkdir()
     cv2.imwrite(str(tmp_path / "train2014" / "x.jpg"), np.zeros((8, 8, 3), np.uint8))
     cv2.imwrite(str(label_dir / "x.png"), np.full((8, 8), 81, np.uint8))
-    (tmp_path / "annotations" / "val2014").mkdir()
+    (tmp_path / "annotations" / "val2014").mkdir(exist_ok=True)  # prepare_split made it
     with pytest.raises(ValueError, match=r"x\.png contains values \[81\], outside 0..80"):
         with pytest.warns(UserWarning):
             make_lists_main(["coco", "--data-root", str(tmp_path), "--list-dir", str(tmp_path / "l"),

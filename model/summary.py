@@ -1,0 +1,90 @@
+"""``python -m model.summary --config config/pascal_split0.yaml [--set key=value ...]``
+
+Builds the model the config describes and prints what trains: the trainable-parameter line
+(``svf.print_trainable_parameters``) and the counts per stage (``layer0`` .. ``layer4``) and per head.
+Works without the weights files: a ``pretrained`` / ``base_learner`` path that does not exist is replaced by
+random initialisation, with a note saying so.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import types
+import warnings
+
+import svf
+
+from .backbones import STAGES
+from .build import build_model, cfg_value
+
+__all__ = ["load_cfg", "summarize", "main"]
+
+
+def _parse_value(text):
+    import yaml
+    return yaml.safe_load(text)  # numbers, booleans, null and [lists] as in the YAML files
+
+
+def load_cfg(path, overrides=()):
+    """The config object: ``engine.config.load_config`` when the engine provides it, else the flat YAML
+    file read with ``yaml.safe_load`` into a SimpleNamespace, with ``key=value`` overrides applied."""
+    if importlib.util.find_spec("engine") is not None and importlib.util.find_spec("engine.config") is not None:
+        from engine.config import load_config
+        return load_config(path, list(overrides))
+    import yaml
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path!r}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a flat mapping of keys to values")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        data[key.strip()] = _parse_value(value)
+    return types.SimpleNamespace(**data)
+
+
+def _count_line(name, module):
+    trainable, total = svf.count_parameters(module)
+    return f"  {name:<14s} trainable {trainable:>12,d} / {total:>12,d}"
+
+
+def summarize(cfg, file=None):
+    """Build the model for ``cfg`` and print its trainable line and per-stage counts; returns the model."""
+    file = file or sys.stdout
+    for key in ("pretrained", "base_learner"):
+        path = cfg_value(cfg, key)
+        if path and not os.path.isfile(path):
+            print(f"note: {key} file {path!r} not found: using random initialisation for this summary", file=file)
+            setattr(cfg, key, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-init notes were printed above
+        model = build_model(cfg)
+    print(f"arch={cfg_value(cfg, 'arch')} backbone={cfg_value(cfg, 'backbone')} svf={bool(cfg_value(cfg, 'svf'))}",
+          file=file)
+    svf.print_trainable_parameters(model, file=file)
+    for stage in STAGES:
+        print(_count_line(stage, getattr(model.backbone, stage)), file=file)
+    heads = [c for n, c in model.named_children() if n != "backbone"]
+    trainable = sum(svf.count_parameters(c)[0] for c in heads)
+    total = sum(svf.count_parameters(c)[1] for c in heads)
+    print(f"  {'heads (all)':<14s} trainable {trainable:>12,d} / {total:>12,d}", file=file)
+    for name, child in model.named_children():
+        if name != "backbone" and any(True for _ in child.parameters()):
+            print(_count_line(name, child), file=file)
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="flat YAML config, e.g. config/pascal_split0.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. --set svf=true")
+    args = parser.parse_args(argv)
+    summarize(load_cfg(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()
