@@ -60,6 +60,8 @@ def classes_of_images(lists):
 
 def check_enough_images(lists, shot, role):
     """Every class needs ``shot`` supports besides the query: raise a clear error otherwise."""
+    if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
+        raise ValueError(f"shot must be a positive integer, got {shot!r}")
     if not lists.images:
         raise ValueError(f"no image of {lists.list_file} has a {role} class of this fold: check the "
                          "list, the fold and min_class_pixels")

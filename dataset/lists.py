@@ -135,7 +135,7 @@ def _load_cache(path, key):
             cached = json.load(f)
     except (OSError, ValueError):
         return None  # a cache is only a cache: an unreadable one is rebuilt
-    return cached["value"] if cached.get("key") == key else None
+    return cached["value"] if isinstance(cached, dict) and cached.get("key") == key else None
 
 
 def _list_key(list_path, data_root, benchmark):

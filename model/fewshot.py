@@ -9,7 +9,7 @@ All three share the same encoder (``FewShotModel.encode``), as in PFENet and BAM
 
 Call: ``model(query_img, support_imgs, support_masks, query_mask=None)`` with shapes (B,3,H,W), (B,K,3,H,W),
 (B,K,H,W) (masks in {0,1,255}). In training mode with ``query_mask`` it returns ``(logits, loss)``; otherwise
-logits (B, 2, H, W) at the input resolution. Losses are cross-entropy with ignore index 255; auxiliary
+logits (B, 2, H, W) at the input resolution. BAM's training call also takes ``class_id`` (see ``BAM``). Losses are cross-entropy with ignore index 255; auxiliary
 losses are added with the explicit weight ``aux_loss_weight``.
 """
 import torch
@@ -221,7 +221,7 @@ class BAM(FewShotModel):
 
     def forward(self, query_img, support_imgs, support_masks, query_mask=None, class_id=None):
         b, k = support_imgs.shape[:2]
-        if k != self.shot and (k > 1 or self.shot > 1):
+        if k != self.shot:
             raise ValueError(f"this BAM model was built for shot={self.shot} (its K-shot reweighting has {self.shot} "
                              f"inputs) but got {k} support images; build it with shot={k}")
         f = self.encode(query_img, support_imgs, support_masks)

@@ -54,7 +54,8 @@ def _count_line(name, module):
 def summarize(cfg, file=None):
     """Build the model for ``cfg`` and print its trainable line and per-stage counts; returns the model."""
     file = file or sys.stdout
-    for key in ("pretrained", "base_learner"):
+    keys = ("base_learner", "pretrained") if cfg_value(cfg, "arch") == "bam" else ("pretrained",)
+    for key in keys:
         path = cfg_value(cfg, key)
         if path and not os.path.isfile(path):
             print(f"note: {key} file {path!r} not found: using random initialisation for this summary", file=file)

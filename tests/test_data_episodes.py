@@ -166,6 +166,8 @@ def test_bad_inputs_of_the_datasets(synthetic, tmp_path):
     too_few = r"novel classes of .*val\.txt with too few images \{class: images\}: \{1: \d+, .*50-shot episodes need 51"
     with pytest.raises(ValueError, match=too_few):
         build_test_dataset(make_cfg(synthetic), seed=0, num_episodes=2, shot=50)
+    with pytest.raises(ValueError, match="shot must be a positive integer, got 0"):
+        build_test_dataset(make_cfg(synthetic), seed=0, num_episodes=2, shot=0)
     with pytest.raises(ValueError, match=r"base classes of .*train\.txt with too few .* 40-shot episodes need 41"):
         build_train_dataset(make_cfg(synthetic, shot=40))
     cfg = make_cfg(synthetic)

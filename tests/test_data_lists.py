@@ -149,6 +149,20 @@ def test_label_outside_the_classes_names_the_file(tmp_path):
             make_lists_main(["pascal", "--data-root", root, "--list-dir", list_dir, "--workers", "1"])
 
 
+def test_corrupt_or_colour_mask_names_the_file(tmp_path):
+    root, list_dir = str(tmp_path / "voc"), str(tmp_path / "lists")
+    write_voc_tree(root)
+    with open(os.path.join(root, "SegmentationClassAug", "b.png"), "wb") as f:
+        f.write(b"\x89PNG broken")
+    args = ["pascal", "--data-root", root, "--list-dir", list_dir, "--workers", "1"]
+    with pytest.raises(ValueError, match=r"cannot decode label map .*b\.png"), pytest.warns(UserWarning):
+        make_lists_main(args)
+    cv2.imwrite(os.path.join(root, "SegmentationClassAug", "b.png"), np.zeros((SIZE, SIZE, 3), np.uint8) + 7)
+    with pytest.raises(ValueError, match=r"label map .*b\.png has mode 'RGB'; expected a single-channel"):
+        with pytest.warns(UserWarning):
+            make_lists_main(args)
+
+
 # ---------------------------------------------------------------- COCO
 
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]

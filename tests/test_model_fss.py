@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import svf
 from model import build_model, param_groups
-from model.layers import capped_bin
+from model.layers import capped_bin, masked_average_pooling, prior_mask
 from test_model_helpers import random_episode, single_thread, tiny_cfg  # noqa: F401  (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
@@ -194,3 +194,18 @@ def test_short_training_run_lowers_the_pspnet_loss():
         return ((img,), label) if m is None else m(img, label)
     before, after = _short_run(model, batch_fn, steps=15, base_lr=0.01)
     assert after < 0.85 * before, (before, after)
+
+
+def test_prototype_and_prior_mask_on_hand_cases():
+    feat = torch.arange(8.0).reshape(1, 2, 2, 2)
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    proto = masked_average_pooling(feat, mask)  # channel 0: (0 + 3) / (2 + 5e-4), channel 1: (4 + 7) / ...
+    assert torch.allclose(proto.flatten(), torch.tensor([3.0, 11.0]) / 2.0005)
+    support = torch.zeros(1, 2, 2, 2)
+    support[0, :, 0, 0] = torch.tensor([1.0, 0.0])    # the only foreground support vector
+    support[0, :, 1, 1] = torch.tensor([0.0, 1.0])    # background: masked out, must not count
+    query = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, -1.0]]).reshape(1, 2, 2, 2)
+    fg = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    prior = prior_mask(query, support, fg).flatten()
+    # cosines with (1, 0): 1, 0, 1/sqrt(2), 0 -> min-max normalised
+    assert torch.allclose(prior, torch.tensor([1.0, 0.0, 2 ** -0.5, 0.0]), atol=1e-5)

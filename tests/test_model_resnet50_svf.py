@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import svf
-from model import STAGES, build_model
+from model import STAGES
 from model.summary import main, summarize
 from test_model_helpers import random_episode, single_thread, tiny_cfg  # noqa: F401  (autouse fixture)
 

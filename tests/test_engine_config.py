@@ -1,0 +1,137 @@
+"""Config loading (engine/config.py), the shipped configs, and train.sh's command line."""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from engine.config import FIELDS, ConfigKeyError, load_config, split_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_then_overrides_with_types_and_templates(tmp_path):
+    path = write(tmp_path, "fold: 2\nbase_lr: 1\nexp_dir: out/{arch}_{svf_tag}/split{fold}/{shot}shot\n")
+    cfg = load_config(path, split_overrides(["shot=5", "--set", "svf=false", "--set=test_seeds=[1, 2]",
+                                             "data_root=2024"]))
+    assert cfg.fold == 2 and cfg.shot == 5 and cfg.svf is False
+    assert cfg.base_lr == 1.0 and isinstance(cfg.base_lr, float)       # int accepted for a float key
+    assert cfg.test_seeds == [1, 2]
+    assert cfg.data_root == "2024"                                    # strings stay strings
+    assert cfg.exp_dir == "out/baseline_nosvf/split2/5shot"           # filled after the overrides
+    assert load_config(path, ["pretrained=null"]).pretrained is None
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    path = write(tmp_path, "base_rl: 0.1\n")
+    with pytest.raises(ConfigKeyError, match=r"unknown config key 'base_rl' in .*did you mean 'base_lr'\?"):
+        load_config(path)
+    with pytest.raises(ConfigKeyError, match=r"'epoch' on the command line; did you mean 'epochs'\?"):
+        load_config(None, ["epoch=3"])
+    cfg = load_config(None)
+    with pytest.raises(AttributeError, match="did you mean 'shot'"):
+        cfg.shots
+
+
+@pytest.mark.parametrize("override, message", [
+    ("fold=abc", "'fold' .* expects an integer, got 'abc'"),
+    ("fold=7", "'fold' .* must be one of \\[0, 1, 2, 3\\]"),
+    ("svf=2", "'svf' .* expects true or false"),
+    ("arch=unet", "'arch' .* must be one of"),
+    ("test_seeds=5", "'test_seeds' .* expects a list"),
+    ("epochs=null", "'epochs' .* may not be null"),
+    ("base_lr=fast", "'base_lr' .* expects a number"),
+])
+def test_wrong_types_are_clear_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_override_syntax_and_missing_file():
+    with pytest.raises(ValueError, match="key=value"):
+        split_overrides(["--fold", "2"])
+    with pytest.raises(FileNotFoundError, match="pascal_split9.yaml.*pascal_split0.yaml"):
+        load_config(os.path.join(ROOT, "config", "pascal_split9.yaml"))
+
+
+def test_shipped_configs_set_every_key_and_their_fold():
+    paths = sorted(glob.glob(os.path.join(ROOT, "config", "*.yaml")))
+    names = {os.path.basename(p) for p in paths}
+    for family in ("pascal", "coco", "demo"):
+        assert {f"{family}_split{i}.yaml" for i in range(4)} <= names
+    for path in paths:
+        with open(path) as fh:
+            keys = set(yaml.safe_load(fh))
+        assert keys == set(FIELDS), f"{path}: missing {set(FIELDS) - keys}"   # the file is the whole config
+        cfg = load_config(path)
+        fold = int(re.search(r"split(\d)", path).group(1))
+        assert cfg.fold == fold
+        assert f"split{fold}" in cfg.exp_dir
+
+
+def test_paper_settings_in_configs():
+    pascal = load_config(os.path.join(ROOT, "config", "pascal_split0.yaml"))
+    coco = load_config(os.path.join(ROOT, "config", "coco_split0.yaml"))
+    assert (pascal.arch, pascal.backbone, pascal.svf, pascal.filter_novel) == ("baseline", "resnet50", True, True)
+    assert (pascal.train_size, pascal.epochs, pascal.batch_size, pascal.seed) == (473, 200, 8, 321)
+    assert (pascal.momentum, pascal.weight_decay, pascal.power) == (0.9, 1e-4, 0.9)
+    assert (coco.train_size, coco.epochs, coco.test_episodes, coco.num_base_classes) == (641, 50, 4000, 61)
+    assert pascal.test_episodes == 1000 and len(pascal.test_seeds) == 5
+
+
+def test_every_config_key_read_by_the_code_exists():
+    """cfg.X, _get(cfg, "X") and cfg_value(cfg, "X") anywhere in the code name a schema key."""
+    files = glob.glob(os.path.join(ROOT, "dataset", "*.py")) + glob.glob(os.path.join(ROOT, "model", "*.py")) + \
+        glob.glob(os.path.join(ROOT, "engine", "*.py")) + [os.path.join(ROOT, f) for f in ("train.py", "test.py")]
+    pattern = re.compile(r"\bcfg\.([a-z_0-9]+)\b|(?:_get|cfg_value)\(cfg, \"([a-z_0-9]+)\"")
+    methods = {"replace", "to_dict", "get"}
+    used = set()
+    for path in files:
+        with open(path) as fh:
+            for a, b in pattern.findall(fh.read()):
+                used.add(a or b)
+    unknown = sorted(used - set(FIELDS) - methods)
+    assert not unknown, f"keys read by the code but missing from engine/config.py FIELDS: {unknown}"
+
+
+def run_sh(*args, **env):
+    return subprocess.run(["sh", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", "NPROC": "1", **env}, timeout=60)
+
+
+def test_train_sh_reproduces_the_config_run():
+    out = run_sh("train.sh", "pascal", "split0", "resnet50", "svf")
+    assert out.returncode == 0, out.stderr
+    command = out.stdout.strip().splitlines()[-1]
+    assert "torch.distributed.run --standalone --nnodes 1 --nproc_per_node 1 train.py" in command
+    overrides = command.split("config/pascal_split0.yaml", 1)[1].split()
+    plain = load_config(os.path.join(ROOT, "config", "pascal_split0.yaml"))
+    assert load_config(os.path.join(ROOT, "config", "pascal_split0.yaml"), overrides) == plain
+
+
+def test_train_sh_arch_word_env_and_multinode():
+    out = run_sh("train.sh", "pascal", "split1", "resnet101", "nosvf", "pfenet", "shot=5")
+    assert out.returncode == 0, out.stderr
+    assert "backbone=resnet101 svf=false arch=pfenet shot=5" in out.stdout
+    out = run_sh("train.sh", "coco", "split2", "resnet50", "svf", ARCH="bam", NNODES="2", NODE_RANK="1",
+                 MASTER_ADDR="10.0.0.1")
+    assert out.returncode == 0, out.stderr
+    assert "stage 1:" in out.stdout and "--stage1" in out.stdout    # bam: base learner missing -> trained first
+    assert "--nnodes 2 --node_rank 1 --nproc_per_node 1 --master_addr 10.0.0.1" in out.stdout
+    bad = run_sh("train.sh", "pascal", "split0", "resnet50", "svd")
+    assert bad.returncode != 0 and "svf or nosvf" in bad.stderr
+
+
+def test_config_cli_get(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "engine.config", "config/demo_split3.yaml", "shot=5", "--get", "exp_dir"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "exp/demo/baseline_svf/resnet18_deep/split3/5shot"
