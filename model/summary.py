@@ -6,10 +6,8 @@ Works without the weights files: a ``pretrained`` / ``base_learner`` path that d
 random initialisation, with a note saying so.
 """
 import argparse
-import importlib.util
 import os
 import sys
-import types
 import warnings
 
 import svf
@@ -17,33 +15,7 @@ import svf
 from .backbones import STAGES
 from .build import build_model, cfg_value
 
-__all__ = ["load_cfg", "summarize", "main"]
-
-
-def _parse_value(text):
-    import yaml
-    return yaml.safe_load(text)  # numbers, booleans, null and [lists] as in the YAML files
-
-
-def load_cfg(path, overrides=()):
-    """The config object: ``engine.config.load_config`` when the engine provides it, else the flat YAML
-    file read with ``yaml.safe_load`` into a SimpleNamespace, with ``key=value`` overrides applied."""
-    if importlib.util.find_spec("engine") is not None and importlib.util.find_spec("engine.config") is not None:
-        from engine.config import load_config
-        return load_config(path, list(overrides))
-    import yaml
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path!r}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path!r} must hold a flat mapping of keys to values")
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
-        key, value = item.split("=", 1)
-        data[key.strip()] = _parse_value(value)
-    return types.SimpleNamespace(**data)
+__all__ = ["summarize", "main"]
 
 
 def _count_line(name, module):
@@ -84,7 +56,8 @@ def main(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set svf=true")
     args = parser.parse_args(argv)
-    summarize(load_cfg(args.config, args.overrides))
+    from engine.config import load_config  # the project's one config loader (defaults, checks, templates)
+    summarize(load_config(args.config, args.overrides))
 
 
 if __name__ == "__main__":

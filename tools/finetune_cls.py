@@ -131,6 +131,10 @@ def run_one(args, folder, method, shots, device):
     bar = tqdm(total=steps, desc=f"{method} {shots}-shot ({trainable:,d}/{total:,d} params train)")
     for _ in range(args.epochs):
         model.train()
+        if args.bn_eval:  # tiny batches: keep the pretrained running statistics (affine params still train)
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         for images, labels in train_data:
             loss = criterion(model(images.to(device)), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -171,6 +175,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.01, help="SGD (momentum 0.9) with a cosine schedule")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--bn-eval", action="store_true",
+                        help="keep BatchNorm in eval mode while training (default: train mode, as the seed)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

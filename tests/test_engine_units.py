@@ -1,0 +1,98 @@
+"""Engine pieces: poly LR and optimiser groups, atomic checkpoints, seeds, sharding, the resumable
+sampler, and the summary table."""
+import json
+import os
+
+import pytest
+import torch
+
+from engine.checkpoint import atomic_save, load_checkpoint, load_model_weights
+from engine.distributed import DistInfo, derive_seed, shard_indices
+from engine.optim import build_sgd, poly_lr, set_lr
+
+
+def test_poly_lr_values():
+    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
+    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert poly_lr(0.01, 100, 100, 0.9) == 0.0
+    with pytest.raises(ValueError):
+        poly_lr(0.01, 0, 0, 0.9)
+
+
+def test_sgd_groups_use_explicit_multipliers_only():
+    heads, s, frozen = torch.nn.Linear(2, 2), torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(1))
+    frozen.requires_grad_(False)
+    groups = [{"name": "heads", "params": list(heads.parameters()), "lr_mult": 1.0, "weight_decay": 1e-4},
+              {"name": "singular_values", "params": [s], "lr_mult": 0.1, "weight_decay": 0.0},
+              {"name": "frozen", "params": [frozen], "lr_mult": 1.0}]
+    opt = build_sgd(groups, base_lr=0.02, momentum=0.9, weight_decay=1e-4)
+    assert [g["name"] for g in opt.param_groups] == ["heads", "singular_values"]   # frozen group dropped
+    assert [g["lr"] for g in opt.param_groups] == [0.02, pytest.approx(0.002)]
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    set_lr(opt, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.05]
+    with pytest.raises(KeyError, match="lr_mult"):
+        build_sgd([{"params": [s]}], 0.1, 0.9, 1e-4)
+
+
+def test_atomic_save_never_leaves_a_half_written_file(tmp_path):
+    path = str(tmp_path / "last.pth")
+    atomic_save({"epoch": 1, "w": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"epoch": 2, "bad": Unpicklable()}, path)
+    assert os.listdir(tmp_path) == ["last.pth"]                 # no temp file left behind
+    assert load_checkpoint(path)["epoch"] == 1                  # the previous checkpoint is intact
+    with pytest.raises(FileNotFoundError, match="train it"):
+        load_checkpoint(str(tmp_path / "best.pth"), hint="train it first")
+
+
+def test_load_model_weights_is_strict(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    path = str(tmp_path / "w.pth")
+    atomic_save({"model": {"module.0.weight": torch.zeros(3, 2), "module.0.bias": torch.zeros(3)}}, path)
+    load_model_weights(net, path)                               # DDP prefix removed
+    assert torch.count_nonzero(net[0].weight) == 0
+    atomic_save({"model": {"0.weight": torch.zeros(3, 2), "0.extra": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match=r"missing \['0.bias'\].*unexpected \['0.extra'\]"):
+        load_model_weights(net, path)
+
+
+def test_seeds_and_shards():
+    assert derive_seed(321, 0, 0) == derive_seed(321, 0, 0)
+    assert len({derive_seed(321, e, r) for e in range(10) for r in range(4)}) == 40
+    assert 0 <= derive_seed(1, 2, 3) < 2 ** 31
+    shards = [shard_indices(10, r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10))
+
+
+def test_epoch_sampler_skip_continues_the_same_order():
+    from train import EpochSampler
+    data = list(range(23))
+    for rank in range(2):
+        sampler = EpochSampler(data, DistInfo(rank=rank, world_size=2), seed=5, batch_per_rank=3)
+        sampler.set_epoch(4)
+        full = list(sampler)
+        sampler.set_epoch(4, skip_batches=2)
+        assert list(sampler) == full[6:]
+        assert sampler.batches_per_epoch() == 11 // 3
+        sampler.set_epoch(5)
+        assert list(sampler) != full                            # reshuffled every epoch
+
+
+def test_summarize_table(tmp_path):
+    from tools.summarize import build_table, find_results, render
+    for fold, miou in enumerate([0.6, 0.7, 0.5, 0.4]):
+        r = {"benchmark": "pascal", "arch": "baseline", "backbone": "resnet50", "svf": True, "fold": fold,
+             "shot": 1, "trained_shot": 1, "miou": miou}
+        (tmp_path / f"f{fold}").mkdir()
+        (tmp_path / f"f{fold}" / "test_1shot.json").write_text(json.dumps(r))
+    (tmp_path / "f0" / "test_5shot.json").write_text(json.dumps(dict(r, fold=0, shot=5, trained_shot=5, miou=0.8)))
+    table = build_table(find_results(str(tmp_path)))
+    assert table["pascal"]["baseline+SVF resnet50"][1] == {0: 0.6, 1: 0.7, 2: 0.5, 3: 0.4}
+    text = render(table)
+    assert "60.00" in text and "55.00" in text and "80.00*1" in text
