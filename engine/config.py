@@ -194,9 +194,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     if field.type == "str" and raw not in ("null", "None", "~"):
         return key, raw  # paths like 2024 or 1e3 stay strings
     try:
-        return key, yaml.safe_load(raw) if raw != "" else None
+        value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as exc:
         raise ValueError(f"command-line override '{text}': value is not valid YAML ({exc})") from None
+    if field.type == "float" and isinstance(value, str):
+        try:
+            value = float(raw)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            pass
+    return key, value
 
 
 def _format_templates(values: dict) -> dict:

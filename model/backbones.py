@@ -84,13 +84,15 @@ class Backbone(nn.Module):
     def forward(self, x, layer4_mask=None):
         """All five stage outputs, as a list [layer0 .. layer4]. With ``layer4_mask`` (N, 1, H, W) in [0, 1],
         layer4 sees layer3's output times the mask (PFENet/BAM's masked support features). A stage with
-        nothing to train runs without autograd, which saves the memory of its activations."""
+        nothing to train, and no gradient to pass back, runs without autograd."""
         feats = []
         for stage in STAGES:
             module = getattr(self, stage)
             if stage == "layer4" and layer4_mask is not None:
                 x = x * F.interpolate(layer4_mask, size=x.shape[-2:], mode="bilinear", align_corners=True)
-            if any(p.requires_grad for p in module.parameters()):
+            # a stage with nothing to train after nothing that trains needs no autograd; a frozen stage after a
+            # trained one must still pass gradients back
+            if x.requires_grad or any(p.requires_grad for p in module.parameters()):
                 x = module(x)
             else:
                 with torch.no_grad():

@@ -300,8 +300,12 @@ def _matches(name, patterns):
 
 
 def _replace_module(model, name, new):
+    """Put ``new`` at dotted ``name`` and return the (possibly new) root: name "" is the model itself."""
+    if name == "":
+        return new
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
 
 
 def _has_plain_conv_forward(module):
@@ -367,7 +371,7 @@ def model_convert_conv(model, mode, path=None, convert_op_name=(), ignore_op_nam
             layer = LowRankConv2d.from_conv(conv, mode=mode, rank=layer_rank(conv, r, r_ratio),
                                             lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
                                             keep_residual=opts["keep_residual"])
-            _replace_module(model, name, layer)
+            model = _replace_module(model, name, layer)
             converted.append((name, layer))
 
     if mode != "lora_mode" and converted:
@@ -375,6 +379,11 @@ def model_convert_conv(model, mode, path=None, convert_op_name=(), ignore_op_nam
     log(f"lrcc: mode={mode}: converted {len(converted)} conv layers "
         f"(ranks {sorted({layer.rank for _, layer in converted})}), left {len(ignored)} as they are "
         f"{ignored}, froze {len(fixed)} {fixed}")
+    if mode != "lora_mode" and converted:
+        support = sum(int(layer.sparse_mask.sum()) for _, layer in converted)
+        total = sum(layer.sparse_mask.numel() for _, layer in converted)
+        # sparse_weight is stored dense; only its support (fixed while training) can change the output
+        log(f"lrcc: sparse support: {support:,d} of {total:,d} conv weights ({100.0 * support / max(total, 1):.2f}%)")
     if unsupported:
         log(f"lrcc: NOT converted (subclass with its own forward): {unsupported}")
     if merge_parameter:
@@ -415,9 +424,7 @@ def merge(model):
     (trainable, as a fresh conv is); ``model`` is not modified."""
     model = copy.deepcopy(model)
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankConv2d)]:
-        if name == "":
-            return _merged_conv(layer)
-        _replace_module(model, name, _merged_conv(layer))
+        model = _replace_module(model, name, _merged_conv(layer))
     return model
 
 

@@ -113,6 +113,22 @@ def accuracy(model, data, device):
     return 100.0 * correct / total
 
 
+@torch.no_grad()
+def recompute_batchnorm_statistics(model, data, device):
+    """"Precise BN": replace the running statistics by their exact average over ``data`` under the final
+    weights (the running averages lag far behind the weights when there are only a few dozen steps)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for images, _ in data:
+        model(images.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
 def run_one(args, folder, method, shots, device):
     """Train one method on one shot count; return the test accuracy in %."""
     seed_everything(args.seed)
@@ -144,6 +160,8 @@ def run_one(args, folder, method, shots, device):
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    if args.precise_bn:
+        recompute_batchnorm_statistics(model, train_data, device)
     return accuracy(model, test_data, device)
 
 
@@ -177,6 +195,8 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--bn-eval", action="store_true",
                         help="keep BatchNorm in eval mode while training (default: train mode, as the seed)")
+    parser.add_argument("--precise-bn", action="store_true",
+                        help="before testing, recompute BatchNorm statistics on the training images")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
