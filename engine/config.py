@@ -161,6 +161,11 @@ def check_value(key: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
     elif t == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         value = float(value)
@@ -197,11 +202,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as exc:
         raise ValueError(f"command-line override '{text}': value is not valid YAML ({exc})") from None
-    if field.type == "float" and isinstance(value, str):
-        try:
-            value = float(raw)  # YAML 1.1 reads 1e-3 (no dot) as a string
-        except ValueError:
-            pass
     return key, value
 
 

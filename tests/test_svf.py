@@ -1,6 +1,7 @@
 """svf library: exactness of resolver/merge per layer kind and on ResNet-50, the paper's freezing,
 the singular-value adapter file, options and bad input, and the copy-the-folder promise."""
 import ast
+import copy
 import os
 import shutil
 import subprocess
@@ -140,10 +141,8 @@ class Backbone(nn.Module):
 
 
 def test_paper_freezing_on_resnet50_leaves_12544_singular_values(resnet50_pair):
-    net, _ = resnet50_pair
-    bb = Backbone(net)
-    for i in range(5):
-        setattr(bb, f"layer{i}", svf.resolver(getattr(bb, f"layer{i}")))
+    _, resolved = resnet50_pair
+    bb = Backbone(copy.deepcopy(resolved))
     svf.apply_paper_freezing(bb)
     bb.train()
     trainable = {n: p.numel() for n, p in bb.named_parameters() if p.requires_grad}
@@ -161,7 +160,7 @@ def test_paper_freezing_on_resnet50_leaves_12544_singular_values(resnet50_pair):
 
 def test_merge_round_trips_into_original_class(resnet50_pair):
     net, resolved = resnet50_pair
-    tuned = svf.resolver(net)
+    tuned = copy.deepcopy(resolved)
     with torch.no_grad():
         for p in svf.singular_value_parameters(tuned).values():
             p.mul_(1 + 0.05 * torch.randn_like(p))
