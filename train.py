@@ -285,10 +285,12 @@ def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, 
             if stage1:
                 _, loss = net(batch["img"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
             else:
+                # BAM removes the episode's class from its base learner's output in training
+                extra = {"class_id": batch["class_id"].to(device)} if cfg.arch == "bam" else {}
                 _, loss = net(batch["query_img"].to(device, non_blocking=True),
                               batch["support_imgs"].to(device, non_blocking=True),
                               batch["support_masks"].to(device, non_blocking=True),
-                              batch["query_mask"].to(device, non_blocking=True))
+                              batch["query_mask"].to(device, non_blocking=True), **extra)
         stats = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()])
         stats = all_reduce_sum_(stats).cpu()
         if stats[1] > 0:

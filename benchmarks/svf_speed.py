@@ -37,6 +37,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time (one intra-op thread; robust on a shared machine)
+
+
 class InputScale(nn.Module):
     """A trainable scalar on a stage's input: makes autograd go back through everything after it."""
 
@@ -60,10 +63,10 @@ def build_variant(name, shot):
     elif name == "full":
         m.backbone.requires_grad_(True)
         svf.freeze_batchnorm(m.backbone)
-    elif name == "svf_paper":  # the released code: three convolutions in every layer, always
+    elif name == "svf_paper":  # the released code: three convolutions in every layer, always, plain autograd
         for mod in m.backbone.modules():
-            if isinstance(mod, svf.SVDLayer):
-                mod._needs_factored = lambda: True
+            if isinstance(mod, svf.SVD_Conv2d):
+                mod.forward = lambda x, mod=mod: mod.conv_U(mod.conv_V(x) * mod.vector_S)
     return m
 
 
@@ -95,34 +98,39 @@ def episode(batch, size, shot, device):
     return [t.to(device) for t in (q, s, sm, qm)]
 
 
-def time_training(name, args, device):
-    model = build_variant(name, args.shot).to(device)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+def time_training(variants, args, device):
+    """Round-robin over the variants (one step of each per round), so that they all see the same
+    machine conditions; the first round (with the saved-tensor counter on) is a warm-up."""
+    runs = {}
+    for name in variants:
+        model = build_variant(name, args.shot).to(device).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[name] = {"model": model, "params": params, "times": [], "saved": SavedBytes(),
+                      "opt": torch.optim.SGD(params, lr=1e-3, momentum=0.9)}
     q, s, sm, qm = episode(args.batch, args.size, args.shot, device)
-    times, saved = [], SavedBytes()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    peaks = {}
     for it in range(args.warmup + args.iters):
-        sync(device)
-        t0 = time.perf_counter()
-        if it == 0:
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-                _, loss = model(q, s, sm, qm)
-        else:
-            _, loss = model(q, s, sm, qm)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
-        if it >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    trainable = sum(p.numel() for p in params)
-    return {"median_s": statistics.median(times), "saved_mib": saved.mib, "peak_mib": peak,
-            "trainable": trainable}
+        for name, r in runs.items():
+            if device.type == "cuda" and it == args.warmup:
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            t0 = CLOCK()
+            if it == 0:
+                with torch.autograd.graph.saved_tensors_hooks(r["saved"].pack, lambda t: t):
+                    _, loss = r["model"](q, s, sm, qm)
+            else:
+                _, loss = r["model"](q, s, sm, qm)
+            r["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            r["opt"].step()
+            sync(device)
+            if it >= args.warmup:
+                r["times"].append(CLOCK() - t0)
+            if device.type == "cuda" and it == args.warmup:
+                peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+    return {name: {"median_s": statistics.median(r["times"]), "saved_mib": r["saved"].mib,
+                   "peak_mib": peaks.get(name), "trainable": sum(p.numel() for p in r["params"])}
+            for name, r in runs.items()}
 
 
 @torch.no_grad()
@@ -138,11 +146,11 @@ def time_inference(args, device):
         ts = []
         for it in range(args.warmup + args.iters):
             sync(device)
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             y = m(q, s, sm)
             sync(device)
             if it >= args.warmup:
-                ts.append(time.perf_counter() - t0)
+                ts.append(CLOCK() - t0)
         out[name] = y
         res[name] = {"median_s": statistics.median(ts), "params": sum(p.numel() for p in m.parameters())}
     for name in ("resolved", "merged"):
@@ -164,10 +172,10 @@ def time_resolver(device):
     for name in ("resnet50", "resnet101"):
         bb = build_backbone(name).to(device)
         sync(device)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         svf.resolver(bb)
         sync(device)
-        res[name] = time.perf_counter() - t0
+        res[name] = CLOCK() - t0
     return res
 
 
@@ -182,15 +190,22 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", nargs="+", default=["floor", "frozen", "full", "svf_paper", "svf_ours"])
     ap.add_argument("--json", help="also write the numbers to this file")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: CPU time of the main thread with torch.set_num_threads(1), which other processes "
+                         "on a shared machine do not disturb (CPU only)")
     args = ap.parse_args()
+    global CLOCK
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
+        CLOCK = time.thread_time
     if args.paper_size:
         args.batch, args.size = 8, 473
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"batch {args.batch} at {args.size}x{args.size}, {args.shot}-shot, median of {args.iters} after {args.warmup} warm-up")
+          f"{args.clock} clock, batch {args.batch} at {args.size}x{args.size}, {args.shot}-shot, median of {args.iters} after {args.warmup} warm-up")
 
-    train = {v: time_training(v, args, device) for v in args.variants}
+    train = time_training(args.variants, args, device)
     floor = train.get("floor")
     print(f"\ntraining step          {'time (s)':>9} {'x floor':>8} {'saved (MiB)':>12} {'x floor':>8} "
           f"{'peak (MiB)':>11} {'trainable':>12}")

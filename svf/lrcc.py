@@ -52,7 +52,7 @@ TRAINABLE_BY_MODE = {
     "lora_mode": ("lora_A", "lora_B"),
 }
 MODES = tuple(TRAINABLE_BY_MODE)
-DECOMPOSITION_ALGORITHM = "godec-full-rank-subspace-v1"  # part of the cache key: bump when it changes
+DECOMPOSITION_ALGORITHM = "godec-full-rank-subspace-best-v2"  # part of the cache key: bump when it changes
 CACHE_FORMAT = "lrcc-decomposition"
 ADAPTER_FORMAT = "lrcc-adapter"
 _EXTRAS = {"lora_alpha": None, "lora_dropout": 0.0, "keep_residual": True, "verbose": True}
@@ -188,10 +188,11 @@ def layer_rank(conv, r=0, r_ratio=0.25):
 def decompose_low_rank_sparse(w, rank, compress_step=50, lambda_s=0.01):
     """GoDec-style W ≈ U·V + S for a batch of matrices w (batch, m, n), with the full rank at once.
 
-    Start from the truncated SVD (eigh of the m×m or n×n Gram matrix), then ``compress_step`` times:
+    Start from the truncated SVD (eigh of the smaller Gram matrix), then ``compress_step`` times:
     low-rank step = one block power iteration on W - S with QR (U orthonormal, V = Uᵀ(W - S)), sparse
-    step = hard-threshold W - U·V at |x| >= lambda_s. Returns U (b, m, r), V (b, r, n), S (b, m, n), mask.
-    Computed in float32 (float64 for float64 input) on w's device.
+    step = hard-threshold W - U·V at |x| >= lambda_s. The iteration is not monotone, so each matrix
+    keeps its iterate with the smallest ‖W - U·V - S‖. Returns U (b, m, r), V (b, r, n), S (b, m, n)
+    and S's support (bool). Computed in float32 (float64 for float64 input) on w's device.
     """
     work_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     w = w.to(work_dtype)
@@ -199,14 +200,15 @@ def decompose_low_rank_sparse(w, rank, compress_step=50, lambda_s=0.01):
     # top-r singular subspace from the smaller Gram matrix: O(m·n·min(m, n)), far cheaper than an SVD
     if m <= n:
         u = torch.linalg.eigh(w @ w.mT)[1][..., -rank:]
-        v = u.mT @ w
     else:
         v = torch.linalg.eigh(w.mT @ w)[1][..., -rank:].mT
         u = torch.linalg.qr(w @ v.mT).Q
-        v = u.mT @ w
+    v = u.mT @ w
     residual = w - u @ v
     mask = residual.abs() >= lambda_s
     s = residual * mask
+    best_u, best_v = u, v
+    best_error = residual.square().masked_fill(mask, 0).sum((-2, -1))
     for _ in range(compress_step):
         target = w - s
         u = torch.linalg.qr(target @ v.mT).Q
@@ -214,7 +216,14 @@ def decompose_low_rank_sparse(w, rank, compress_step=50, lambda_s=0.01):
         residual = w - u @ v
         mask = residual.abs() >= lambda_s
         s = residual * mask
-    return u, v, s, mask
+        error = residual.square().masked_fill(mask, 0).sum((-2, -1))
+        better = error < best_error  # only the small factors are kept; S follows from them
+        best_error = torch.where(better, error, best_error)
+        best_u = torch.where(better[:, None, None], u, best_u)
+        best_v = torch.where(better[:, None, None], v, best_v)
+    residual = w - best_u @ best_v
+    mask = residual.abs() >= lambda_s
+    return best_u, best_v, residual * mask, mask
 
 
 def _group_matrices(weight, groups):
@@ -356,7 +365,7 @@ def model_convert_conv(model, mode, path=None, convert_op_name=(), ignore_op_nam
             if not any(p in n for n in conv_names):
                 raise ValueError(f"{arg} entry {p!r} matches no nn.Conv2d layer; conv layers are: {conv_names}")
 
-    converted, ignored, fixed, unsupported = [], [], [], []
+    converted, ignored, fixed = [], [], []
     for name, conv in convs:
         if _matches(name, fix_op_name):
             conv.weight.requires_grad_(False)
@@ -366,7 +375,8 @@ def model_convert_conv(model, mode, path=None, convert_op_name=(), ignore_op_nam
         elif (convert_op_name and not _matches(name, convert_op_name)) or _matches(name, ignore_op_name):
             ignored.append(name)
         elif not _has_plain_conv_forward(conv):
-            unsupported.append(name)
+            raise ValueError(f"conv layer {name!r} is a {type(conv).__name__} with its own forward, which lrcc "
+                             "cannot convert exactly; add it to ignore_op_name or fix_op_name")
         else:
             layer = LowRankConv2d.from_conv(conv, mode=mode, rank=layer_rank(conv, r, r_ratio),
                                             lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
@@ -384,8 +394,6 @@ def model_convert_conv(model, mode, path=None, convert_op_name=(), ignore_op_nam
         total = sum(layer.sparse_mask.numel() for _, layer in converted)
         # sparse_weight is stored dense; only its support (fixed while training) can change the output
         log(f"lrcc: sparse support: {support:,d} of {total:,d} conv weights ({100.0 * support / max(total, 1):.2f}%)")
-    if unsupported:
-        log(f"lrcc: NOT converted (subclass with its own forward): {unsupported}")
     if merge_parameter:
         model = merge(model)
     if opts["verbose"]:

@@ -7,7 +7,15 @@ import torch.nn.functional as F
 import lrcc
 import svf.lrcc as impl
 
-DECOMPOSITION_MODES = [m for m in lrcc.MODES if m != "lora_mode"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread avoids multi-threaded LAPACK overhead on the shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyNet(nn.Module):
@@ -245,6 +253,14 @@ def test_selection_rules():
         convert(net, "tune_everything")
     with pytest.raises(TypeError, match="unknown options"):
         convert(net, "lora_mode", lora_alpah=2)
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    custom = make_net()
+    custom.wide = ScaledConv(8, 12, (1, 3), padding=(0, 1))
+    with pytest.raises(ValueError, match="'wide' is a ScaledConv with its own forward"):
+        convert(custom, "lora_mode")
+    assert isinstance(convert(custom, "lora_mode", ignore_op_name=["wide"]).wide, ScaledConv)
     only = convert(net, "lora_mode", convert_op_name=["re", "wide"])  # substring match
     assert {n for n, m in only.named_modules() if isinstance(m, lrcc.LowRankConv2d)} == {"reflect", "wide"}
     but = convert(net, "lora_mode", ignore_op_name=["re", "wide"])
