@@ -31,13 +31,16 @@ class _TrainSingularValues(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, v, s, u, b, conv):
+        # S scales U's columns (a tiny out x r product) instead of the r-channel activation h
         if conv is None:
             h = F.linear(x, v)
-            y = F.linear(h * s, u, b)
+            y = F.linear(h, u * s, b)
         else:
             stride, padding, dilation, groups = conv
             h = _CONV[v.dim()](x, v, None, stride, padding, dilation, groups)
-            y = _CONV[v.dim()](h * s, u, b, 1, 0, 1, groups)
+            g, out_c, r = groups, u.shape[0], u.shape[1] * groups
+            us = (u.reshape(g, out_c // g, r // g) * s.reshape(g, 1, r // g)).reshape(u.shape)
+            y = _CONV[v.dim()](h, us, b, 1, 0, 1, groups)
         ctx.save_for_backward(h, v, s, u)
         ctx.conv, ctx.x_shape, ctx.x_dtype = conv, x.shape, x.dtype
         ctx.b_dtype = None if b is None else b.dtype
