@@ -20,7 +20,4 @@ __all__ = ["SVD_Conv1d", "SVD_Conv2d", "SVD_Conv3d", "SVD_Linear", "SVDLayer", "
            "mark_only_singular_values_as_trainable", "singular_value_parameters", "state_dict",
            "count_parameters", "print_trainable_parameters"]
 
-try:  # lrcc lives in this folder too (svf/lrcc.py); tolerate a copy made without it
-    from . import lrcc  # noqa: F401
-except ImportError:
-    pass
+from . import lrcc  # noqa: E402,F401  (the low-rank conv converter lives in this folder too)

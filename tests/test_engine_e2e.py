@@ -118,10 +118,11 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(tiny, full_run):
     assert_same_weights(os.path.join(exp, "last.pth"), os.path.join(full_run[0], "last.pth"))
 
 
-def test_two_gloo_processes_train(tiny):
+def test_two_gloo_processes_train_bam(tiny):
+    """BAM (frozen stage-1 base learner, class ids in the forward) under DDP with 2 gloo processes."""
     exp = str(tiny["tmp"] / "ddp")
-    out = run("train.py", tiny["args"] + [f"exp_dir={exp}", "epochs=1"], nproc=2)
-    assert "2 process(es) on cpu" in out.stdout
+    out = run("train.py", tiny["args"] + [f"exp_dir={exp}", "epochs=1", "arch=bam"], nproc=2)
+    assert "bam | backbone resnet18_deep" in out.stdout and "2 process(es) on cpu" in out.stdout
     assert out.stdout.count("val mIoU") == 1                          # printed by rank 0 only
     assert torch.load(os.path.join(exp, "last.pth"), weights_only=True)["epoch"] == 1
 
