@@ -50,7 +50,7 @@ def evaluate_episodes(model: torch.nn.Module, dataset: Dataset, class_ids, dist_
     iterator = loader
     if progress and dist_info.is_main:
         from tqdm import tqdm
-        iterator = tqdm(loader, desc="episodes (rank 0 shard)", leave=False, dynamic_ncols=True)
+        iterator = tqdm(loader, desc="episodes (rank 0 shard)", leave=False, dynamic_ncols=True, disable=None)
     for batch in iterator:
         query = batch["query_img"].to(device, non_blocking=True)
         support_imgs = batch["support_imgs"].to(device, non_blocking=True)

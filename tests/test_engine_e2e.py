@@ -144,7 +144,7 @@ def test_test_py_same_numbers_for_processes_and_workers(tiny, full_run):
     for other in results[1:]:
         assert other["per_seed"] == first["per_seed"]
         assert (other["miou"], other["fbiou"], other["class_iou"]) == (first["miou"], first["fbiou"], first["class_iou"])
-    vis = os.path.join(os.path.dirname(str(tiny["tmp"] / "res_1_0" / "x")), "vis_1shot")
+    vis = str(tiny["tmp"] / "res_1_0" / "vis_1shot")                 # next to --out
     assert sorted(os.listdir(vis)) == [f"episode_{i:05d}.png" for i in range(3)]
 
 
