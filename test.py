@@ -25,8 +25,6 @@ import sys
 import time
 import warnings
 
-import torch
-
 from engine.checkpoint import atomic_write_text, evaluation_checkpoint, load_model_weights
 from engine.config import Config, load_config, split_overrides
 from engine.distributed import DistInfo, cleanup_distributed, init_distributed, print0, seed_everything

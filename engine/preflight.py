@@ -16,7 +16,8 @@ def check_data(cfg, config_path: str = "CONFIG"):
         else:
             how = "put VOC2012 with SBD's SegmentationClassAug there (JPEGImages/, SegmentationClassAug/, ImageSets/)"
         raise FileNotFoundError(f"data root '{cfg.data_root}' (config key data_root in {config_path}) not found; {how}; "
-                                f"or point data_root=PATH at it")
+                                f"or point data_root=PATH at it. Then build the lists: python -m dataset.make_lists "
+                                f"{cfg.benchmark} --data-root {cfg.data_root} --list-dir {cfg.list_dir}")
     for split in ("train", "val"):
         path = os.path.join(cfg.list_dir, split + ".txt")
         if not os.path.isfile(path):
