@@ -25,7 +25,8 @@ import sys
 import time
 import warnings
 
-from engine.checkpoint import atomic_write_text, evaluation_checkpoint, load_model_weights
+from dataset.files import atomic_write_text
+from engine.checkpoint import evaluation_checkpoint, load_model_weights
 from engine.config import Config, load_config, split_overrides
 from engine.distributed import DistInfo, cleanup_distributed, init_distributed, print0, seed_everything
 from engine.loop import evaluate_episodes
@@ -134,7 +135,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     if dist_info.is_main:
         name = f"test_{shot}shot{'_untrained' if args.untrained else ''}.json"
         out = args.out or os.path.join(cfg.exp_dir, name)
-        atomic_write_text(json.dumps(result, indent=1) + "\n", out)
+        atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         print0(f"results: {out}")
     return result
 

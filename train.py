@@ -31,7 +31,8 @@ import time
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from engine.checkpoint import BEST, LAST, atomic_save, atomic_write_text, load_checkpoint, unwrap
+from dataset.files import atomic_write_text
+from engine.checkpoint import BEST, LAST, atomic_save, load_checkpoint, unwrap
 from engine.config import Config, dump_config, load_config, split_overrides
 from engine.distributed import (DistInfo, all_reduce_sum_, cleanup_distributed, derive_seed,
                                 init_distributed, loader_generator, print0, seed_everything, worker_init_fn)
@@ -167,7 +168,7 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
     writer = None
     if dist_info.is_main:
         os.makedirs(cfg.exp_dir, exist_ok=True)
-        atomic_write_text(dump_config(cfg), os.path.join(cfg.exp_dir, "config.yaml"))
+        atomic_write_text(os.path.join(cfg.exp_dir, "config.yaml"), dump_config(cfg))
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(cfg.exp_dir, "tb"))
         try:

@@ -42,20 +42,6 @@ def atomic_save(obj, path: str):
         raise
 
 
-def atomic_write_text(text: str, path: str):
-    """Write a text file atomically (results JSON, resolved config)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def load_checkpoint(path: str, hint: str = "") -> dict:
     """torch.load(weights_only=True) on the CPU, with a clear error for a missing file."""

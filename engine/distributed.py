@@ -3,8 +3,8 @@
 - `init_distributed()` reads RANK / WORLD_SIZE / LOCAL_RANK from the environment torchrun sets;
   NCCL when CUDA is available, gloo on the CPU (so the same code path is tested on CPUs);
   a plain `python train.py` is a world of one.
-- `all_reduce_sum_` sums a metric buffer over ranks; `shard_indices` gives rank r the indices
-  r, r + W, r + 2W, ... so every episode is evaluated exactly once.
+- `all_reduce_sum_` sums a metric buffer over ranks; `dataset.shard_indices` gives rank r the episode
+  indices r, r + W, r + 2W, ... so every episode is evaluated exactly once.
 - `derive_seed(*keys)` turns (seed, epoch, rank, iteration, ...) into a 31-bit seed, the same in
   every process and every run; `worker_init_fn` seeds numpy / random in data-loader workers from
   the per-worker torch seed that the loader's generator determines.
@@ -78,10 +78,6 @@ def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
 
-
-def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
-    """Indices of n items that rank `rank` handles: a strided slice, union = all, no overlap."""
-    return list(range(rank, n, world_size))
 
 
 def derive_seed(*keys: int) -> int:

@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from engine.checkpoint import unwrap
-from engine.distributed import DistInfo, all_reduce_sum_, shard_indices
+from dataset import shard_indices
+from engine.distributed import DistInfo, all_reduce_sum_
 from engine.metric import EpisodeIoU, SemanticIoU, logits_at_label_resolution
 
 
