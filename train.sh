@@ -37,6 +37,8 @@ else
 fi
 run() { if [ -n "${DRY_RUN:-}" ]; then echo "$@"; else "$@"; fi; }
 
+# missing data or lists: one clear message before any process is launched
+$PYTHON -m engine.config "$CONFIG" "$@" --check-data
 MISSING=$($PYTHON -m engine.config "$CONFIG" "$@" --missing-stage1)
 if [ -n "$MISSING" ]; then
     echo "stage 1: $MISSING is missing; training the PSPNet base learner first"

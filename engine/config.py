@@ -286,9 +286,14 @@ def main(argv=None):
     parser.add_argument("--get", help="print only this key ('' for null)")
     parser.add_argument("--missing-stage1", action="store_true",
                         help="print the stage-1 checkpoint path if this run needs it and it is missing (train.sh)")
+    parser.add_argument("--check-data", action="store_true",
+                        help="fail with the command that builds them if the data root or lists are missing (train.sh)")
     args, rest = parser.parse_known_args(argv)
     cfg = load_config(args.config, split_overrides(rest))
-    if args.missing_stage1:
+    if args.check_data:
+        from engine.preflight import check_data
+        check_data(cfg, args.config)
+    elif args.missing_stage1:
         print(stage1_checkpoint_missing(cfg) or "")
     elif args.get:
         value = getattr(cfg, args.get)
