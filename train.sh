@@ -38,7 +38,7 @@ fi
 run() { if [ -n "${DRY_RUN:-}" ]; then echo "$@"; else "$@"; fi; }
 
 # missing data or lists: one clear message before any process is launched
-$PYTHON -m engine.config "$CONFIG" "$@" --check-data
+[ -n "${DRY_RUN:-}" ] || $PYTHON -m engine.config "$CONFIG" "$@" --check-data
 MISSING=$($PYTHON -m engine.config "$CONFIG" "$@" --missing-stage1)
 if [ -n "$MISSING" ]; then
     echo "stage 1: $MISSING is missing; training the PSPNet base learner first"

@@ -118,6 +118,14 @@ def test_train_sh_reproduces_the_config_run():
     assert load_config(os.path.join(ROOT, "config", "pascal_split0.yaml"), overrides) == plain
 
 
+def test_train_sh_missing_data_is_one_clear_message_before_launch(tmp_path):
+    out = subprocess.run(["sh", "train.sh", "pascal", "split0", "resnet50", "svf", f"data_root={tmp_path}/none"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "data root" in out.stderr and "python -m dataset.make_lists pascal" in out.stderr
+    assert "Traceback" not in out.stderr and "torch.distributed" not in out.stderr  # nothing was launched
+
+
 def test_train_sh_arch_word_env_and_multinode():
     out = run_sh("train.sh", "pascal", "split1", "resnet101", "nosvf", "pfenet", "shot=5")
     assert out.returncode == 0, out.stderr
