@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from engine.checkpoint import unwrap
 from dataset import shard_indices
 from engine.distributed import DistInfo, all_reduce_sum_
-from engine.metric import EpisodeIoU, SemanticIoU, logits_at_label_resolution
+from engine.metric import EpisodeIoU, SemanticIoU
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -58,9 +58,7 @@ def evaluate_episodes(model: torch.nn.Module, dataset: Dataset, class_ids, dist_
         support_masks = batch["support_masks"].to(device, non_blocking=True)
         with autocast(device, amp):
             logits = net(query, support_imgs, support_masks)
-        label = batch["query_label"][0]
-        pred = logits_at_label_resolution(logits, label.shape).argmax(1)[0].cpu()
-        metric.update(pred, label, int(batch["class_id"][0]))
+        pred = metric.update_from_logits(logits, batch["query_label"][0], int(batch["class_id"][0])).cpu()
         if on_episode is not None:
             on_episode(batch, pred)
     flat = metric.as_tensor().to(device)

@@ -76,9 +76,11 @@ class EpisodeIoU:
         self.episodes[col] += 1
 
     def update_from_logits(self, logits: torch.Tensor, label: torch.Tensor, class_id: int):
-        """logits (1, 2, S, S) of the padded test image, label (H0, W0): upsample, argmax, add."""
+        """logits (1, 2, S, S) of the padded test image, label (H0, W0): upsample, argmax, add;
+        returns the prediction at the label's resolution."""
         pred = logits_at_label_resolution(logits, label.shape[-2:]).argmax(1)[0]
         self.update(pred, label.to(pred.device), class_id)
+        return pred
 
     # --- distributed: one tensor, one all-reduce
     def as_tensor(self) -> torch.Tensor:
