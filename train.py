@@ -31,6 +31,8 @@ import time
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+import svf
+
 from dataset.files import atomic_write_text
 from engine.checkpoint import BEST, LAST, atomic_save, load_checkpoint, unwrap
 from engine.config import Config, dump_config, load_config, split_overrides
@@ -171,11 +173,7 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         atomic_write_text(os.path.join(cfg.exp_dir, "config.yaml"), dump_config(cfg))
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(cfg.exp_dir, "tb"))
-        try:
-            import svf
-            svf.print_trainable_parameters(unwrap(net))
-        except (ImportError, AttributeError):
-            pass
+        svf.print_trainable_parameters(unwrap(net))
         print0(f"{'stage-1 PSPNet' if stage1 else cfg.arch} | backbone {cfg.backbone} | svf {cfg.svf} | "
                f"fold {cfg.fold} | shot {cfg.shot} | {world} process(es) on {device.type} | "
                f"{len(train_set)} training items, {iters_per_epoch} steps/epoch x {cfg.epochs} epochs")
