@@ -10,52 +10,35 @@ How the config chooses the model:
   mode); off, the backbone of the few-shot models is frozen (no grads, BatchNorm in eval) as in PFENet/BAM,
   and the PSPNet backbone is trained fully (BAM's stage 1).
 
-Keys read here and their defaults are in ``MODEL_DEFAULTS`` (a key missing from cfg takes its default; the
-values match engine/config.py's schema, which gives every key when the config comes from ``load_config``).
+A key missing from cfg takes its default from ``engine.config.FIELDS``, the one schema of every config key
+(a plain namespace with a few keys builds the same model as a config file that leaves the others out).
 """
 import warnings
 
 import svf
+from engine.config import FIELDS
 
 from .backbones import build_backbone
 from .fewshot import BAM, PFENet, Baseline
 from .pspnet import PSPNet
 from .weights import load_backbone_weights, load_state_dict_strict, read_state_dict
 
-__all__ = ["build_model", "param_groups", "MODEL_DEFAULTS", "ARCHS", "cfg_value"]
+__all__ = ["build_model", "param_groups", "ARCHS", "cfg_value"]
 
 ARCHS = ("pspnet", "baseline", "pfenet", "bam")
 
-MODEL_DEFAULTS = {
-    "backbone": "resnet50",
-    "pretrained": None,
-    "svf": True,
-    "svf_lr_mult": 0.1,          # singular values learn at 1/10 of the heads' LR (the released SVF code)
-    "svf_weight_decay": False,   # decay shrinks S, and with frozen BatchNorm that scales the features
-    "backbone_lr_mult": 0.1,     # a fully trained backbone (pspnet without SVF): BAM's heads learn 10x faster
-    "weight_decay": 1e-4,
-    "reduce_dim": 256,
-    "ppm_bins": (1, 2, 3, 6),
-    "pyramid_bins": (60, 30, 15, 8),
-    "aux_loss_weight": 1.0,      # PFENet's aux_weight and BAM's aux_weight1
-    "base_learner": None,
-    "num_base_classes": None,    # None: len(base_classes(benchmark, fold)) + 1 (background)
-    "shot": 1,
-    "benchmark": None,
-    "fold": None,
-    "coco_split": "interleaved",
-}
 
 BASE_LEARNER_HELP = ("The stage-1 PSPNet checkpoint is what training arch=pspnet on the same benchmark and fold "
                      "writes (e.g. exp/<run>/best.pth); train it first, then point `base_learner` at it.")
 
 
 def cfg_value(cfg, key):
-    """``cfg.key``, or its default from ``MODEL_DEFAULTS``; a key with no default must be set."""
+    """``cfg.key``, or its default from the project's one config schema (``engine.config.FIELDS``), so a
+    plain namespace with a few keys builds the same model as a config file that leaves them out."""
     if hasattr(cfg, key):
         return getattr(cfg, key)
-    if key in MODEL_DEFAULTS:
-        return MODEL_DEFAULTS[key]
+    if key in FIELDS:
+        return FIELDS[key].default
     raise KeyError(f"config key {key!r} is required to build the model")
 
 
