@@ -5,6 +5,7 @@ returned as float32 RGB (0..255); label maps are read with Pillow so that both g
 PNGs (SegmentationClassAug) and palette PNGs (VOC's SegmentationClass) give the class indices
 (OpenCV would turn a palette PNG into colours).
 """
+import contextlib
 import json
 import os
 import tempfile
@@ -97,19 +98,27 @@ def read_id_list(path):
         return [line.split()[0] for line in f if line.strip()]
 
 
-def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
+@contextlib.contextmanager
+def atomic_path(path, suffix=".tmp"):
+    """Yield a temporary path in ``path``'s folder; when the block succeeds it is ``os.replace``d over
+    ``path``, otherwise removed, so a crash never leaves a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` atomically (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def atomic_write_json(path, obj):
@@ -119,15 +128,6 @@ def atomic_write_json(path, obj):
 
 def atomic_write_png(path, array):
     """Write a uint8 array as PNG atomically (a half-written label map must never be left behind)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         if not cv2.imwrite(tmp, array):
             raise OSError(f"cannot write {path}")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -11,10 +11,11 @@ checkpoints hold only tensors and plain values.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
+
+from dataset.files import atomic_path
 
 LAST = "last.pth"
 BEST = "best.pth"
@@ -27,19 +28,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def atomic_save(obj, path: str):
     """torch.save to `path` through a temporary file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 
@@ -65,12 +57,16 @@ def load_model_weights(model: nn.Module, path: str, hint: str = "") -> dict:
     obj = load_checkpoint(path, hint)
     state = model_state_from(obj, path)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    result = unwrap(model).load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    net = unwrap(model)
+    expected = net.state_dict().keys()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    if missing or unexpected:  # checked before loading, so a mismatch leaves the model untouched
         raise ValueError(f"weights in '{path}' do not match the model built from the config: "
-                       f"missing {result.missing_keys[:20]} (of {len(result.missing_keys)}), "
-                       f"unexpected {result.unexpected_keys[:20]} (of {len(result.unexpected_keys)}); "
-                       f"check arch/backbone/svf/shot against the run that wrote it")
+                         f"missing {missing[:20]} (of {len(missing)}), "
+                         f"unexpected {unexpected[:20]} (of {len(unexpected)}); "
+                         f"check arch/backbone/svf/shot against the run that wrote it")
+    net.load_state_dict(state)
     return obj if isinstance(obj, dict) else {}
 
 

@@ -94,6 +94,21 @@ class SVDLayer(nn.Module):
         V, U = self._factors()
         return V.weight.requires_grad or U.weight.requires_grad or self.vector_S.requires_grad
 
+    def _plain_forward(self, x, weight, bias):  # one conv/linear with the given weight
+        raise NotImplementedError
+
+    def _trainable_input(self, x):  # (input, conv geometry or None) for _TrainSingularValues
+        raise NotImplementedError
+
+    def forward(self, x):
+        V, U = self._factors()
+        if not self._needs_factored():
+            return self._plain_forward(x, self._cached_merged_weight(), U.bias)
+        if V.weight.requires_grad or U.weight.requires_grad:  # the factors train too: plain autograd
+            return U(V(x) * self.vector_S)
+        x, conv = self._trainable_input(x)
+        return _TrainSingularValues.apply(x, V.weight, self.vector_S, U.weight, U.bias, conv)
+
     def _cache_key(self):
         V, U = self._factors()
         return tuple((t.data_ptr(), t._version, t.device, t.dtype)
@@ -173,20 +188,18 @@ class _SVDConvNd(SVDLayer):
     def _factors(self):
         return self.conv_V, self.conv_U
 
-    def forward(self, x):
-        V, U = self.conv_V, self.conv_U
-        if not self._needs_factored():
-            # conv_V carries stride, padding (incl. 'same' and padding_mode), dilation and groups.
-            return V._conv_forward(x, self._cached_merged_weight(), U.bias)
-        if V.weight.requires_grad or U.weight.requires_grad:  # the factors train too: plain autograd
-            return U(V(x) * self.vector_S)
+    def _plain_forward(self, x, weight, bias):
+        # conv_V carries stride, padding (incl. 'same' and padding_mode), dilation and groups.
+        return self.conv_V._conv_forward(x, weight, bias)
+
+    def _trainable_input(self, x):
+        V = self.conv_V
         padding = V.padding
         if V.padding_mode != "zeros" or isinstance(padding, str):  # pad here, so the conv's padding is numeric
             mode = "constant" if V.padding_mode == "zeros" else V.padding_mode
             x = F.pad(x, V._reversed_padding_repeated_twice, mode=mode)
             padding = (0,) * len(V.kernel_size)
-        return _TrainSingularValues.apply(x, V.weight, self.vector_S, U.weight, U.bias,
-                                          (V.stride, padding, V.dilation, V.groups))
+        return x, (V.stride, padding, V.dilation, V.groups)
 
     def _new_plain(self):
         V, U = self.conv_V, self.conv_U
@@ -225,13 +238,11 @@ class SVD_Linear(SVDLayer):
     def _factors(self):
         return self.fc_V, self.fc_U
 
-    def forward(self, x):
-        V, U = self.fc_V, self.fc_U
-        if not self._needs_factored():
-            return F.linear(x, self._cached_merged_weight(), U.bias)
-        if V.weight.requires_grad or U.weight.requires_grad:
-            return U(V(x) * self.vector_S)
-        return _TrainSingularValues.apply(x, V.weight, self.vector_S, U.weight, U.bias, None)
+    def _plain_forward(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def _trainable_input(self, x):
+        return x, None
 
     def _new_plain(self):
         V, U = self.fc_V, self.fc_U
