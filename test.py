@@ -124,7 +124,8 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
               "checkpoint_select": "--weights" if args.weights else cfg.checkpoint_select,
               "episodes_per_seed": cfg.test_episodes, "seeds": list(cfg.test_seeds),
               "miou": miou_mean, "miou_std": miou_std, "fbiou": fbiou_mean, "fbiou_std": fbiou_std,
-              "class_iou": class_iou, "per_seed": per_seed, "world_size": dist_info.world_size}
+              "class_iou": class_iou, "per_seed": per_seed, "world_size": dist_info.world_size,
+              "device": dist_info.device.type}
 
     print0(f"\n{cfg.benchmark} fold {cfg.fold} {shot}-shot, {len(cfg.test_seeds)} seed(s) x {cfg.test_episodes} episodes")
     print0("class  IoU %")
