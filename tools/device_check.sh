@@ -7,8 +7,8 @@
 #   4. test.py on that run (AMP);
 #   5. benchmarks/svf_speed.py --paper-size: step time and peak GPU memory of floor / frozen / full /
 #      released-style SVF / ours, and merged inference, on ResNet-50 at batch 8, 473x473.
-# Everything it measures and every log goes to $OUT (default exp/device_check/<time>); data and checkpoints
-# go to a temporary folder. Each step runs even when an earlier one failed; the summary lists them all and
+# What it measures goes to $OUT (default exp/device_check/<time>) in five files: summary.txt, steps.log (every
+# step's output), pytest_cuda.xml, test_1shot.json, svf_speed.json; data and checkpoints go to a temporary folder. Each step runs even when an earlier one failed; the summary lists them all and
 # the exit status is 1 when any failed. Usage: sh tools/device_check.sh     (OUT=folder to choose where)
 set -u
 cd "$(dirname "$0")/.."
@@ -23,25 +23,26 @@ OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/svf_device_check.XXXXXX")
 START=$(date +%s)
 FAILED=0
-: > "$OUT/summary.txt"
+: > "$OUT/summary.txt"; : > "$OUT/steps.log"
 
-step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record status and time
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $WORK/NAME.log, record status and time
     name=$1; limit=$2; shift 2
     t0=$(date +%s)
     echo "=== $name: $*"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
     rc=$?
     dt=$(( $(date +%s) - t0 ))
     if [ $rc -eq 0 ]; then status=ok; else status="FAILED (exit $rc$([ $rc -eq 124 ] && echo ", over ${limit}s"))"; FAILED=1; fi
     printf '%-12s %-28s %4d s\n' "$name" "$status" "$dt" | tee -a "$OUT/summary.txt"
-    [ $rc -eq 0 ] || tail -n 25 "$OUT/$name.log"
+    [ $rc -eq 0 ] || tail -n 25 "$WORK/$name.log"
+    { echo "=== $name ($status, $dt s): $*"; cat "$WORK/$name.log"; echo; } >> "$OUT/steps.log"
 }
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
     $PYTHON -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'torchvision', torchvision.__version__, 'device', torch.cuda.get_device_name())"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} > "$WORK/env.txt" 2>&1
+cat "$WORK/env.txt" | tee -a "$OUT/summary.txt"
 
 DATA=$WORK/data; LISTS=$WORK/lists; STAGE1=$WORK/stage1/best.pth; RUN=$WORK/run
 SET="data_root=$DATA list_dir=$LISTS min_class_pixels=128 workers=4 amp=true base_learner=$STAGE1 pretrained=$STAGE1"
@@ -60,11 +61,11 @@ step svf_speed 240 $PYTHON benchmarks/svf_speed.py --paper-size --json "$OUT/svf
 
 {
     echo
-    echo "device check on $(sed -n 2p "$OUT/env.txt")"
-    echo "pytest -m cuda: $(tail -n 1 "$OUT/pytest_cuda.log")"
-    grep -h "loss" "$OUT/train.log" | tail -n 2
-    grep -h -E "^(mIoU|FB-IoU)" "$OUT/test.log"
-    sed -n '/^training step/,$p' "$OUT/svf_speed.log"
+    echo "device check on $(sed -n 2p "$WORK/env.txt")"
+    echo "pytest -m cuda: $(tail -n 1 "$WORK/pytest_cuda.log")"
+    grep -h "loss" "$WORK/train.log" | tail -n 2
+    grep -h -E "^(mIoU|FB-IoU)" "$WORK/test.log"
+    sed -n '/^training step/,$p' "$WORK/svf_speed.log"
     echo "total $(( $(date +%s) - START )) s; logs and figures in $OUT"
 } | tee -a "$OUT/summary.txt"
 rm -rf "$WORK"
