@@ -9,13 +9,14 @@ Copy this folder into any project. The verbs:
     svf.load_state_dict(resolved_model, torch.load("s.pt", weights_only=True))
     plain = svf.merge(model)                          # back to the original architecture, exactly
 """
+from .attention import SVD_MultiheadAttention
 from .layers import SVD_Conv1d, SVD_Conv2d, SVD_Conv3d, SVD_Linear, SVDLayer
 from .resolver import merge, resolver, weight_fingerprint
 from .tuning import (apply_paper_freezing, freeze_batchnorm, load_state_dict,
                      mark_only_singular_values_as_trainable, singular_value_parameters, state_dict)
 from .utils import count_parameters, print_trainable_parameters
 
-__all__ = ["SVD_Conv1d", "SVD_Conv2d", "SVD_Conv3d", "SVD_Linear", "SVDLayer", "resolver", "merge",
+__all__ = ["SVD_Conv1d", "SVD_Conv2d", "SVD_Conv3d", "SVD_Linear", "SVDLayer", "SVD_MultiheadAttention", "resolver", "merge",
            "weight_fingerprint", "apply_paper_freezing", "freeze_batchnorm", "load_state_dict",
            "mark_only_singular_values_as_trainable", "singular_value_parameters", "state_dict",
            "count_parameters", "print_trainable_parameters"]

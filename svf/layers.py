@@ -106,25 +106,46 @@ class SVDLayer(nn.Module):
             return self._plain_forward(x, self._cached_merged_weight(), U.bias)
         if V.weight.requires_grad or U.weight.requires_grad:  # the factors train too: plain autograd
             return U(V(x) * self.vector_S)
-        x, conv = self._trainable_input(x)
-        return _TrainSingularValues.apply(x, V.weight, self.vector_S, U.weight, U.bias, conv)
+        x_in, conv = self._trainable_input(x)
+        y = _TrainSingularValues.apply(x_in, V.weight, self.vector_S, U.weight, U.bias, conv)
+        # a Linear runs on 2-D input and is reshaped here, outside the Function: a view returned by a custom
+        # Function cannot be modified in place (e.g. by a following ReLU(inplace=True))
+        return y if conv is not None else y.reshape(x.shape[:-1] + y.shape[-1:])
 
     def _cache_key(self):
         V, U = self._factors()
         return tuple((t.data_ptr(), t._version, t.device, t.dtype)
                      for t in (V.weight, U.weight, self.vector_S))
 
+    def _product(self, u, s, v):
+        """``U · diag(S) · Vᵀ`` per group, shaped as the plain layer's weight (differentiable)."""
+        V, _ = self._factors()
+        g = getattr(V, "groups", 1)
+        out_f, r = u.shape[0], v.shape[0]
+        w = torch.bmm(u.reshape(g, out_f // g, r // g) * s.reshape(g, 1, r // g), v.reshape(g, r // g, -1))
+        return w.reshape((out_f,) + tuple(v.shape[1:]))
+
     def merged_weight(self):
         """The weight of the equivalent plain layer, ``U · diag(S) · Vᵀ`` (computed in float64 on CPU/CUDA)."""
         V, U = self._factors()
-        g = getattr(V, "groups", 1)
-        out_f, r = U.weight.shape[0], V.weight.shape[0]
         work = torch.float64 if V.weight.device.type in ("cpu", "cuda") else torch.float32
-        u = U.weight.detach().to(work).reshape(g, out_f // g, r // g)
-        s = self.vector_S.detach().to(work).reshape(g, 1, r // g)
-        v = V.weight.detach().to(work).reshape(g, r // g, -1)
-        w = torch.bmm(u * s, v)
-        return w.reshape((out_f,) + tuple(V.weight.shape[1:])).to(V.weight.dtype)
+        factors = (t.detach().to(work) for t in (U.weight, self.vector_S, V.weight))
+        return self._product(*factors).to(V.weight.dtype)
+
+    # For code that reads a layer's weight instead of calling it (Swin's attention, nn.MultiheadAttention's
+    # out_proj, a fused kernel): the plain layer's weight and bias, so the same function is computed. When a
+    # factor needs a gradient the product is built from the factors, so gradients reach S (and U, V if they
+    # train); otherwise it is the cached merged weight (treat it as read-only).
+    @property
+    def weight(self):
+        if not self._needs_factored():
+            return self._cached_merged_weight()
+        V, U = self._factors()
+        return self._product(U.weight, self.vector_S, V.weight)
+
+    @property
+    def bias(self):
+        return self._factors()[1].bias
 
     def _cached_merged_weight(self):
         key = self._cache_key()
@@ -242,7 +263,7 @@ class SVD_Linear(SVDLayer):
         return F.linear(x, weight, bias)
 
     def _trainable_input(self, x):
-        return x, None
+        return x.reshape(-1, x.shape[-1]), None
 
     def _new_plain(self):
         V, U = self.fc_V, self.fc_U

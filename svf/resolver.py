@@ -10,6 +10,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .attention import SVD_MultiheadAttention
 from .layers import SVD_Conv1d, SVD_Conv2d, SVD_Conv3d, SVD_Linear, SVDLayer
 
 __all__ = ["resolver", "merge", "weight_fingerprint"]
@@ -35,6 +36,8 @@ def _unsupported_reason(module):
         return "lazy module (run a forward pass first)"
     if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and _base_class(module) is None:
         return f"{type(module).__name__} overrides forward"
+    if isinstance(module, nn.MultiheadAttention) and type(module) is not nn.MultiheadAttention:
+        return f"{type(module).__name__} subclasses nn.MultiheadAttention (its projection is not converted)"
     return None
 
 
@@ -101,6 +104,24 @@ def _decompose(module, base, ratio):
     return layer
 
 
+class _Projection:
+    """A bare projection weight (nn.MultiheadAttention's) seen as a bias-free nn.Linear by ``_decompose``."""
+
+    def __init__(self, weight, training):
+        self.weight, self.bias, self.training = weight, None, training
+        self.out_features, self.in_features = weight.shape
+
+
+def _resolved(module, base, ratio):
+    """The SVD layer of ``module`` (an instance of ``base`` or of a subclass keeping its forward)."""
+    layer = _decompose(module, base, ratio)
+    if type(module) is not base and isinstance(module, nn.Module):  # remember the subclass so merge() rebuilds it
+        layer._svf_template = (copy.deepcopy(module).to("meta"),)
+    layer.base_fingerprint = weight_fingerprint(module.weight, module.bias)
+    layer.train(module.training)
+    return layer
+
+
 def _check_ratio(ratio, what):
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ValueError(f"{what} must be a number in (0, 1], got {ratio!r}")
@@ -131,9 +152,10 @@ def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_la
       layers are not affected).
     Handled exactly: nn.Conv1d/2d/3d (any kernel, stride, dilation, padding incl. 'same', padding_mode,
     bias, groups: grouped/depthwise convs are factored per group) and nn.Linear, and subclasses that
-    keep their forward. Anything else that looks like one (transposed convs, subclasses with their own
-    forward, Linear layers whose weight nn.MultiheadAttention or
-    nn.Transformer*Layer read directly) is left untouched and listed in a warning.
+    keep their forward; nn.MultiheadAttention's q/k/v projection (see ``SVD_MultiheadAttention``). Code
+    that reads a converted layer's ``weight``/``bias`` instead of calling it gets the merged ones. Anything
+    else that looks like one (transposed convs, subclasses with their own forward, subclasses of
+    nn.MultiheadAttention) is left untouched and listed in a warning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"svf.resolver expects a torch.nn.Module, got {type(model).__name__}")
@@ -148,18 +170,18 @@ def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_la
     _unknown_names(list(custom), known, "customized_layers_low_rank_ratio")
 
     new = copy.deepcopy(model)
-    # torch's attention/transformer modules read their Linear children's .weight directly
-    readers = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-    read_directly = {id(c): type(m).__name__ for m in new.modules() if isinstance(m, readers) for c in m.children()}
     converted, left = [], []
     for name, module in list(new.named_modules()):
         if any(name == e or name.startswith(e + ".") for e in excluded_layers) or isinstance(module, SVDLayer):
             continue
         reason = _unsupported_reason(module)
-        if reason is None and id(module) in read_directly and _base_class(module) is not None:
-            reason = f"its weight is read directly by nn.{read_directly[id(module)]}"
         if reason is not None:
             left.append(f"{name or '<root>'} ({reason})")
+            continue
+        ratio = custom.get(name, global_low_rank_ratio)
+        if type(module) is nn.MultiheadAttention:  # its q/k/v projection is a bare Parameter
+            SVD_MultiheadAttention.convert(module, lambda w: _resolved(_Projection(w, module.training), nn.Linear, ratio))
+            converted.append(name)
             continue
         base = _base_class(module)
         if base is None:
@@ -169,11 +191,7 @@ def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_la
                 continue
             if skip_3x3 and all(k == 3 for k in module.kernel_size):
                 continue
-        layer = _decompose(module, base, custom.get(name, global_low_rank_ratio))
-        if type(module) is not base:  # remember the subclass so merge() rebuilds it
-            layer._svf_template = (copy.deepcopy(module).to("meta"),)
-        layer.base_fingerprint = weight_fingerprint(module.weight, module.bias)
-        layer.train(module.training)
+        layer = _resolved(module, base, ratio)
         if name == "":
             return layer
         _set_submodule(new, name, layer)
@@ -195,7 +213,12 @@ def merge(model):
     if isinstance(model, SVDLayer):
         return model.to_plain()
     new = copy.deepcopy(model)
+    for module in list(new.modules()):  # first the projections held inside attention modules
+        if isinstance(module, SVD_MultiheadAttention):
+            module.to_plain()
     for name, module in list(new.named_modules()):
         if isinstance(module, SVDLayer):
+            if name == "":
+                return module.to_plain()
             _set_submodule(new, name, module.to_plain())
     return new

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import svf
@@ -236,14 +237,75 @@ def test_unsupported_layers_are_left_and_listed_subclasses_round_trip():
         assert rel_err(merged(x), net(x)) <= 1e-5
 
 
-def test_multihead_attention_out_proj_is_left_alone():
-    net = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), nn.Linear(16, 3)).eval()
-    with pytest.warns(UserWarning, match="0.self_attn.out_proj .*MultiheadAttention.*0.linear1 .*TransformerEncoderLayer"):
-        out = svf.resolver(net)
-    assert isinstance(out[1], svf.SVD_Linear)
+@pytest.mark.parametrize("training", [False, True])
+def test_transformer_layer_fully_converted_trains_and_merges(training):
+    """nn.MultiheadAttention reads its projections' weights directly (and eval mode takes torch's fused
+    fast path): every Linear, the packed q/k/v projection included, becomes SVD, exact, and S trains."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), nn.Linear(16, 3))
+    net.train(training)
+    out = svf.resolver(net)
+    attn = out[0].self_attn
+    assert type(attn) is svf.SVD_MultiheadAttention and isinstance(attn.in_proj, svf.SVD_Linear)
+    assert attn.in_proj.rank == 16 and "in_proj_weight" not in dict(attn.named_parameters(recurse=False))
+    assert all(isinstance(m, svf.SVD_Linear) for m in (attn.out_proj, out[0].linear1, out[0].linear2, out[1]))
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         assert rel_err(out(x), net(x)) <= 1e-5
+    svf.mark_only_singular_values_as_trainable(out)
+    opt = torch.optim.SGD([p for p in out.parameters() if p.requires_grad], lr=0.05)
+    out(x).square().sum().backward()
+    assert {n for n, p in out.named_parameters() if p.grad is not None} == {
+        n for n, p in out.named_parameters() if "vector_S" in n}
+    assert attn.in_proj.vector_S.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        trained = out(x)
+    assert rel_err(trained, net(x)) > 1e-4
+    merged = svf.merge(out)
+    assert type(merged[0].self_attn) is nn.MultiheadAttention
+    assert merged.state_dict().keys() == net.state_dict().keys()
+    with torch.no_grad():
+        assert rel_err(merged(x), trained) <= 1e-5
+    restored = svf.resolver(net)
+    svf.load_state_dict(restored, svf.state_dict(out))
+    with torch.no_grad():
+        assert rel_err(restored(x), trained) <= 1e-5
+
+
+def test_attention_with_separate_key_value_sizes_and_subclasses():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, 3, kdim=5, vdim=7, batch_first=True).eval()
+    out = svf.resolver(mha)
+    assert {n for n, _ in out.named_children()} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    q, k, v = torch.randn(2, 4, 12), torch.randn(2, 6, 5), torch.randn(2, 6, 7)
+    with torch.no_grad():
+        assert rel_err(out(q, k, v)[0], mha(q, k, v)[0]) <= 1e-5
+        merged = svf.merge(out)
+        assert type(merged) is nn.MultiheadAttention and merged.state_dict().keys() == mha.state_dict().keys()
+        assert rel_err(merged(q, k, v)[0], mha(q, k, v)[0]) <= 1e-5
+
+    class MyAttention(nn.MultiheadAttention):
+        pass
+
+    with pytest.warns(UserWarning, match="attn .*MyAttention subclasses nn.MultiheadAttention"):
+        out = svf.resolver(nn.ModuleDict({"attn": MyAttention(8, 2), "fc": nn.Linear(8, 2)}))
+    assert type(out["attn"]) is MyAttention and isinstance(out["attn"].out_proj, svf.SVD_Linear)
+
+
+def test_code_reading_weight_and_bias_gets_the_merged_ones_with_gradients():
+    """Swin's attention calls F.linear(x, self.qkv.weight, self.qkv.bias) instead of self.qkv(x)."""
+    torch.manual_seed(0)
+    fc = nn.Linear(6, 4)
+    layer = svf.resolver(nn.Sequential(fc))[0]
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert rel_err(F.linear(x, layer.weight, layer.bias), fc(x)) <= 1e-6
+    layer.requires_grad_(False)
+    layer.vector_S.requires_grad_(True)
+    F.linear(x, layer.weight, layer.bias).sum().backward()
+    expected = torch.autograd.grad(layer(x).sum(), layer.vector_S)[0]
+    assert torch.allclose(layer.vector_S.grad, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad,err,match", [
