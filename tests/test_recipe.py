@@ -1,5 +1,9 @@
 """The released recipe as our default (config/pascal_*, config/coco_*): LR schedule and groups for SVF on
 and off, stage 1, the test protocol's seeds, and the `nosvf` block of the config."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +13,8 @@ from engine.config import ConfigKeyError, load_config
 from engine.optim import build_sgd, scheduled_lr, set_lr
 from model import param_groups
 from train import stage1_config, sync_trained_batchnorm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class TinyFSS(nn.Module):
@@ -112,3 +118,28 @@ def test_sync_bn_replaces_only_trained_batchnorm():
     assert sync_trained_batchnorm(net) == 1
     assert isinstance(net[1], nn.SyncBatchNorm) and net[1].weight is weight  # the optimizer's tensors stay
     assert net[2][0] is frozen
+
+
+def test_mid_epoch_validation_and_early_stop(tmp_path):
+    """train.py: validation halfway through every epoch but the first, and the stop after
+    early_stop_epochs epochs without a better validation mIoU (base_lr 0 keeps the mIoU flat)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
+    data, lists = str(tmp_path / "data"), str(tmp_path / "lists")
+    subprocess.run([sys.executable, "-m", "dataset.synthetic", "--out", data, "--num-train", "96",
+                    "--num-val", "40", "--size", "48"], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "dataset.make_lists", "pascal", "--data-root", data, "--list-dir", lists,
+                    "--min-class-pixels", "16", "--workers", "0"], cwd=ROOT, env=env, check=True, capture_output=True)
+    exp = str(tmp_path / "exp")
+    args = ["--config", "config/demo_split0.yaml", f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16",
+            "train_size=32", "test_size=40", "workers=0", "reduce_dim=16", "pretrained=null", "svf=false",
+            "epochs=6", "batch_size=16", "base_lr=0", "lr_schedule=constant", "val_episodes=3", "val_mid_epoch=true",
+            "early_stop_epochs=2", f"exp_dir={exp}"]
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = [line.split(" | ")[0].split(" loss")[0] for line in out.stdout.splitlines() if line.startswith("epoch ")]
+    assert lines == ["epoch 1/6", "epoch 1.5/6", "epoch 2/6", "epoch 2.5/6", "epoch 3/6"]
+    assert "early stop: no better validation mIoU in the 2 epochs since epoch 1" in out.stdout
+    assert "lr_schedule constant" in out.stdout
+    last = torch.load(os.path.join(exp, "last.pth"), map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["best_epoch"]) == (3, 1)
