@@ -86,12 +86,17 @@ def stage1_config(cfg: Config) -> Config:
                        exp_dir=os.path.dirname(cfg.base_learner) or ".")
 
 
+def trained_batchnorm(net: torch.nn.Module) -> list:
+    """(parent module, child name) of every BatchNorm whose parameters train."""
+    return [(parent, name) for parent in net.modules() for name, child in parent.named_children()
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm)
+            and any(p.requires_grad for p in child.parameters(recurse=False))]
+
+
 def sync_trained_batchnorm(net: torch.nn.Module) -> int:
     """Replace every BatchNorm whose parameters train by a SyncBatchNorm (statistics over all processes,
     as BAM's stage 1); frozen ones (eval mode, hooks) stay as they are. Returns how many were replaced."""
-    targets = [(parent, name) for parent in net.modules() for name, child in parent.named_children()
-               if isinstance(child, torch.nn.modules.batchnorm._BatchNorm)
-               and any(p.requires_grad for p in child.parameters(recurse=False))]
+    targets = trained_batchnorm(net)
     for parent, name in targets:
         setattr(parent, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(parent, name)))
     return len(targets)
@@ -155,7 +160,7 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         class_ids = dataset.novel_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
 
     net = models.build_model(cfg).to(device)
-    if cfg.sync_bn and world > 1:
+    if cfg.sync_bn and world > 1 and trained_batchnorm(net):
         if device.type == "cuda":
             print0(f"sync_bn: {sync_trained_batchnorm(net)} trained BatchNorm layer(s) synchronised over {world} processes")
         else:

@@ -89,7 +89,7 @@ FIELDS: dict[str, Field] = {
     "base_lr": _f("float", 0.015, "learning rate of lr_mult=1 groups at step 0 (see lr_schedule)"),
     "head_lr_mult": _f("float", 1.0, "LR multiplier of the heads (meta-learner); BAM's recipe: 10"),
     "nosvf": _f("mapping", {}, "keys that replace the file's values when svf is false, e.g. BAM's own recipe "
-                "{lr_schedule: poly, base_lr: 0.005, head_lr_mult: 10.0} in config/pascal_*; {} = none"),
+                "{lr_schedule: poly, base_lr: 0.005, head_lr_mult: 10.0} in config/pascal_* and coco_*; {} = none"),
     "momentum": _f("float", 0.9, "SGD momentum"),
     "weight_decay": _f("float", 1e-4, "SGD weight decay (groups may override)"),
     "power": _f("float", 0.9, "poly LR decay power (lr_schedule: poly)"),

@@ -18,7 +18,9 @@ import math
 
 import torch
 
-LR_SCHEDULES = ("constant", "poly", "cosine")
+from engine.config import FIELDS
+
+LR_SCHEDULES = FIELDS["lr_schedule"].choices  # constant, poly, cosine
 
 
 def scheduled_lr(schedule: str, base_lr: float, step: int, total_steps: int, power: float = 0.9) -> float:
