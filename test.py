@@ -102,7 +102,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         on_episode = None
         if i == 0 and args.vis > 0:
             vis_dir = os.path.join(os.path.dirname(args.out) if args.out else cfg.exp_dir, f"vis_{shot}shot")
-            on_episode = make_visualiser(vis_dir, args.vis)
+            on_episode = make_visualiser(vis_dir, args.vis, cfg.test_resize_smaller)
         t0 = time.time()
         metric = evaluate_episodes(net, episodes, class_ids, dist_info, cfg.workers, amp,
                                    progress=True, on_episode=on_episode)
@@ -141,11 +141,11 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     return result
 
 
-def make_visualiser(vis_dir: str, count: int):
+def make_visualiser(vis_dir: str, count: int, resize_smaller: bool = True):
     """on_episode callback writing figures of the first `count` episodes (by episode index)."""
     import cv2
     import numpy as np
-    from dataset.transforms import denormalize
+    from dataset.transforms import denormalize, resized_test_shape
 
     os.makedirs(vis_dir, exist_ok=True)
     height = 240
@@ -174,7 +174,7 @@ def make_visualiser(vis_dir: str, count: int):
         h0, w0 = label.shape
         square = denormalize(batch["query_img"][0])
         s = square.shape[0]
-        hs, ws = round(h0 * s / max(h0, w0)), round(w0 * s / max(h0, w0))  # top-left content of the square
+        hs, ws = resized_test_shape(h0, w0, s, resize_smaller)  # top-left content of the square
         query = cv2.resize(square[:hs, :ws], (w0, h0), interpolation=cv2.INTER_LINEAR)
         panels = [panel(overlay(denormalize(img), m.numpy(), colours["support"]), f"support {k + 1}")
                   for k, (img, m) in enumerate(zip(batch["support_imgs"][0], batch["support_masks"][0]))]

@@ -5,10 +5,12 @@
     python train.py --config config/pascal_split0.yaml --stage1   (writes cfg.base_learner's folder)
 
 One process per GPU (NCCL) or CPU processes (gloo) under torchrun; `batch_size` is the total over
-all processes. SGD with the poly schedule of engine/optim.py and the explicit per-group LR
-multipliers of `model.param_groups`. After every `val_every` epochs the model is validated on
-`val_episodes` episodes of the fold's novel classes (sharded over ranks, buffers all-reduced) and
-`last.pth` is written; `best.pth` keeps the epoch with the highest validation mIoU. Because that
+all processes. SGD with the `lr_schedule` of engine/optim.py and the explicit per-group LR
+multipliers of `model.param_groups`. After every `val_every` epochs (and, with `val_mid_epoch`,
+halfway through every epoch but the first, as the released code does on COCO) the model is validated
+on `val_episodes` episodes of the fold's novel classes (sharded over ranks, buffers all-reduced) and
+`last.pth` is written; `best.pth` keeps the highest validation mIoU, and training stops after
+`early_stop_epochs` epochs without a better one (the released code's stop_interval). Because that
 validation uses the test fold (as PFENet, BAM and SVF do), `checkpoint_select: last` is offered for
 a selection that never looks at the test classes; the log states which rule applies.
 
@@ -39,7 +41,7 @@ from engine.config import Config, dump_config, load_config, split_overrides
 from engine.distributed import (DistInfo, all_reduce_sum_, cleanup_distributed, derive_seed,
                                 init_distributed, loader_generator, print0, seed_everything, worker_init_fn)
 from engine.loop import autocast, evaluate_episodes, evaluate_semantic
-from engine.optim import build_sgd, describe_groups, poly_lr, set_lr
+from engine.optim import build_sgd, describe_groups, scheduled_lr, set_lr
 from engine.preflight import check_base_learner, check_data, check_pretrained
 
 
@@ -71,13 +73,33 @@ class EpochSampler(Sampler):
 
 
 def stage1_config(cfg: Config) -> Config:
-    """The PSPNet base-learner run of a config: stage1_* settings, written beside cfg.base_learner."""
+    """The PSPNet base-learner run of a config: stage1_* settings, written beside cfg.base_learner.
+
+    As BAM's train_base.py: poly decay, the heads at stage1_base_lr and the backbone at
+    backbone_lr_mult of it, validation at the crop size (its val_size = train_h) and only at epoch ends."""
     if not cfg.base_learner:
         raise ValueError("--stage1 needs base_learner (where the stage-1 checkpoint goes) in the config")
     return cfg.replace(arch="pspnet", svf=False, pretrained=cfg.stage1_pretrained, epochs=cfg.stage1_epochs, batch_size=cfg.stage1_batch_size,
-                       base_lr=cfg.stage1_base_lr, train_size=cfg.stage1_train_size,
-                       scale_min=cfg.stage1_scale_min, scale_max=cfg.stage1_scale_max,
+                       base_lr=cfg.stage1_base_lr, lr_schedule="poly", head_lr_mult=1.0,
+                       train_size=cfg.stage1_train_size, test_size=cfg.stage1_train_size,
+                       scale_min=cfg.stage1_scale_min, scale_max=cfg.stage1_scale_max, val_mid_epoch=False,
                        exp_dir=os.path.dirname(cfg.base_learner) or ".")
+
+
+def trained_batchnorm(net: torch.nn.Module) -> list:
+    """(parent module, child name) of every BatchNorm whose parameters train."""
+    return [(parent, name) for parent in net.modules() for name, child in parent.named_children()
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm)
+            and any(p.requires_grad for p in child.parameters(recurse=False))]
+
+
+def sync_trained_batchnorm(net: torch.nn.Module) -> int:
+    """Replace every BatchNorm whose parameters train by a SyncBatchNorm (statistics over all processes,
+    as BAM's stage 1); frozen ones (eval mode, hooks) stay as they are. Returns how many were replaced."""
+    targets = trained_batchnorm(net)
+    for parent, name in targets:
+        setattr(parent, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(parent, name)))
+    return len(targets)
 
 
 def parse_args(argv=None):
@@ -138,6 +160,12 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         class_ids = dataset.novel_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
 
     net = models.build_model(cfg).to(device)
+    if cfg.sync_bn and world > 1 and trained_batchnorm(net):
+        if device.type == "cuda":
+            print0(f"sync_bn: {sync_trained_batchnorm(net)} trained BatchNorm layer(s) synchronised over {world} processes")
+        else:
+            print0("note: sync_bn applies to GPUs only (PyTorch's SyncBatchNorm); this CPU run keeps per-process "
+                   "BatchNorm statistics")
     optimizer = build_sgd(models.param_groups(net, cfg), cfg.base_lr, cfg.momentum, cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -177,8 +205,9 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         print0(f"{'stage-1 PSPNet' if stage1 else cfg.arch} | backbone {cfg.backbone} | svf {cfg.svf} | "
                f"fold {cfg.fold} | shot {cfg.shot} | {world} process(es) on {device.type} | "
                f"{len(train_set)} training items, {iters_per_epoch} steps/epoch x {cfg.epochs} epochs")
-        print0("optimizer: SGD momentum {} | base_lr {} | poly power {}\n{}".format(
-            cfg.momentum, cfg.base_lr, cfg.power, describe_groups(optimizer)))
+        print0("optimizer: SGD momentum {} | base_lr {} | lr_schedule {}{}\n{}".format(
+            cfg.momentum, cfg.base_lr, cfg.lr_schedule, f" (power {cfg.power})" if cfg.lr_schedule == "poly" else "",
+            describe_groups(optimizer)))
         if stage1:
             print0("checkpoint rule: best.pth = highest base-class mIoU on the val images (no novel class involved)")
         elif cfg.checkpoint_select == "best":
@@ -201,39 +230,56 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         raise KeyboardInterrupt
     previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
 
+    def validate(epochs_done) -> str:
+        """Validate, keep best.pth; epochs_done is an int at an epoch's end, x.5 halfway through one."""
+        nonlocal best_miou, best_epoch
+        if stage1:
+            metric = evaluate_semantic(net, val_set, cfg.num_base_classes, dist_info, cfg.workers, use_amp)
+            miou, fbiou = metric.miou(), float("nan")
+        else:
+            metric = evaluate_episodes(net, val_set, class_ids, dist_info, cfg.workers, use_amp)
+            miou, fbiou = metric.miou(), metric.fbiou()
+        text = f" | val mIoU {100 * miou:.2f}" + ("" if stage1 else f" FB-IoU {100 * fbiou:.2f}")
+        if writer:
+            tag = "" if isinstance(epochs_done, int) else "_mid_epoch"
+            writer.add_scalar("val/miou" + tag, miou, math.ceil(epochs_done))
+            if not stage1:
+                writer.add_scalar("val/fbiou" + tag, fbiou, math.ceil(epochs_done))
+        if miou > best_miou:
+            best_miou, best_epoch = miou, epochs_done
+            if dist_info.is_main:
+                atomic_save({"model": unwrap(net).state_dict(), "epoch": epochs_done, "miou": miou,
+                             "fbiou": fbiou, "config": cfg.to_dict()}, best_path)
+            text += " (best)"
+        return text
+
+    # the released code validates after iteration round(n/2) (0-based) of every epoch but the first
+    mid_epoch_step = round(iters_per_epoch / 2) if cfg.val_mid_epoch and iters_per_epoch > 1 else None
+
     try:
         for epoch in range(start_epoch, cfg.epochs):
             skip = start_iter if epoch == start_epoch else 0
             t0 = time.time()
+            mid_validate = None
+            if mid_epoch_step is not None and epoch > 0:
+                mid_validate = (mid_epoch_step, lambda: print0(f"epoch {epoch + 0.5}/{cfg.epochs}" + validate(epoch + 0.5)))
             mean_loss = train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, epoch, skip,
-                                        iters_per_epoch, total_steps, use_amp, writer, progress, stage1)
+                                        iters_per_epoch, total_steps, use_amp, writer, progress, stage1, mid_validate)
             progress.update(epoch=epoch, iteration=iters_per_epoch)
             line = f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} ({time.time() - t0:.0f}s)"
             validate_now = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
             if validate_now:
-                if stage1:
-                    metric = evaluate_semantic(net, val_set, cfg.num_base_classes, dist_info, cfg.workers, use_amp)
-                    miou, fbiou = metric.miou(), float("nan")
-                else:
-                    metric = evaluate_episodes(net, val_set, class_ids, dist_info, cfg.workers, use_amp)
-                    miou, fbiou = metric.miou(), metric.fbiou()
-                line += f" | val mIoU {100 * miou:.2f}" + ("" if stage1 else f" FB-IoU {100 * fbiou:.2f}")
-                if writer:
-                    writer.add_scalar("val/miou", miou, epoch + 1)
-                    if not stage1:
-                        writer.add_scalar("val/fbiou", fbiou, epoch + 1)
-                if miou > best_miou:
-                    best_miou, best_epoch = miou, epoch + 1
-                    if dist_info.is_main:
-                        atomic_save({"model": unwrap(net).state_dict(), "epoch": epoch + 1, "miou": miou,
-                                     "fbiou": fbiou, "config": cfg.to_dict()}, best_path)
-                    line += " (best)"
+                line += validate(epoch + 1)
             progress.update(epoch=epoch + 1, iteration=0)
             if dist_info.is_main:
                 atomic_save(checkpoint_state(), last_path)
                 writer.add_scalar("train/epoch_loss", mean_loss, epoch + 1)
                 writer.flush()
             print0(line)
+            if cfg.early_stop_epochs and epoch + 1 - math.ceil(best_epoch) >= cfg.early_stop_epochs:
+                print0(f"early stop: no better validation mIoU in the {epoch + 1 - math.ceil(best_epoch)} epochs since "
+                       f"epoch {best_epoch} (early_stop_epochs={cfg.early_stop_epochs})")
+                break
             if args.stop_after and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < cfg.epochs:
                 print0(f"stopping after {args.stop_after} epoch(s) as asked (--stop-after); continue with --resume")
                 return 0
@@ -260,8 +306,9 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
 
 
 def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, epoch, skip, iters_per_epoch,
-                    total_steps, use_amp, writer, progress, stage1) -> float:
-    """One pass over this rank's batches (from batch `skip` on); returns the mean loss over ranks."""
+                    total_steps, use_amp, writer, progress, stage1, mid_validate=None) -> float:
+    """One pass over this rank's batches (from batch `skip` on); returns the mean loss over ranks.
+    mid_validate = (iteration, function): call the function after that iteration (0-based)."""
     device = dist_info.device
     sampler.set_epoch(epoch, skip)
     train_set.set_epoch(epoch)
@@ -277,7 +324,7 @@ def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, 
     loss_sum, count = 0.0, 0
     for it, batch in enumerate(loader, start=skip):
         step = epoch * iters_per_epoch + it
-        lr = poly_lr(cfg.base_lr, step, total_steps, cfg.power)
+        lr = scheduled_lr(cfg.lr_schedule, cfg.base_lr, step, total_steps, cfg.power)
         set_lr(optimizer, lr)
         torch.manual_seed(derive_seed(cfg.seed, epoch, it, dist_info.rank))
         with autocast(device, use_amp):
@@ -307,6 +354,8 @@ def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, 
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+        if mid_validate is not None and it == mid_validate[0]:
+            mid_validate[1]()
     if bar:
         bar.close()
     return loss_sum / max(count, 1)

@@ -1,16 +1,19 @@
 """Few-shot episodes (training and test) and the base-class segmentation dataset of stage 1.
 
-The episode sampler lives here and only here:
-- training: item ``index`` is the query image ``lists.images[index]``; its class is drawn among the
-  base classes that count in it, and K distinct supports of that class are drawn among the other
-  images of the class (never the query). All randomness (class, supports, augmentation) comes from
-  a numpy Generator seeded with (seed, epoch, index): the index is global (a DistributedSampler
-  hands each rank different indices), so an item does not depend on the rank, the number of
-  data-loader workers, or which worker loads it.
-- test: the whole episode list is drawn up front from one seed (queries follow seeded
-  permutations of the image list, so every image is a query once before any repeats), hence it
-  is identical for any number of workers or ranks; ``shard_indices`` splits it across ranks.
+The episode sampler lives here and only here. As in BAM (and PFENet), an image serves as a query or
+support of a class only if the class covers ``min_class_pixels`` in it (``lists.class_images``), but
+the episode's class is drawn uniformly among the fold's classes with ANY pixel in the query
+(``classes_of_images``); K distinct supports of that class are then drawn among its other images.
+- training: item ``index`` is the query image ``lists.images[index]``. All randomness (class,
+  supports, augmentation) comes from a numpy Generator seeded with (seed, epoch, index): the index
+  is global (a DistributedSampler hands each rank different indices), so an item does not depend
+  on the rank, the number of data-loader workers, or which worker loads it.
+- test (BAM's test.py): episode k has the query ``lists.images[k % N]``, the list in order and
+  again from its start when it runs out; class and supports of all episodes are drawn up front
+  from one seed, hence the list is identical for any number of workers or ranks;
+  ``shard_indices`` splits it across ranks.
 Masks are binarised: the episode's class -> 1, every other class -> 0, 255 stays 255.
+The stage-1 dataset (``BaseClassSegmentation``) is BAM's train_base data: every image of the list.
 """
 from dataclasses import dataclass
 
@@ -49,13 +52,10 @@ def shard_indices(num_items, rank, world_size):
     return list(range(rank, num_items, world_size))
 
 
-def classes_of_images(lists):
-    """{image index: [classes that count in it]} for the images of a FoldLists."""
-    by_image = {i: [] for i in lists.images}
-    for c in lists.classes:
-        for i in lists.class_images[c]:
-            by_image[i].append(c)
-    return by_image
+def classes_of_images(lists, pixel_counts):
+    """{image index: [classes of ``lists`` with at least one pixel in it]} for the images of a FoldLists;
+    ``pixel_counts[i]`` is {class: pixels} of image i (``dataset.lists.class_pixel_counts``)."""
+    return {i: [c for c in lists.classes if pixel_counts[i].get(c, 0) > 0] for i in lists.images}
 
 
 def check_enough_images(lists, shot, role):
@@ -80,17 +80,15 @@ def sample_supports(lists, class_id, query, shot, rng):
     return tuple(candidates[int(k)] for k in picked)
 
 
-def make_test_episodes(lists, shot, num_episodes, seed):
-    """The fixed list of ``num_episodes`` test episodes drawn from ``seed``."""
+def make_test_episodes(lists, shot, num_episodes, seed, image_classes):
+    """The fixed list of ``num_episodes`` test episodes drawn from ``seed``: queries in list order,
+    cycling (BAM's test.py); ``image_classes`` as returned by ``classes_of_images``."""
     check_enough_images(lists, shot, "novel")
     rng = np.random.default_rng(int(seed))
-    by_image = classes_of_images(lists)
-    episodes, order = [], []
-    for _ in range(num_episodes):
-        if not order:
-            order = [lists.images[int(k)] for k in rng.permutation(len(lists.images))][::-1]
-        query = order.pop()
-        present = by_image[query]
+    episodes = []
+    for k in range(num_episodes):
+        query = lists.images[k % len(lists.images)]
+        present = image_classes[query]
         class_id = present[int(rng.integers(len(present)))]
         episodes.append(Episode(query, sample_supports(lists, class_id, query, shot, rng), class_id))
     return episodes
@@ -121,11 +119,11 @@ class _ListDataset(Dataset):
 class TrainEpisodes(_ListDataset):
     """Training episodes over the base classes; call ``set_epoch`` every epoch."""
 
-    def __init__(self, lists, shot, transform, num_classes, seed):
+    def __init__(self, lists, shot, transform, num_classes, seed, image_classes):
         super().__init__(lists, num_classes)
         check_enough_images(lists, shot, "base")
         self.shot, self.transform, self.seed = shot, transform, seed
-        self.image_classes = classes_of_images(lists)
+        self.image_classes = image_classes  # as returned by classes_of_images
 
     def __len__(self):
         return len(self.lists.images)
@@ -177,7 +175,7 @@ class TestEpisodes(_ListDataset):
 
 
 class BaseClassSegmentation(_ListDataset):
-    """Images with base classes for the stage-1 PSPNet: base classes -> 1..n_base, others -> 0.
+    """``lists.images`` for the stage-1 PSPNet: base classes -> 1..n_base, novel classes and background -> 0.
 
     ``seed`` given: training (random transform from (seed, epoch, index), call set_epoch);
     None: validation (deterministic test transform).

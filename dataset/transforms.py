@@ -9,10 +9,14 @@ horizontal flip with p=0.5; crop to size×size
 (padding the image with the mean and the mask with 255 when smaller, retrying up to 30 crops to keep
 at least 85% of the foreground, else the crop that kept most); ImageNet normalisation on 0..255.
 
-Test: the long side is resized to ``size`` keeping the aspect ratio, and the result is placed at
-the TOP-LEFT of a size×size canvas (image padded with the mean, mask with 255). The evaluation
-compares upsampled logits with the original-resolution label padded the same way:
-``pad_label_to_square`` is that one rule.
+Test (BAM's test transform, the protocol of the published tables): the long side is resized to
+``size`` (the short side scaled by the same ratio and truncated), then both sides are rounded down
+to a multiple of 8 (``resized_test_shape``); the result sits at the TOP-LEFT of a size×size canvas,
+the image padded with zeros before normalisation and the mask with 255 (nearest-neighbour resize
+with OpenCV's INTER_NEAREST, as BAM). The released configs resize smaller images up too
+(``resized_val: True``); ``resize_smaller=False`` keeps them at their size (BAM's test_Resize).
+The evaluation compares the logits, upsampled to L×L (L = the label's long side), with the
+original-resolution label padded with 255 to L×L: ``pad_label_to_square`` is that rule.
 """
 from dataclasses import dataclass
 
@@ -104,27 +108,38 @@ class TrainTransform:
 
 @dataclass
 class TestTransform:
-    """Long side resized to ``size``, padded to size×size at the top-left; -> (3,S,S), (S,S) long."""
+    """BAM's test transform (``resized_test_shape``), padded to size×size at the top-left; -> (3,S,S), (S,S) long."""
     __test__ = False  # a transform, not a pytest test class
     size: int
+    resize_smaller: bool = True
 
     def __call__(self, image, label):
         h, w = label.shape
-        new_h, new_w = resized_shape(h, w, self.size)
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST_EXACT)
-        image = cv2.copyMakeBorder(image, 0, self.size - new_h, 0, self.size - new_w,
-                                   cv2.BORDER_CONSTANT, value=_MEAN_BORDER)
+        new_h, new_w = resized_test_shape(h, w, self.size, self.resize_smaller)
+        if (new_h, new_w) != (h, w):
+            image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+            label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+        image = cv2.copyMakeBorder(image, 0, self.size - new_h, 0, self.size - new_w, cv2.BORDER_CONSTANT, value=0)
         label = cv2.copyMakeBorder(label, 0, self.size - new_h, 0, self.size - new_w,
                                    cv2.BORDER_CONSTANT, value=IGNORE_LABEL)
         return to_tensors(image, label)
 
 
-def resized_shape(h, w, size):
-    """(h, w) with the long side equal to ``size`` and the aspect ratio kept (at least 1 pixel)."""
+def resized_test_shape(h, w, size, resize_smaller=True):
+    """BAM's test size of an h×w image: the long side -> ``size``, the short side -> int(short × size / long),
+    both rounded down to a multiple of 8; with ``resize_smaller=False`` an image that already fits
+    (long side <= size) keeps its own size, unrounded (BAM's test_Resize)."""
+    if not resize_smaller and max(h, w) <= size:
+        return h, w
     if h >= w:
-        return size, max(1, int(round(w * size / h)))
-    return max(1, int(round(h * size / w))), size
+        new_h, new_w = size, int(w * (size / h))
+    else:
+        new_h, new_w = int(h * (size / w)), size
+    new_h, new_w = new_h // 8 * 8, new_w // 8 * 8
+    if new_h == 0 or new_w == 0:
+        raise ValueError(f"a {h}x{w} image becomes empty at test_size {size} (sides are rounded down to a "
+                         "multiple of 8): raise test_size")
+    return new_h, new_w
 
 
 def pad_label_to_square(label):

@@ -10,6 +10,11 @@ String values may refer to other keys with `{key}`: `exp_dir: exp/{benchmark}/sp
 is filled in after the overrides, so `shot=5` or `svf=false` on the command line writes to its own
 folder. `{svf_tag}` is `svf` or `nosvf`.
 
+`nosvf` is a mapping of keys that replace the file's values when the run has `svf: false`: the
+released SVF code trains with SVF on at a constant LR, while its baselines (BAM's own recipe) use
+poly decay with a ×10 on the heads, so one config file states both recipes. Order of precedence:
+defaults <- file <- the file's `nosvf` block (only with svf false) <- command line.
+
     cfg = load_config("config/pascal_split0.yaml", ["shot=5"])
     cfg.fold, cfg.exp_dir
 
@@ -18,6 +23,7 @@ folder. `{svf_tag}` is `svf` or `nosvf`.
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import os
 import sys
@@ -30,7 +36,7 @@ import yaml
 
 @dataclass(frozen=True)
 class Field:
-    type: str                 # int | float | bool | str | int_list | float_list
+    type: str                 # int | float | bool | str | int_list | float_list | mapping
     default: Any
     help: str
     choices: Optional[tuple] = None
@@ -66,7 +72,7 @@ FIELDS: dict[str, Field] = {
                      optional=True),
     "svf": _f("bool", True, "singular value fine-tuning of backbone layer2-4"),
     "svf_lr_mult": _f("float", 0.1, "LR multiplier of the singular values relative to base_lr"),
-    "svf_weight_decay": _f("bool", False, "apply weight decay to the singular values"),
+    "svf_weight_decay": _f("bool", True, "apply weight decay to the singular values (the released SVF code does)"),
     "backbone_lr_mult": _f("float", 0.1, "LR multiplier of a fully trained backbone (stage-1 PSPNet; BAM: heads x10)"),
     "aux_loss_weight": _f("float", 1.0, "weight of the auxiliary losses (PFENet aux_weight, BAM aux_weight1)"),
     "reduce_dim": _f("int", 256, "channels of the meta-learner features"),
@@ -77,12 +83,22 @@ FIELDS: dict[str, Field] = {
     # --- optimisation
     "epochs": _f("int", 200, "training epochs"),
     "batch_size": _f("int", 8, "episodes per step, total over all processes"),
-    "base_lr": _f("float", 0.005, "learning rate of lr_mult=1 groups before poly decay"),
+    "lr_schedule": _f("str", "constant", "LR over the run: constant (the released SVF code, whose cosine scheduler "
+                      "is rebuilt every step) | poly (1-t/T)^power (BAM, PFENet) | cosine (the SVF paper's text)",
+                      ("constant", "poly", "cosine")),
+    "base_lr": _f("float", 0.015, "learning rate of lr_mult=1 groups at step 0 (see lr_schedule)"),
+    "head_lr_mult": _f("float", 1.0, "LR multiplier of the heads (meta-learner); BAM's recipe: 10"),
+    "nosvf": _f("mapping", {}, "keys that replace the file's values when svf is false, e.g. BAM's own recipe "
+                "{lr_schedule: poly, base_lr: 0.005, head_lr_mult: 10.0} in config/pascal_* and coco_*; {} = none"),
     "momentum": _f("float", 0.9, "SGD momentum"),
     "weight_decay": _f("float", 1e-4, "SGD weight decay (groups may override)"),
-    "power": _f("float", 0.9, "poly LR decay power"),
+    "power": _f("float", 0.9, "poly LR decay power (lr_schedule: poly)"),
     "amp": _f("bool", False, "mixed precision (GPU only)"),
     "deterministic": _f("bool", False, "torch.use_deterministic_algorithms (bit-exact resume on CPU)"),
+    "sync_bn": _f("bool", True, "SyncBatchNorm for the BatchNorm layers that train (stage 1), with more than one "
+                  "process on GPUs"),
+    "early_stop_epochs": _f("int", 75, "stop after this many epochs without a better validation mIoU; "
+                            "null = never", optional=True),
     # --- stage 1 (PSPNet base learner, `train.py --stage1`; BAM's *_base.yaml settings)
     "stage1_epochs": _f("int", 100, "stage-1 training epochs"),
     "stage1_batch_size": _f("int", 12, "stage-1 images per step, total"),
@@ -94,9 +110,14 @@ FIELDS: dict[str, Field] = {
     "stage1_scale_max": _f("float", 2.0, "stage-1 random scale, high"),
     # --- evaluation
     "test_episodes": _f("int", 1000, "test episodes per seed"),
-    "test_seeds": _f("int_list", [321, 322, 323, 324, 325], "one precomputed episode list per seed"),
+    "test_seeds": _f("int_list", [510, 365, 382, 322, 988], "one precomputed episode list per seed (BAM's "
+                     "test.py: numpy.random.seed(123); numpy.random.randint(0, 1000, 5))"),
+    "test_resize_smaller": _f("bool", True, "test images whose long side is below test_size are resized up too "
+                              "(BAM's Resize, resized_val: True); false = kept at their size (BAM's test_Resize)"),
     "val_episodes": _f("int", 1000, "validation episodes after each epoch (seed = `seed`)"),
     "val_every": _f("int", 1, "validate every N epochs (and always after the last)"),
+    "val_mid_epoch": _f("bool", False, "also validate halfway through every epoch but the first (the released "
+                        "code does when epochs <= 100: COCO)"),
     "checkpoint_select": _f("str", "best", "weights test.py evaluates: best = highest validation mIoU "
                             "(validation runs on the test fold, as in the papers) | last = final epoch",
                             ("best", "last")),
@@ -180,6 +201,17 @@ def check_value(key: str, value: Any, source: str) -> Any:
         if not all(item_ok(v) for v in value):
             raise bad("a list of " + ("integers" if t == "int_list" else "numbers"))
         value = [int(v) if t == "int_list" else float(v) for v in value]
+    elif t == "mapping":
+        if not isinstance(value, dict):
+            raise bad("a mapping like {base_lr: 0.005}")
+        inner = {}
+        for k, v in value.items():
+            if k not in FIELDS:
+                raise ConfigKeyError(f"{where}: unknown config key '{k}'; {closest_key(str(k))}")
+            if k == "svf" or FIELDS[k].type == "mapping":
+                raise ValueError(f"{where}: '{k}' cannot be set inside it")
+            inner[k] = check_value(k, v, f"{source}, {key}")
+        value = inner
     else:  # pragma: no cover - schema error
         raise TypeError(f"schema type {t} of {key}")
     if field.choices is not None and value not in field.choices:
@@ -222,7 +254,7 @@ def _format_templates(values: dict) -> dict:
 
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- command-line overrides, all checked; templates filled last."""
-    values = {key: field.default for key, field in FIELDS.items()}
+    values = {key: copy.deepcopy(field.default) for key, field in FIELDS.items()}
     if path is not None:
         if not os.path.isfile(path):
             folder = os.path.dirname(path) or "."
@@ -237,9 +269,14 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
             if key not in FIELDS:
                 raise ConfigKeyError(f"unknown config key '{key}' in {path}; {closest_key(str(key))}")
             values[key] = check_value(key, value, path)
+    command_line = []
     for text in overrides:
         key, value = parse_override(text)
-        values[key] = check_value(key, value, "command line")
+        command_line.append((key, check_value(key, value, "command line")))
+    final = dict(values, **dict(command_line))
+    if not final["svf"]:
+        values.update(final["nosvf"])  # svf false: the file's nosvf block, then the command line again
+    values.update(command_line)
     return Config(**_format_templates(values))
 
 

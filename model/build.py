@@ -127,7 +127,8 @@ def build_model(cfg):
 def param_groups(model, cfg):
     """Optimizer parameter groups, each with ``name``, explicit ``lr_mult`` and ``weight_decay`` (the engine
     sets lr = base_lr * lr_mult; nothing else scales the LR):
-    - ``heads``: every trainable parameter outside the backbone, lr_mult 1.0, weight decay cfg.weight_decay;
+    - ``heads``: every trainable parameter outside the backbone, lr_mult cfg.head_lr_mult (BAM's recipe: 10),
+      weight decay cfg.weight_decay;
     - ``singular_values`` (SVF on): the backbone's trainable ``vector_S``, lr_mult cfg.svf_lr_mult,
       weight decay cfg.weight_decay only if cfg.svf_weight_decay;
     - ``backbone`` (pspnet without SVF): lr_mult cfg.backbone_lr_mult, weight decay cfg.weight_decay.
@@ -137,7 +138,8 @@ def param_groups(model, cfg):
     in_backbone = {id(p) for p in model.backbone.parameters()}
     heads = [p for p in model.parameters() if p.requires_grad and id(p) not in in_backbone]
     backbone = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
-    groups = [{"name": "heads", "params": heads, "lr_mult": 1.0, "weight_decay": weight_decay}]
+    groups = [{"name": "heads", "params": heads, "lr_mult": float(cfg_value(cfg, "head_lr_mult")),
+               "weight_decay": weight_decay}]
     if cfg_value(cfg, "svf"):
         other = [n for n, _ in backbone if "vector_S" not in n]
         if other:

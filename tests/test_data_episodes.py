@@ -67,12 +67,12 @@ def test_test_episode_contents(synthetic):
     cfg = make_cfg(synthetic, fold=2)
     dataset = build_test_dataset(cfg, seed=0, num_episodes=70, shot=3)
     lists = dataset.lists
-    queries = [ep.query for ep in dataset.episodes]
-    assert sorted(queries[:len(lists.images)]) == sorted(lists.images)  # every image a query before repeats
+    assert len(lists.images) < 70  # the list runs out and starts again (BAM's test.py)
+    assert [ep.query for ep in dataset.episodes] == [lists.images[k % len(lists.images)] for k in range(70)]
     for ep in dataset.episodes:
         assert ep.class_id in novel_classes("pascal", 2)
         assert len(set(ep.supports)) == 3 and ep.query not in ep.supports
-        assert all(i in lists.class_images[ep.class_id] for i in (ep.query,) + ep.supports)
+        assert all(i in lists.class_images[ep.class_id] for i in ep.supports)
     item = dataset[3]
     ep = dataset.episodes[3]
     image_path, label_path = lists.pairs[ep.query]
@@ -84,6 +84,28 @@ def test_test_episode_contents(synthetic):
     assert torch.equal(item["query_mask"], mask)
     assert set(item["support_masks"].unique().tolist()) <= {0, 1, 255}
     assert item["class_id"] == ep.class_id and item["episode"] == 3
+
+
+def test_test_protocol_is_bams(synthetic):
+    """1,000 episodes per seed, queries in list order, the class drawn among the query's novel classes
+    with ANY pixel (the >= min_class_pixels rule only picks the queries and supports)."""
+    cfg = make_cfg(synthetic, fold=0)
+    pairs = []
+    for seed in (510, 365, 382, 322, 988):
+        dataset = build_test_dataset(cfg, seed=seed, num_episodes=1000)
+        images = dataset.lists.images
+        assert len(dataset) == 1000
+        assert [ep.query for ep in dataset.episodes] == [images[k % len(images)] for k in range(1000)]
+        pairs += [(ep.query, ep.class_id) for ep in dataset.episodes]
+    pixels = {}
+    for query, class_id in set(pairs):
+        label = cv2.imread(dataset.lists.pairs[query][1], cv2.IMREAD_UNCHANGED)
+        pixels[query, class_id] = int((label == class_id).sum())
+        present = {c for c in novel_classes("pascal", 0) if (label == c).any()}
+        # every novel class present in the query gets drawn, whatever its size
+        assert {c for q, c in set(pairs) if q == query} == present
+    assert min(pixels.values()) > 0
+    assert min(pixels.values()) < cfg.min_class_pixels  # a class below the threshold was drawn
 
 
 @pytest.mark.parametrize("filter_novel", [True, False])
@@ -139,21 +161,36 @@ def test_set_epoch_reaches_persistent_workers(synthetic):
         assert torch.equal(batch["query_img"], expected), epoch
 
 
-def test_base_dataset_remaps_classes(synthetic):
+def test_base_dataset_is_bams_train_base(synthetic):
+    """Stage 1: every image of the list (no † filter, no pixel threshold), novel classes -> background."""
     cfg = make_cfg(synthetic, fold=0)
     val = build_base_dataset(cfg, "val")
     lut = np.zeros(256, np.int64)
     lut[6:21] = np.arange(1, 16)  # fold 0 base classes 6..20 -> 1..15; novel 1..5 -> 0
     lut[255] = 255
+    assert val.lists.images == list(range(len(val.lists.pairs))) == list(range(100))
     for index in range(len(val)):
         item = val[index]
         label = cv2.imread(val.lists.pairs[val.lists.images[index]][1], cv2.IMREAD_UNCHANGED)
         _, expected = TestTransform(48)(np.zeros(label.shape + (3,), np.float32), lut[label].astype(np.uint8))
         assert torch.equal(item["label"], expected) and item["img"].shape == (3, 48, 48)
     train = build_base_dataset(cfg, "train")
+    assert train.lists.images == list(range(160))  # every training image, † or not
+    assert len(build_base_dataset(make_cfg(synthetic, fold=0, filter_novel=False), "train")) == 160
+    novel = set(novel_classes("pascal", 0))
+    with_novel = [i for i in train.lists.images
+                  if novel & set(np.unique(cv2.imread(train.lists.pairs[i][1], cv2.IMREAD_UNCHANGED)).tolist())]
+    assert with_novel
+    from dataset.episodes import item_rng
+    train.set_epoch(3)
+    for index in with_novel[:5]:
+        image, label = train._load(index)
+        expected_label = lut[label].astype(np.uint8)  # the novel pixels at 0
+        assert (expected_label[np.isin(label, list(novel))] == 0).all()
+        _, expected = train.transform(image, expected_label, item_rng(cfg.seed, 3, index))
+        assert torch.equal(train[index]["label"], expected)
     labels = torch.stack([train[i]["label"] for i in range(len(train))])
     assert labels.shape[1:] == (40, 40) and set(labels.unique().tolist()) <= set(range(16)) | {255}
-    assert len(train) < len(build_base_dataset(make_cfg(synthetic, fold=0, filter_novel=False), "train"))
 
 
 def test_bad_inputs_of_the_datasets(synthetic, tmp_path):

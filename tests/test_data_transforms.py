@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dataset.transforms import (IMAGENET_MEAN, TestTransform, TrainTransform, denormalize, pad_label_to_square,
-                                resized_shape)
+                                resized_test_shape)
 
 COLOURS = np.array([[20, 200, 40], [230, 30, 30], [30, 30, 230], [240, 240, 20], [200, 20, 220]], np.float32)
 
@@ -97,17 +97,29 @@ def test_crop_keeps_the_foreground():
         assert int((mask == 1).sum()) >= 0.85 * 400
 
 
-def test_test_transform_resizes_long_side_and_pads_top_left():
+def test_test_transform_is_bams():
+    # BAM's rule by hand: long side -> S, short side int(short * S / long), both floored to a multiple of 8
+    assert resized_test_shape(375, 500, 473) == (352, 472)    # int(354.75) = 354 -> 352; 473 -> 472
+    assert resized_test_shape(500, 333, 473) == (472, 312)    # int(315.018) = 315 -> 312
+    assert resized_test_shape(480, 640, 641) == (480, 640)    # COCO: int(480.75) = 480; 641 -> 640
+    assert resized_test_shape(100, 50, 473) == (472, 232)     # smaller images go up: int(236.5) -> 232
+    assert resized_test_shape(100, 50, 473, resize_smaller=False) == (100, 50)   # test_Resize: kept, unrounded
+    assert resized_test_shape(600, 50, 473, resize_smaller=False) == (472, 32)   # larger: int(39.41) -> 32
+    with pytest.raises(ValueError, match="3x40 image becomes empty at test_size 48"):
+        resized_test_shape(3, 40, 48)
     rng = np.random.default_rng(0)
     image, label = colour_coded_pair(60, 30, 12, rng)
     img, mask = TestTransform(48)(image, label)
-    assert resized_shape(60, 30, 48) == (48, 24)
     assert img.shape == (3, 48, 48) and mask.shape == (48, 48)
     assert (mask[:, 24:] == 255).all() and (mask[:, :24] != 255).all()
-    assert np.abs(denormalize(img)[:, 24:] - IMAGENET_MEAN).max() < 1e-3
+    assert np.abs(denormalize(img)[:, 24:]).max() < 1e-3   # zero-padded before normalisation
     check_aligned(img[:, :, :24], mask[:, :24], 1, 0.3)
-    expected = cv2.resize(label, (24, 48), interpolation=cv2.INTER_NEAREST_EXACT)  # pixel-centre aligned
+    expected = cv2.resize(label, (24, 48), interpolation=cv2.INTER_NEAREST)  # BAM's nearest resize
     assert np.array_equal(mask[:, :24].numpy(), expected)
+    image, label = colour_coded_pair(35, 45, 12, rng)
+    img, mask = TestTransform(48, resize_smaller=False)(image, label)   # fits: content at its own size
+    assert np.array_equal(mask[:35, :45].numpy(), label) and (mask[35:] == 255).all() and (mask[:, 45:] == 255).all()
+    assert np.allclose(denormalize(img)[:35, :45], image, atol=1e-3)
 
 
 def test_pad_label_to_square():

@@ -84,7 +84,7 @@ def test_paper_settings_in_configs():
     assert (pascal.arch, pascal.backbone, pascal.svf, pascal.filter_novel) == ("baseline", "resnet50", True, True)
     assert (pascal.train_size, pascal.epochs, pascal.batch_size, pascal.seed) == (473, 200, 8, 321)
     assert (pascal.momentum, pascal.weight_decay, pascal.power) == (0.9, 1e-4, 0.9)
-    assert (coco.train_size, coco.epochs, coco.test_episodes, coco.num_base_classes) == (641, 50, 4000, 61)
+    assert (coco.train_size, coco.epochs, coco.test_episodes, coco.num_base_classes) == (641, 50, 1000, 61)
     assert pascal.test_episodes == 1000 and len(pascal.test_seeds) == 5
 
 

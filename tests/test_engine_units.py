@@ -1,4 +1,4 @@
-"""Engine pieces: poly LR and optimiser groups, atomic checkpoints, seeds, sharding, the resumable
+"""Engine pieces: LR schedules and optimiser groups, atomic checkpoints, seeds, sharding, the resumable
 sampler, and the summary table."""
 import json
 import os
@@ -8,15 +8,24 @@ import torch
 
 from engine.checkpoint import atomic_save, load_checkpoint, load_model_weights
 from engine.distributed import DistInfo, derive_seed
-from engine.optim import build_sgd, poly_lr, set_lr
+from engine.optim import build_sgd, scheduled_lr, set_lr
 
 
-def test_poly_lr_values():
-    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
-    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5 ** 0.9)
-    assert poly_lr(0.01, 100, 100, 0.9) == 0.0
-    with pytest.raises(ValueError):
-        poly_lr(0.01, 0, 0, 0.9)
+def test_lr_schedule_values_by_hand():
+    for step in (0, 1, 37, 99, 100):
+        assert scheduled_lr("constant", 0.01, step, 100) == 0.01
+    assert scheduled_lr("poly", 0.01, 0, 100, 0.9) == 0.01
+    assert scheduled_lr("poly", 0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5 ** 0.9)   # 0.0053589
+    assert scheduled_lr("poly", 0.01, 75, 100, 0.9) == pytest.approx(0.0028717458874925875)  # 0.01 * 0.25 ** 0.9
+    assert scheduled_lr("poly", 0.01, 100, 100, 0.9) == 0.0
+    assert scheduled_lr("cosine", 0.01, 0, 100) == 0.01
+    assert scheduled_lr("cosine", 0.01, 25, 100) == pytest.approx(0.01 * (0.5 + 0.5 * 0.7071067811865476))
+    assert scheduled_lr("cosine", 0.01, 50, 100) == pytest.approx(0.005)
+    assert scheduled_lr("cosine", 0.01, 100, 100) == pytest.approx(0.0, abs=1e-18)
+    with pytest.raises(ValueError, match="total_steps"):
+        scheduled_lr("poly", 0.01, 0, 0, 0.9)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        scheduled_lr("step", 0.01, 0, 100)
 
 
 def test_sgd_groups_use_explicit_multipliers_only():
