@@ -67,7 +67,7 @@ FIELDS: dict[str, Field] = {
     # --- model
     "arch": _f("str", "baseline", "model", ("baseline", "pfenet", "bam", "pspnet")),
     "backbone": _f("str", "resnet50", "backbone",
-                   ("resnet50", "resnet101", "resnet18_deep", "vgg16_bn", "resnet50_tv")),
+                   ("resnet50", "resnet101", "resnet18_deep", "vgg16_bn", "resnet50_tv", "swin_t", "swin_s", "swin_b")),
     "pretrained": _f("str", None, "ImageNet (or stage-1) backbone weights file; null = random init",
                      optional=True),
     "svf": _f("bool", True, "singular value fine-tuning of backbone layer2-4"),

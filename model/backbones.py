@@ -6,6 +6,7 @@
   conversion: every block of the stage, the first included), so the output stride is 8.
 - ``resnet18_deep``: the same deep stem and dilation with BasicBlocks [2, 2, 2, 2]; small, for the demo and tests.
 - ``resnet50_tv``: torchvision's ResNet-50 (7x7 stem: ``layer0`` = conv1, bn1, relu, maxpool), dilated the same way.
+- ``swin_t`` / ``swin_s`` / ``swin_b``: torchvision's Swin Transformers, stages as in ``model/swin.py``; output stride 32.
 - ``vgg16_bn``: torchvision's VGG16-bn ``features`` split into stages as PFENet/BAM do (indices 0-6, 7-13,
   14-23, 24-33, 34-42; the last max-pool dropped) with ceil-mode max-pools as in their vgg.py; output stride 16.
 
@@ -71,7 +72,10 @@ class Bottleneck(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Stages ``layer0..layer4`` run in sequence; ``channels[stage]`` and ``output_stride`` describe them."""
+    """Stages ``layer0..layer4`` run in sequence; ``channels[stage]`` and ``output_stride`` describe them.
+    ``channels_last``: the stages work on (N, H, W, C) (Swin); the outputs are (N, C, H, W) all the same."""
+
+    channels_last = False
 
     def __init__(self, name, stages, channels, output_stride):
         super().__init__()
@@ -89,7 +93,11 @@ class Backbone(nn.Module):
         for stage in STAGES:
             module = getattr(self, stage)
             if stage == "layer4" and layer4_mask is not None:
-                x = x * F.interpolate(layer4_mask, size=x.shape[-2:], mode="bilinear", align_corners=True)
+                if self.channels_last:
+                    mask = F.interpolate(layer4_mask, size=x.shape[1:3], mode="bilinear", align_corners=True)
+                    x = x * mask.permute(0, 2, 3, 1)
+                else:
+                    x = x * F.interpolate(layer4_mask, size=x.shape[-2:], mode="bilinear", align_corners=True)
             # a stage with nothing to train after nothing that trains needs no autograd; a frozen stage after a
             # trained one must still pass gradients back
             if x.requires_grad or any(p.requires_grad for p in module.parameters()):
@@ -97,7 +105,7 @@ class Backbone(nn.Module):
             else:
                 with torch.no_grad():
                     x = module(x)
-            feats.append(x)
+            feats.append(x.permute(0, 3, 1, 2) if self.channels_last else x)
         return feats
 
 
@@ -174,7 +182,13 @@ BACKBONES = {
     "resnet18_deep": lambda: _resnet("resnet18_deep", BasicBlock, (2, 2, 2, 2), deep_stem=True),
     "resnet50_tv": lambda: _resnet("resnet50_tv", Bottleneck, (3, 4, 6, 3), deep_stem=False),
     "vgg16_bn": lambda: _vgg16_bn("vgg16_bn"),
+    "swin_t": lambda: _swin("swin_t"), "swin_s": lambda: _swin("swin_s"), "swin_b": lambda: _swin("swin_b"),
 }
+
+
+def _swin(name):
+    from .swin import swin_backbone  # imports torchvision, which the ResNet/VGG backbones do not need
+    return swin_backbone(name)
 
 
 def build_backbone(name):

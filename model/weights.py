@@ -6,7 +6,8 @@ Accepted files (all read with ``torch.load(..., weights_only=True)``):
   ``layer1..layer4``, ``fc``) and torchvision ResNet state dicts (``conv1 bn1``, ``layer1..4``, ``fc``):
   the stem keys move under ``layer0.``; the ImageNet classifier ``fc.*`` is dropped.
 - torchvision VGG16-bn state dicts (``features.N``, ``classifier``): ``features.N`` moves to its stage
-  (PFENet's split); ``classifier.*`` is dropped.
+  (PFENet's split); ``classifier.*`` is dropped. torchvision Swin state dicts the same way (``model/swin.py``'s
+  split); ``norm.*`` and ``head.*`` (the classifier) are dropped.
 - this project's checkpoints: a raw state dict, or a dict with a ``model`` / ``state_dict`` entry (what the
   engine saves); for a backbone only the ``backbone.*`` part is used (e.g. a stage-1 PSPNet checkpoint).
 
@@ -24,7 +25,8 @@ __all__ = ["load_backbone_weights", "read_state_dict", "load_state_dict_strict",
 WEIGHTS_HELP = ("Where backbone weights come from: resnet50_v2.pth / resnet101_v2.pth (deep-stem ResNets) are "
                 "PSPNet/PFENet's released ImageNet weights (the 'initmodel' folder linked from PFENet's README); "
                 "vgg16_bn.pth is torchvision's vgg16_bn (VGG16_BN_Weights.IMAGENET1K_V1); resnet50_tv takes "
-                "torchvision's resnet50 weights (ResNet50_Weights.IMAGENET1K_V1) from torchvision's model zoo. "
+                "torchvision's resnet50 weights (ResNet50_Weights.IMAGENET1K_V1) and swin_t/s/b torchvision's "
+                "Swin_T/S/B_Weights.IMAGENET1K_V1 files, from torchvision's model zoo. "
                 "Put the file at the path given by `pretrained` in the config, or set `pretrained: null` "
                 "for random initialisation (tests and demos only).")
 
@@ -78,24 +80,26 @@ def load_state_dict_strict(module, state, path, what="weights"):
     return module
 
 
-def _to_backbone_keys(state):
-    """Rename a file's keys to the backbone's own names; classifier keys are dropped."""
+def _to_backbone_keys(state, backbone):
+    """Rename a file's keys to ``backbone``'s own names; classifier keys are dropped."""
+    split = getattr(backbone, "features_split", _VGG_SPLIT)  # torchvision features.N -> its stage
+    classifier = getattr(backbone, "classifier_prefixes", _CLASSIFIER_PREFIXES)
     if any(k.startswith("backbone.") for k in state):  # this project's model checkpoint: take its backbone
         return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if any(k.startswith("layer0.") for k in state):  # a backbone state dict saved by this project
         return dict(state)
     out = {}
     for k, v in state.items():
-        if k.startswith(_CLASSIFIER_PREFIXES):
+        if k.startswith(classifier):
             continue
-        if k.startswith("features."):  # torchvision VGG: features.N -> layerS.(N - start of stage S)
+        if k.startswith("features."):  # torchvision VGG/Swin: features.N -> layerS.(N - start of stage S)
             idx, rest = k[len("features."):].split(".", 1)
             idx = int(idx)
-            stage = next((s for s in range(5) if _VGG_SPLIT[s] <= idx < _VGG_SPLIT[s + 1]), None)
+            stage = next((s for s in range(5) if split[s] <= idx < split[s + 1]), None)
             if stage is None:
                 out[k] = v  # outside the stages: reported as unexpected
             else:
-                out[f"layer{stage}.{idx - _VGG_SPLIT[stage]}.{rest}"] = v
+                out[f"layer{stage}.{idx - split[stage]}.{rest}"] = v
         elif k.startswith(_STEM_KEYS):  # ResNet stem (deep or 7x7) lives in layer0
             out["layer0." + k] = v
         else:
@@ -107,4 +111,4 @@ def load_backbone_weights(backbone, path):
     """Load ImageNet (or stage-1) weights from ``path`` into ``backbone`` (a plain, not yet SVF-converted,
     ``model.backbones.Backbone``), strictly. Returns the backbone."""
     state = read_state_dict(path, what="backbone weights")
-    return load_state_dict_strict(backbone, _to_backbone_keys(state), path, what="backbone weights")
+    return load_state_dict_strict(backbone, _to_backbone_keys(state, backbone), path, what="backbone weights")
