@@ -12,13 +12,7 @@ from torchvision import models as tvm
 from torchvision.models import convnext, efficientnet, maxvit, regnet, resnet, swin_transformer, vision_transformer
 
 from test_model_helpers import single_thread  # noqa: F401  (autouse fixture)
-from tools.svf_zoo import check
-
-def _random_head(vit):
-    """torchvision zero-initialises ViT's head, which makes the output constant: no gradient would reach S."""
-    torch.nn.init.normal_(vit.heads.head.weight, std=0.1)
-    return vit
-
+from tools.svf_zoo import check, random_head
 
 SMALL = {  # family: (builder, input side)
     "resnet": (partial(resnet.ResNet, resnet.BasicBlock, [1, 1, 1, 1], num_classes=10), 32),
@@ -42,7 +36,7 @@ SMALL = {  # family: (builder, input side)
     "convnext": (lambda: convnext.ConvNeXt([convnext.CNBlockConfig(8, 16, 1), convnext.CNBlockConfig(16, None, 1)],
                                            num_classes=10), 32),
     "maxvit": (lambda: maxvit.MaxVit((32, 32), 8, 2, [16], [1], 8, 0.0, num_classes=10), 32),
-    "vit": (lambda: _random_head(vision_transformer.VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=10)), 32),
+    "vit": (lambda: random_head(vision_transformer.VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=10)), 32),
     "swin": (lambda: swin_transformer.SwinTransformer([4, 4], 8, [1, 1], [2, 2], [2, 2], num_classes=10), 32),
     "swin_v2": (lambda: swin_transformer.SwinTransformer(
         [4, 4], 8, [1, 1], [2, 2], [2, 2], num_classes=10, block=swin_transformer.SwinTransformerBlockV2,

@@ -31,11 +31,20 @@ ZOO = {
     "wide_resnet50_2": ({}, 64), "regnet_x_400mf": ({}, 64), "regnet_y_400mf": ({}, 64),
     "efficientnet_b0": ({}, 64), "efficientnet_v2_s": ({}, 64), "mobilenet_v2": ({}, 64),
     "mobilenet_v3_small": ({}, 64), "mnasnet0_5": ({}, 64), "shufflenet_v2_x0_5": ({}, 64),
-    "squeezenet1_1": ({}, 64), "densenet121": ({}, 64), "googlenet": ({"aux_logits": False, "init_weights": False}, 64),
-    "inception_v3": ({"aux_logits": False, "init_weights": False}, 96), "convnext_tiny": ({}, 64),
+    "squeezenet1_1": ({}, 64), "densenet121": ({}, 64), "googlenet": ({"aux_logits": False, "init_weights": True}, 64),
+    "inception_v3": ({"aux_logits": False, "init_weights": True}, 160), "convnext_tiny": ({}, 64),
     "maxvit_t": ({}, 224), "alexnet": ({}, 64), "vgg16_bn": ({}, 64), "swin_t": ({}, 64), "swin_v2_t": ({}, 64),
     "vit_b_16": ({}, 224),
 }
+
+
+def random_head(model):
+    """torchvision zero-initialises ViT's classifier, which makes a random model's output constant (no gradient
+    reaches anything below it): give it random values, as trained weights would."""
+    head = getattr(getattr(model, "heads", None), "head", None)
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=0.02)
+    return model
 
 
 def rel(a, b):
@@ -95,7 +104,7 @@ def main():
     for name in args.models:
         kwargs, side = ZOO[name]
         torch.manual_seed(0)
-        model = getattr(tvm, name)(weights=None, **kwargs)
+        model = random_head(getattr(tvm, name)(weights=None, **kwargs))
         r = check(model, torch.randn(1, 3, side, side))
         results[name] = r
         grads = f"{r['S_nonzero_grad']}/{r['S_tensors']}" + ("" if r["grads_only_on_S"] else " !")
