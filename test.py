@@ -150,7 +150,7 @@ def load_weights(net, path: str, hint: str) -> dict:
     state = released_state(obj)
     if state is None or detect_format(state) is None:
         return load_model_weights(net, path, hint)
-    fmt, report = load_released(net, obj, path)
+    _, report = load_released(net, obj, path)
     for line in report:
         print0(line)
     return obj

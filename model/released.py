@@ -29,7 +29,6 @@ Any other key is an error that lists it; the result is loaded with strict key an
 import re
 
 import torch
-import torch.nn as nn
 
 import svf
 
@@ -169,10 +168,11 @@ def _convert_backbone(state, model, src, dst, report):
     if any(k.endswith("conv_V.weight") for k in own) and not svd_layers:
         raise ValueError(f"the file's {src or ''}backbone has plain convolutions (no SVF factors) but this model "
                          f"was built with svf=true: build it with svf=false")
+    line = f"layer0{src}-layer4{src} -> {dst.rstrip('.')}: {len(out)} tensors (layer0.<i> -> the stem's names)"
     if svd_layers:
-        report.append(f"{dst.rstrip('.')}: {len(svd_layers)} SVD layers folded into U·diag(S)·Vᵀ and resolved again "
-                      f"by svf.resolver" + (f"; truncated by the released code: {', '.join(truncated)}"
-                                            if truncated else ""))
+        line += (f", {len(svd_layers)} SVD layers folded into U·diag(S)·Vᵀ and resolved again by svf.resolver"
+                 + (f"; truncated by the released code: {', '.join(truncated)}" if truncated else ""))
+    report.append(line)
     return out
 
 
@@ -249,7 +249,7 @@ def convert_released(obj, model, path="<file>"):
         base = _convert_backbone(state, model, "p", "base_backbone.", report)
         out.update(base)
         out["base_shared_stages"] = torch.tensor(_shared_stages(model, out))
-        report.append(f"base_backbone: layer0p-4p (the stage-1 backbone, read by the base learner); base path "
+        report.append("base learner reads base_backbone (the stage-1 backbone); it "
                       + ("reuses the SVF backbone's layer0/1 output (identical stages)" if int(out["base_shared_stages"]) == 2
                          else "runs its own layer0/1 (the SVF stem was truncated)"))
     elif getattr(model, "base_backbone", None) is not None:

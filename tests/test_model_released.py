@@ -451,3 +451,69 @@ def test_unmapped_key_wrong_arch_and_wrong_svf_are_clear_errors():
         convert_released(released_baseline(svf_on=True), build_model(_cfg(arch="baseline")), "x.pth")
     with pytest.raises(ValueError, match="not a checkpoint of the released"):
         convert_released({"state_dict": {"backbone.layer0.conv1.weight": torch.zeros(1)}}, bam, "ours.pth")
+
+
+# --------------------------------------------------------------------------- test.py and the converter tool
+_TO_RELEASED = [(r"backbone\.layer0\.conv1\.", "layer0.0."), (r"backbone\.layer0\.bn1\.", "layer0.1."),
+                (r"backbone\.layer0\.conv2\.", "layer0.3."), (r"backbone\.layer0\.bn2\.", "layer0.4."),
+                (r"backbone\.layer0\.conv3\.", "layer0.6."), (r"backbone\.layer0\.bn3\.", "layer0.7."),
+                (r"backbone\.", ""), (r"base_learner\.ppm\.", "learner_base.0."),
+                (r"base_learner\.cls\.", "learner_base.1."), (r"meta\.init_merge\.", "init_merge."),
+                (r"meta\.aspp\.", "ASPP_meta."), (r"meta\.res1\.", "res1_meta."), (r"meta\.res2\.0\.0\.", "res2_meta.0."),
+                (r"meta\.res2\.1\.0\.", "res2_meta.2."), (r"meta\.cls\.", "cls_meta.")]
+
+
+def _as_bam_release(state):
+    """A BAM state dict of this project under BAM's own released key names (written out for the tiny backbone)."""
+    import re
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in _TO_RELEASED:
+            if re.match(pattern, key):
+                key = re.sub("^" + pattern, repl, key)
+                break
+        out["module." + key] = value
+    return out
+
+
+def test_test_py_and_convert_tool_read_a_released_file(tmp_path, capsys):
+    """test.py --weights takes a released file (BAM's own layout here) and says what it found; the converter
+    tool writes our format, which build_model + load_state_dict(strict=True) accepts and which test.py scores
+    identically."""
+    import importlib.util
+    import json
+    import os
+
+    import test as test_script
+    from dataset import make_lists, synthetic
+    from engine.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data, lists = str(tmp_path / "data"), str(tmp_path / "lists")
+    synthetic.main(["--out", data, "--num-train", "24", "--num-val", "40", "--size", "48"])
+    make_lists.main(["pascal", "--data-root", data, "--list-dir", lists, "--min-class-pixels", "16", "--workers", "0"])
+    overrides = [f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16", "test_size=40", "workers=0",
+                 "arch=bam", "svf=false", "reduce_dim=16", "pretrained=null", "base_learner=null",
+                 "test_episodes=6", "test_seeds=[1]", f"exp_dir={tmp_path / 'exp'}"]
+    config = os.path.join(root, "config", "demo_split0.yaml")
+    torch.manual_seed(0)
+    model = build_model(load_config(config, overrides))
+    released = tmp_path / "train_epoch_3.pth"
+    torch.save({"epoch": 3, "state_dict": _as_bam_release(model.state_dict()), "optimizer": {}}, released)
+
+    capsys.readouterr()
+    first = test_script.main(["--config", config, *overrides, "--weights", str(released),
+                              "--out", str(tmp_path / "a.json")])
+    assert "BAM's own few-shot checkpoint" in capsys.readouterr().out
+
+    spec = importlib.util.spec_from_file_location("convert_released", os.path.join(root, "tools", "convert_released.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    converted = tmp_path / "converted.pth"
+    tool.main([str(released), str(converted), "--config", config, *overrides])
+    ckpt = torch.load(converted, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "bam" and ckpt["epoch"] == 3
+    build_model(load_config(config, overrides)).load_state_dict(ckpt["model"], strict=True)
+    second = test_script.main(["--config", config, *overrides, "--weights", str(converted),
+                               "--out", str(tmp_path / "b.json")])
+    assert first["episodes_per_seed"] == 6 and json.dumps(first["per_seed"]) == json.dumps(second["per_seed"])
