@@ -189,25 +189,28 @@ def _drop_aliases(state, alias, twin_of, what, dropped):
 
 
 def _shared_stages(model, out):
-    """BAM+SVF: 2 if the SVF backbone's layer0/1 compute what base_backbone's do (so the base path may
+    """BAM+SVF: 2 if the SVF backbone's layer0/1 in ``out`` compute what base_backbone's do (so the base path may
     reuse their output), else 0 (the released SVF stem keeps 24 of 27 singular values, its copy all 27)."""
+    def close(a, b):
+        return a is not None and b is not None and (a.double() - b.double()).norm() <= 1e-5 * b.double().norm() + 1e-7
+
     for stage in ("layer0", "layer1"):
-        for name, mod in model.backbone.get_submodule(stage).named_modules():
-            if isinstance(mod, svf.SVDLayer):
-                p = f"backbone.{stage}.{name}."
-                r = out[p + "vector_S"].shape[1]
-                u, v = out[p + "conv_U.weight"].double(), out[p + "conv_V.weight"].double()
-                w = (u.reshape(u.shape[0], r) * out[p + "vector_S"].double().reshape(1, r)) @ v.reshape(r, -1)
-                base = out[f"base_backbone.{stage}.{name}.weight"].double().reshape(w.shape)
-                if (w - base).norm() > 1e-5 * base.norm():
-                    return 0
-            elif name and not any(True for _ in mod.children()):
-                for k, t in mod.state_dict().items():
-                    if k.endswith("num_batches_tracked"):
-                        continue
-                    a, b = out.get(f"backbone.{stage}.{name}.{k}"), out.get(f"base_backbone.{stage}.{name}.{k}")
-                    if a is None or b is None or not torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-7):
-                        return 0
+        svf_stage = model.backbone.get_submodule(stage)
+        for name, mod in model.base_backbone.get_submodule(stage).named_modules():
+            if any(True for _ in mod.children()):
+                continue
+            p, q = f"backbone.{stage}.{name}.", f"base_backbone.{stage}.{name}."
+            if isinstance(svf_stage.get_submodule(name), svf.SVDLayer):
+                u, v, s = out[p + "conv_U.weight"].double(), out[p + "conv_V.weight"].double(), out[p + "vector_S"]
+                r = s.shape[1]
+                folded = (u.reshape(u.shape[0], r) * s.double().reshape(1, r)) @ v.reshape(r, -1)
+                pairs = [(folded, out[q + "weight"].reshape(folded.shape))]
+                if q + "bias" in out:
+                    pairs.append((out.get(p + "conv_U.bias"), out[q + "bias"]))
+            else:
+                pairs = [(out.get(p + k), out.get(q + k)) for k in mod.state_dict() if not k.endswith("num_batches_tracked")]
+            if not all(close(a, b) for a, b in pairs):
+                return 0
     return 2
 
 

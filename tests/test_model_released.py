@@ -517,3 +517,17 @@ def test_test_py_and_convert_tool_read_a_released_file(tmp_path, capsys):
     second = test_script.main(["--config", config, *overrides, "--weights", str(converted),
                                "--out", str(tmp_path / "b.json")])
     assert first["episodes_per_seed"] == 6 and json.dumps(first["per_seed"]) == json.dumps(second["per_seed"])
+
+
+def test_base_path_shares_layer0_and_1_only_when_they_are_the_same_function():
+    """A converted BAM+SVF file reuses the SVF backbone's layer0/1 output for its base learner only when those
+    stages equal base_backbone's (this project's own: exact SVD); a stem that differs (the released 24-of-27
+    truncation, here one changed singular value) makes the base path run its own layer0/1."""
+    from model.released import _shared_stages
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(arch="bam", svf=True))
+    state = model.state_dict()
+    assert _shared_stages(model, state) == 2
+    state["backbone.layer0.conv1.vector_S"] = state["backbone.layer0.conv1.vector_S"].clone()
+    state["backbone.layer0.conv1.vector_S"][0, -1] *= 0.5
+    assert _shared_stages(model, state) == 0
