@@ -229,6 +229,12 @@ def convert_released(obj, model, path="<file>"):
     if own_arch != arch:
         raise ValueError(f"{path!r} is {FORMATS[fmt][1]}: evaluate it with arch={arch} (this model is {own_arch})")
     state = dict(state)
+    if arch == "bam" and "kshot_rw.0.weight" in state and state["kshot_rw.0.weight"].shape[1] != model.shot:
+        raise ValueError(f"{path!r} is a {state['kshot_rw.0.weight'].shape[1]}-shot BAM (its kshot_rw) but this model "
+                         f"was built for shot={model.shot}: set shot={state['kshot_rw.0.weight'].shape[1]} (and no other --shot)")
+    if arch == "bam" and "kshot_rw.0.weight" not in state and model.shot > 1:
+        raise ValueError(f"{path!r} is a 1-shot BAM (no kshot_rw) but this model was built for shot={model.shot}: "
+                         "set shot=1 (and no other --shot)")
     report, dropped = [f"{path}: {FORMATS[fmt][1]}"], {}
     if fmt == "pspnet":
         _drop_aliases(state, r"encoder\.[0-4]\.", lambda k: re.sub(r"^encoder\.(\d)", r"layer\1", k),

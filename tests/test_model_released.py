@@ -445,6 +445,8 @@ def test_unmapped_key_wrong_arch_and_wrong_svf_are_clear_errors():
     obj["state_dict"]["module.extra_head.weight"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"1 keys map to nothing.*extra_head\.weight"):
         convert_released(obj, bam, "x.pth")
+    with pytest.raises(ValueError, match="is a 1-shot BAM .* set shot=1"):
+        convert_released(released_bam(svf_on=False, own=True), build_model(_cfg(arch="bam", shot=2)), "x.pth")
     with pytest.raises(ValueError, match="evaluate it with arch=pfenet"):
         convert_released(released_pfenet(False), bam, "x.pth")
     with pytest.raises(ValueError, match="build it with svf=true"):
