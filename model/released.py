@@ -101,15 +101,15 @@ def _stem_names(backbone):
     return list(backbone.layer0._modules)
 
 
-def _rename_backbone(key, prefix, stem):
-    m = re.match(r"(layer[0-4])p?\.(\d+)\.(.*)$", key) if key.startswith("layer0") else None
-    if m:  # layer0.<index>.rest -> layer0.<name>.rest
-        index = int(m.group(2))
-        if index >= len(stem):
-            return None
-        return f"{prefix}layer0.{stem[index]}.{m.group(3)}"
+def _rename_backbone(key, stem):
+    """``layer<N>[p].rest`` -> ``layer<N>.rest``, with ``layer0.<index>`` -> ``layer0.<stem[index]>``; None if
+    the key does not fit."""
+    m = re.match(r"layer0p?\.(\d+)\.(.*)$", key)
+    if m:
+        index = int(m.group(1))
+        return f"layer0.{stem[index]}.{m.group(2)}" if index < len(stem) else None
     m = re.match(r"(layer[1-4])p?\.(.*)$", key)
-    return f"{prefix}{m.group(1)}.{m.group(2)}" if m else None
+    return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
 def _rename_head(key, fmt):
@@ -137,15 +137,16 @@ def _resolve_folded(target_layer, parts):
 
 
 def _convert_backbone(state, model, src, dst, report):
-    """Map the released stage keys ``src`` (e.g. ``layer`` or ``layerNp``) into ``model``'s backbone under
-    ``dst`` (``backbone.`` / ``base_backbone.``). Returns {our key: tensor}; consumes the keys from ``state``."""
+    """Map the released stage keys ``layer<N><src>.*`` (``src`` '' or 'p', BAM+SVF's copy) into ``model``'s
+    backbone under ``dst`` (``backbone.`` / ``base_backbone.``); SVD layers are folded and resolved again.
+    Returns {our key: tensor}; consumes the keys from ``state``."""
     target = model.get_submodule(dst.rstrip("."))
     stem = _stem_names(target)
     own = target.state_dict()
     modules = dict(target.named_modules())
     out, svd_layers, truncated = {}, {}, []
     for key in [k for k in state if re.match(rf"layer[0-4]{src}\.", k)]:
-        ours = _rename_backbone(key, "", stem)
+        ours = _rename_backbone(key, stem)
         if ours is None:
             raise ValueError(f"released key {key} maps to nothing in this model's {dst.rstrip('.')}")
         for part in _SVD_PARTS:
