@@ -18,7 +18,7 @@ With `--arch bam` (BAM, its base learner reading the original stage-1 backbone w
   no_grad (the features it reads differ from the tuned ones, so any exact method computes them);
 - svf_released: the released BAM+SVF: every conv factored into three (layer0/1 included), plain autograd, and a
   whole second backbone (layer0p-layer4p) for the base learner;
-- svf_ours: this project's BAM+SVF: layer0/1 output shared, layer2-4 run again with the cached plain weights.
+- svf_ours: this project's BAM+SVF: layer0/1 output shared, layer2-4 run again with the original plain weights.
 Memory: bytes autograd saves for the backward pass (measured with saved-tensor hooks, on any device), and
 on CUDA the peak allocated memory of the step. Inference: plain, resolved (SVD layers in eval) and merged
 models, with the relative difference of their outputs. And the time of `svf.resolver` on ResNet-50/101.
@@ -73,7 +73,7 @@ def build_variant(name, shot, arch="baseline"):
     elif name == "full":
         m.backbone.requires_grad_(True)
         svf.freeze_batchnorm(m.backbone)
-    elif name in ("svf_paper", "svf_released"):  # the released code: three convolutions in every layer, always, plain autograd
+    elif name in ("svf_paper", "svf_released"):  # the released code: three convs in every layer, plain autograd
         for mod in m.backbone.modules():
             if isinstance(mod, svf.SVD_Conv2d):
                 mod.forward = lambda x, mod=mod: mod.conv_U(mod.conv_V(x) * mod.vector_S)

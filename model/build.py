@@ -9,8 +9,8 @@ How the config chooses the model:
 - ``svf``: on, the backbone goes through ``svf.resolver`` (exact SVD of every conv) and
   ``svf.apply_paper_freezing`` (layer0/1 frozen, layer2-4 train only ``vector_S``, BatchNorm frozen in eval
   mode); for ``bam`` the base learner then reads a frozen plain copy of the stage-1 backbone (``base_backbone``),
-  as the released BAM+SVF; off, the backbone of the few-shot models is frozen (no grads, BatchNorm in eval) as in PFENet/BAM,
-  and the PSPNet backbone is trained fully (BAM's stage 1).
+  as the released BAM+SVF; off, the backbone of the few-shot models is frozen (no grads, BatchNorm in eval) as
+  in PFENet/BAM, and the PSPNet backbone is trained fully (BAM's stage 1).
 
 A key missing from cfg takes its default from ``engine.config.FIELDS``, the one schema of every config key
 (a plain namespace with a few keys builds the same model as a config file that leaves the others out).

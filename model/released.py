@@ -37,7 +37,8 @@ from .weights import load_state_dict_strict
 __all__ = ["FORMATS", "detect_format", "convert_released", "load_released", "released_state"]
 
 FORMATS = {
-    "svf_bam": ("bam", "the SVF code's BAM checkpoint (model/BAM.py: layer0-4, layer0p-4p, learner_base, meta-learner)"),
+    "svf_bam": ("bam", "the SVF code's BAM checkpoint (model/BAM.py: layer0-4, layer0p-4p, learner_base, "
+                       "meta-learner)"),
     "bam": ("bam", "BAM's own few-shot checkpoint (layer0-4, learner_base, meta-learner)"),
     "svf_baseline": ("baseline", "the SVF code's baseline checkpoint (model/aspp.py: BAM's meta-learner alone)"),
     "pfenet": ("pfenet", "a PFENet checkpoint (PFENet's own or the SVF code's model/pfenet.py)"),
@@ -161,7 +162,8 @@ def _convert_backbone(state, model, src, dst, report):
         layer = modules.get(name)
         if not isinstance(layer, svf.SVDLayer):
             raise ValueError(f"the file holds SVF factors (conv_U/conv_V/vector_S) for {name} but this model's "
-                             f"{dst}{name} is {'missing' if layer is None else 'a plain layer'}: build it with svf=true")
+                             f"{dst}{name} is {'missing' if layer is None else 'a plain layer'}: "
+                             "build it with svf=true")
         if parts["vector_S"].shape[1] < layer.rank:
             truncated.append(f"{name} (rank {parts['vector_S'].shape[1]} of {layer.rank})")
         for k, v in _resolve_folded(layer, parts).items():
@@ -209,7 +211,8 @@ def _shared_stages(model, out):
                 if q + "bias" in out:
                     pairs.append((out.get(p + "conv_U.bias"), out[q + "bias"]))
             else:
-                pairs = [(out.get(p + k), out.get(q + k)) for k in mod.state_dict() if not k.endswith("num_batches_tracked")]
+                pairs = [(out.get(p + k), out.get(q + k)) for k in mod.state_dict()
+                         if not k.endswith("num_batches_tracked")]
             if not all(close(a, b) for a, b in pairs):
                 return 0
     return 2
@@ -230,12 +233,11 @@ def convert_released(obj, model, path="<file>"):
     if own_arch != arch:
         raise ValueError(f"{path!r} is {FORMATS[fmt][1]}: evaluate it with arch={arch} (this model is {own_arch})")
     state = dict(state)
-    if arch == "bam" and "kshot_rw.0.weight" in state and state["kshot_rw.0.weight"].shape[1] != model.shot:
-        raise ValueError(f"{path!r} is a {state['kshot_rw.0.weight'].shape[1]}-shot BAM (its kshot_rw) but this model "
-                         f"was built for shot={model.shot}: set shot={state['kshot_rw.0.weight'].shape[1]} (and no other --shot)")
-    if arch == "bam" and "kshot_rw.0.weight" not in state and model.shot > 1:
-        raise ValueError(f"{path!r} is a 1-shot BAM (no kshot_rw) but this model was built for shot={model.shot}: "
-                         "set shot=1 (and no other --shot)")
+    if arch == "bam":  # the file's K-shot reweighting says which shot it was trained with
+        file_shot = state["kshot_rw.0.weight"].shape[1] if "kshot_rw.0.weight" in state else 1
+        if file_shot != model.shot:
+            raise ValueError(f"{path!r} is a {file_shot}-shot BAM (its kshot_rw) but this model was built for "
+                             f"shot={model.shot}: set shot={file_shot} (and no other --shot)")
     report, dropped = [f"{path}: {FORMATS[fmt][1]}"], {}
     if fmt == "pspnet":
         _drop_aliases(state, r"encoder\.[0-4]\.", lambda k: re.sub(r"^encoder\.(\d)", r"layer\1", k),
@@ -259,8 +261,9 @@ def convert_released(obj, model, path="<file>"):
         base = _convert_backbone(state, model, "p", "base_backbone.", report)
         out.update(base)
         out["base_shared_stages"] = torch.tensor(_shared_stages(model, out))
+        shared = int(out["base_shared_stages"]) == 2
         report.append("base learner reads base_backbone (the stage-1 backbone); it "
-                      + ("reuses the SVF backbone's layer0/1 output (identical stages)" if int(out["base_shared_stages"]) == 2
+                      + ("reuses the SVF backbone's layer0/1 output (identical stages)" if shared
                          else "runs its own layer0/1 (the SVF stem was truncated)"))
     elif getattr(model, "base_backbone", None) is not None:
         raise ValueError(f"{path!r} has no layer0p-4p (the base learner's backbone copy of BAM+SVF); this model "
