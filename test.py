@@ -2,7 +2,8 @@
 
     python test.py --config config/pascal_split0.yaml            # the run that config produced
     python test.py --config config/pascal_split0.yaml --shot 5   # same model, 5-shot episodes
-    python test.py --config ... --weights FILE                   # any checkpoint / state dict
+    python test.py --config ... --weights FILE                   # any checkpoint / state dict, or a
+                                                                 # released SVF/BAM/PFENet checkpoint
     python test.py --config ... --untrained                      # the model as built, no training
     python -m torch.distributed.run --nproc_per_node 2 test.py --config ...
 
@@ -26,7 +27,7 @@ import time
 import warnings
 
 from dataset.files import atomic_write_text
-from engine.checkpoint import evaluation_checkpoint, load_model_weights
+from engine.checkpoint import evaluation_checkpoint, load_checkpoint, load_model_weights
 from engine.config import Config, load_config, split_overrides
 from engine.distributed import DistInfo, cleanup_distributed, init_distributed, print0, seed_everything
 from engine.loop import evaluate_episodes
@@ -88,7 +89,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         print0("evaluating the untrained model (as built from the config)")
     else:
         weights = args.weights or evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)
-        ckpt = load_model_weights(net, weights, hint=f"train it first: sh train.sh ... or python train.py --config {origin}")
+        ckpt = load_weights(net, weights, hint=f"train it first: sh train.sh ... or python train.py --config {origin}")
         epoch = f" (epoch {ckpt['epoch']})" if isinstance(ckpt.get("epoch"), int) else ""
         print0(f"weights: {weights}{epoch}; checkpoint rule: "
                f"{'--weights' if args.weights else cfg.checkpoint_select}")
@@ -139,6 +140,21 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         print0(f"results: {out}")
     return result
+
+
+def load_weights(net, path: str, hint: str) -> dict:
+    """Load a checkpoint of this project, or one written by the released SVF/BAM/PFENet code (recognised by
+    its keys and converted exactly: see model.released), strictly; return the checkpoint dict."""
+    from model.released import detect_format, load_released, released_state
+
+    obj = load_checkpoint(path, hint)
+    state = released_state(obj)
+    if state is None or detect_format(state) is None:
+        return load_model_weights(net, path, hint)
+    _, report = load_released(net, obj, path)
+    for line in report:
+        print0(line)
+    return obj
 
 
 def make_visualiser(vis_dir: str, count: int, resize_smaller: bool = True):

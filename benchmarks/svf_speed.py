@@ -3,6 +3,7 @@
     python benchmarks/svf_speed.py                 # CPU-sized: batch 2 at 241x241 (a few minutes)
     python benchmarks/svf_speed.py --paper-size    # batch 8 at 473x473 (for a GPU)
     python benchmarks/svf_speed.py --json out.json
+    python benchmarks/svf_speed.py --arch bam --variants floor svf_released svf_ours   # BAM+SVF
 
 Training step = forward + backward + optimizer step of the ResNet-50 `baseline` FSS model (dilated, output
 stride 8, 1-shot), median over timed iterations after warm-up, for:
@@ -12,11 +13,18 @@ stride 8, 1-shot), median over timed iterations after warm-up, for:
 - full: full fine-tuning of the backbone (BatchNorm statistics still frozen);
 - svf_paper: SVF as the released code computes it: every conv factored into three, layer0/1 included;
 - svf_ours: this project's SVF (`svf.resolver` + `svf.apply_paper_freezing`, nothing else).
+With `--arch bam` (BAM, its base learner reading the original stage-1 backbone when SVF is on):
+- floor: as above, plus the base learner's second pass of layer2-4 with the original plain weights under
+  no_grad (the features it reads differ from the tuned ones, so any exact method computes them);
+- svf_released: the released BAM+SVF: every conv factored into three (layer0/1 included), plain autograd, and a
+  whole second backbone (layer0p-layer4p) for the base learner;
+- svf_ours: this project's BAM+SVF: layer0/1 output shared, layer2-4 run again with the original plain weights.
 Memory: bytes autograd saves for the backward pass (measured with saved-tensor hooks, on any device), and
 on CUDA the peak allocated memory of the step. Inference: plain, resolved (SVD layers in eval) and merged
 models, with the relative difference of their outputs. And the time of `svf.resolver` on ResNet-50/101.
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -51,22 +59,26 @@ class InputScale(nn.Module):
         return x * self.alpha
 
 
-def build_variant(name, shot):
-    cfg = SimpleNamespace(arch="baseline", backbone="resnet50", svf=name.startswith("svf"), shot=shot,
-                          pretrained=None)
+def build_variant(name, shot, arch="baseline"):
+    cfg = SimpleNamespace(arch=arch, backbone="resnet50", svf=name.startswith("svf"), shot=shot,
+                          pretrained=None, base_learner=None, benchmark="pascal", fold=0)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = build_model(cfg)
     if name == "floor":
+        if arch == "bam":  # the base learner's second pass over layer2-4 with the original weights
+            m.set_base_backbone(copy.deepcopy(m.backbone))
         m.backbone.layer2 = nn.Sequential(InputScale(), m.backbone.layer2)
     elif name == "full":
         m.backbone.requires_grad_(True)
         svf.freeze_batchnorm(m.backbone)
-    elif name == "svf_paper":  # the released code: three convolutions in every layer, always, plain autograd
+    elif name in ("svf_paper", "svf_released"):  # the released code: three convs in every layer, plain autograd
         for mod in m.backbone.modules():
             if isinstance(mod, svf.SVD_Conv2d):
                 mod.forward = lambda x, mod=mod: mod.conv_U(mod.conv_V(x) * mod.vector_S)
+    if name == "svf_released" and arch == "bam":  # ... and a whole second backbone for the base learner
+        m.base_shared_stages.fill_(0)
     return m
 
 
@@ -103,11 +115,12 @@ def time_training(variants, args, device):
     machine conditions; the first round (with the saved-tensor counter on) is a warm-up."""
     runs = {}
     for name in variants:
-        model = build_variant(name, args.shot).to(device).train()
+        model = build_variant(name, args.shot, args.arch).to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         runs[name] = {"model": model, "params": params, "times": [], "saved": SavedBytes(),
                       "opt": torch.optim.SGD(params, lr=1e-3, momentum=0.9)}
     q, s, sm, qm = episode(args.batch, args.size, args.shot, device)
+    extra = {"class_id": torch.full((args.batch,), 6, device=device)} if args.arch == "bam" else {}  # a base class
     peaks = {}
     for it in range(args.warmup + args.iters):
         for name, r in runs.items():
@@ -117,9 +130,9 @@ def time_training(variants, args, device):
             t0 = CLOCK()
             if it == 0:
                 with torch.autograd.graph.saved_tensors_hooks(r["saved"].pack, lambda t: t):
-                    _, loss = r["model"](q, s, sm, qm)
+                    _, loss = r["model"](q, s, sm, qm, **extra)
             else:
-                _, loss = r["model"](q, s, sm, qm)
+                _, loss = r["model"](q, s, sm, qm, **extra)
             r["opt"].zero_grad(set_to_none=True)
             loss.backward()
             r["opt"].step()
@@ -188,7 +201,10 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variants", nargs="+", default=["floor", "frozen", "full", "svf_paper", "svf_ours"])
+    ap.add_argument("--arch", choices=["baseline", "bam"], default="baseline",
+                    help="bam: BAM+SVF, its base learner reading the original backbone (inference part skipped)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="default: floor frozen full svf_paper svf_ours (baseline), floor svf_released svf_ours (bam)")
     ap.add_argument("--json", help="also write the numbers to this file")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: CPU time of the main thread with torch.set_num_threads(1), which other processes "
@@ -200,9 +216,12 @@ def main():
         CLOCK = time.thread_time
     if args.paper_size:
         args.batch, args.size = 8, 473
+    if args.variants is None:
+        args.variants = (["floor", "svf_released", "svf_ours"] if args.arch == "bam"
+                         else ["floor", "frozen", "full", "svf_paper", "svf_ours"])
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+    print(f"{args.arch}: device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{args.clock} clock, batch {args.batch} at {args.size}x{args.size}, {args.shot}-shot, median of {args.iters} after {args.warmup} warm-up")
 
     train = time_training(args.variants, args, device)
@@ -215,6 +234,11 @@ def main():
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
         print(f"{v:<22} {r['median_s']:>9.3f} {tr:>8.2f} {r['saved_mib']:>12.0f} {mr:>8.2f} {peak:>11} {r['trainable']:>12,d}")
 
+    if args.arch == "bam":  # the inference and resolver comparisons are the baseline's
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "device": str(device), "training": train}, f, indent=2)
+        return
     infer = time_inference(args, device)
     print(f"\ninference              {'time (s)':>9} {'x plain':>8} {'params':>12} {'rel. diff':>10}")
     for v, r in infer.items():

@@ -2,8 +2,12 @@
 
 - ``resnet50`` / ``resnet101``: PSPNet's deep-stem ResNet (``resnet50_v2``): ``layer0`` = three 3x3 convs
   3->64->64->128 (BN+ReLU each) + 3x3/2 max-pool; torchvision-style Bottleneck with the stride on the
-  3x3 conv; ``layer3``/``layer4`` use stride 1 and dilation 2/4 on every 3x3 conv (PSPNet/PFENet's
-  conversion: every block of the stage, the first included), so the output stride is 8.
+  3x3 conv; ``layer3``/``layer4`` use stride 1 and dilation 2/4, so the output stride is 8. Two rules
+  for which 3x3 convs are dilated (``DILATION_RULES``), both used by the released code:
+  ``every_block`` (BAM's PSPNet, PFENet's own code: every block of the stage, the first included) and
+  ``torchvision`` (``replace_stride_with_dilation``, the SVF code's baseline and PFENet: the first block
+  of layer3 keeps dilation 1 and the first block of layer4 has dilation 2). Same shapes, different
+  function: a released checkpoint reproduces its outputs only under its own rule.
 - ``resnet18_deep``: the same deep stem and dilation with BasicBlocks [2, 2, 2, 2]; small, for the demo and tests.
 - ``resnet50_tv``: torchvision's ResNet-50 (7x7 stem: ``layer0`` = conv1, bn1, relu, maxpool), dilated the same way.
 - ``swin_t`` / ``swin_s`` / ``swin_b``: torchvision's Swin Transformers, stages as in ``model/swin.py``; output stride 32.
@@ -19,9 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Backbone", "build_backbone", "BACKBONES", "STAGES"]
+__all__ = ["Backbone", "build_backbone", "BACKBONES", "STAGES", "DILATION_RULES"]
 
 STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+DILATION_RULES = ("every_block", "torchvision")
 
 
 def _conv3x3(in_c, out_c, stride=1, dilation=1):
@@ -84,6 +89,7 @@ class Backbone(nn.Module):
             setattr(self, stage, module)
         self.channels = dict(zip(STAGES, channels))
         self.output_stride = output_stride
+        self.dilation_rule = None  # set for the dilated ResNets
 
     def forward(self, x, layer4_mask=None):
         """All five stage outputs, as a list [layer0 .. layer4]. With ``layer4_mask`` (N, 1, H, W) in [0, 1],
@@ -109,12 +115,12 @@ class Backbone(nn.Module):
         return feats
 
 
-def _resnet_stage(block, inplanes, planes, blocks, stride, dilation):
+def _resnet_stage(block, inplanes, planes, blocks, stride, dilation, first_dilation):
     downsample = None
     if stride != 1 or inplanes != planes * block.expansion:
         downsample = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                                    nn.BatchNorm2d(planes * block.expansion))
-    layers = [block(inplanes, planes, stride, dilation, downsample)]
+    layers = [block(inplanes, planes, stride, first_dilation, downsample)]
     layers += [block(planes * block.expansion, planes, 1, dilation) for _ in range(1, blocks)]
     return nn.Sequential(*layers)
 
@@ -128,7 +134,7 @@ def _init_resnet(module):
             nn.init.zeros_(m.bias)
 
 
-def _resnet(name, block, layers, deep_stem):
+def _resnet(name, block, layers, deep_stem, dilation_rule):
     if deep_stem:
         layer0 = nn.Sequential(OrderedDict([
             ("conv1", _conv3x3(3, 64, stride=2)), ("bn1", nn.BatchNorm2d(64)), ("relu1", nn.ReLU(inplace=True)),
@@ -142,12 +148,16 @@ def _resnet(name, block, layers, deep_stem):
             ("relu", nn.ReLU(inplace=True)), ("maxpool", nn.MaxPool2d(3, stride=2, padding=1))]))
         inplanes = 64
     stages, channels = [layer0], [inplanes]
-    # (planes, stride, dilation) per stage: layer3/4 dilated instead of strided -> output stride 8
-    for planes, blocks, stride, dilation in zip((64, 128, 256, 512), layers, (1, 2, 1, 1), (1, 1, 2, 4)):
-        stages.append(_resnet_stage(block, inplanes, planes, blocks, stride, dilation))
+    # (planes, stride, dilation) per stage: layer3/4 dilated instead of strided -> output stride 8; under the
+    # torchvision rule a stage's first block keeps the previous stage's dilation
+    dilations = (1, 1, 2, 4)
+    for i, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), layers, (1, 2, 1, 1))):
+        first = dilations[i] if dilation_rule == "every_block" else dilations[max(i - 1, 0)]
+        stages.append(_resnet_stage(block, inplanes, planes, blocks, stride, dilations[i], first))
         inplanes = planes * block.expansion
         channels.append(inplanes)
     backbone = Backbone(name, stages, channels, output_stride=8)
+    backbone.dilation_rule = dilation_rule
     _init_resnet(backbone)
     return backbone
 
@@ -177,12 +187,13 @@ def _vgg16_bn(name):
 
 
 BACKBONES = {
-    "resnet50": lambda: _resnet("resnet50", Bottleneck, (3, 4, 6, 3), deep_stem=True),
-    "resnet101": lambda: _resnet("resnet101", Bottleneck, (3, 4, 23, 3), deep_stem=True),
-    "resnet18_deep": lambda: _resnet("resnet18_deep", BasicBlock, (2, 2, 2, 2), deep_stem=True),
-    "resnet50_tv": lambda: _resnet("resnet50_tv", Bottleneck, (3, 4, 6, 3), deep_stem=False),
-    "vgg16_bn": lambda: _vgg16_bn("vgg16_bn"),
-    "swin_t": lambda: _swin("swin_t"), "swin_s": lambda: _swin("swin_s"), "swin_b": lambda: _swin("swin_b"),
+    "resnet50": lambda rule: _resnet("resnet50", Bottleneck, (3, 4, 6, 3), True, rule),
+    "resnet101": lambda rule: _resnet("resnet101", Bottleneck, (3, 4, 23, 3), True, rule),
+    "resnet18_deep": lambda rule: _resnet("resnet18_deep", BasicBlock, (2, 2, 2, 2), True, rule),
+    "resnet50_tv": lambda rule: _resnet("resnet50_tv", Bottleneck, (3, 4, 6, 3), False, rule),
+    "vgg16_bn": lambda rule: _vgg16_bn("vgg16_bn"),  # not dilated: the rule does not apply
+    "swin_t": lambda rule: _swin("swin_t"), "swin_s": lambda rule: _swin("swin_s"),  # nor here
+    "swin_b": lambda rule: _swin("swin_b"),
 }
 
 
@@ -191,8 +202,11 @@ def _swin(name):
     return swin_backbone(name)
 
 
-def build_backbone(name):
-    """A randomly initialised backbone by name (one of ``BACKBONES``); load weights with ``model.weights``."""
+def build_backbone(name, dilation_rule="every_block"):
+    """A randomly initialised backbone by name (one of ``BACKBONES``) with the ResNet dilation rule
+    ``dilation_rule`` (one of ``DILATION_RULES``); load weights with ``model.weights``."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}: expected one of {sorted(BACKBONES)}")
-    return BACKBONES[name]()
+    if dilation_rule not in DILATION_RULES:
+        raise ValueError(f"unknown dilation_rule {dilation_rule!r}: expected one of {DILATION_RULES}")
+    return BACKBONES[name](dilation_rule)

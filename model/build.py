@@ -2,17 +2,20 @@
 
 How the config chooses the model:
 - ``arch``: ``pspnet`` (BAM's stage 1) | ``baseline`` | ``pfenet`` | ``bam``;
-- ``backbone``: ``resnet50`` | ``resnet101`` | ``resnet18_deep`` | ``vgg16_bn`` | ``resnet50_tv``;
+- ``backbone``: ``resnet50`` | ``resnet101`` | ``resnet18_deep`` | ``vgg16_bn`` | ``resnet50_tv``, dilated by
+  ``dilation_rule`` (``auto``: BAM's rule for bam/pspnet, torchvision's for baseline/pfenet, as the released code);
 - ``pretrained``: backbone weights file (or null: random init, with a warning); for ``bam`` the backbone and
   the base learner come from ``base_learner`` (the stage-1 PSPNet checkpoint) instead;
 - ``svf``: on, the backbone goes through ``svf.resolver`` (exact SVD of every conv) and
   ``svf.apply_paper_freezing`` (layer0/1 frozen, layer2-4 train only ``vector_S``, BatchNorm frozen in eval
-  mode); off, the backbone of the few-shot models is frozen (no grads, BatchNorm in eval) as in PFENet/BAM,
-  and the PSPNet backbone is trained fully (BAM's stage 1).
+  mode); for ``bam`` the base learner then reads a frozen plain copy of the stage-1 backbone (``base_backbone``),
+  as the released BAM+SVF; off, the backbone of the few-shot models is frozen (no grads, BatchNorm in eval) as
+  in PFENet/BAM, and the PSPNet backbone is trained fully (BAM's stage 1).
 
 A key missing from cfg takes its default from ``engine.config.FIELDS``, the one schema of every config key
 (a plain namespace with a few keys builds the same model as a config file that leaves the others out).
 """
+import os
 import warnings
 
 import svf
@@ -21,9 +24,10 @@ from engine.config import FIELDS
 from .backbones import build_backbone
 from .fewshot import BAM, PFENet, Baseline
 from .pspnet import PSPNet
+from .released import convert_released, detect_format
 from .weights import load_backbone_weights, load_state_dict_strict, read_state_dict
 
-__all__ = ["build_model", "param_groups", "ARCHS", "cfg_value"]
+__all__ = ["build_model", "param_groups", "ARCHS", "cfg_value", "dilation_rule", "load_base_learner"]
 
 ARCHS = ("pspnet", "baseline", "pfenet", "bam")
 
@@ -65,8 +69,17 @@ def _num_base_classes(cfg):
     return int(n)
 
 
+def dilation_rule(cfg):
+    """The ResNet dilation rule of the model ``cfg`` describes: ``auto`` is the one the released code used for
+    that arch (BAM's PSPNet: every block; the SVF code's baseline and PFENet: torchvision's)."""
+    rule = cfg_value(cfg, "dilation_rule")
+    if rule == "auto":
+        return "every_block" if cfg_value(cfg, "arch") in ("bam", "pspnet") else "torchvision"
+    return rule
+
+
 def _backbone_from(cfg):
-    backbone = build_backbone(cfg_value(cfg, "backbone"))
+    backbone = build_backbone(cfg_value(cfg, "backbone"), dilation_rule(cfg))
     path = cfg_value(cfg, "pretrained")
     if path:
         load_backbone_weights(backbone, path)
@@ -83,7 +96,11 @@ def _pspnet(cfg, backbone):
 def _set_backbone_training(model, cfg):
     """SVF on: exact SVD + the paper's freezing. SVF off: frozen few-shot backbone, fully trained PSPNet one."""
     if cfg_value(cfg, "svf"):
-        model.backbone = svf.resolver(model.backbone)  # a converted copy; exact at ratio 1.0
+        plain = model.backbone
+        model.backbone = svf.resolver(plain)  # a converted copy; exact at ratio 1.0
+        if isinstance(model, BAM):  # the base learner keeps reading the original stage-1 backbone
+            model.set_base_backbone(plain)
+            svf.freeze_batchnorm(model.base_backbone)
         svf.apply_paper_freezing(model.backbone)
         svf.freeze_batchnorm(model.backbone)  # every backbone BN, layer0/1 included
         model.eval_modules = tuple(dict.fromkeys(model.eval_modules + ("backbone",)))
@@ -96,18 +113,32 @@ def _set_backbone_training(model, cfg):
     return model
 
 
+def load_base_learner(pspnet, path):
+    """Load the stage-1 PSPNet checkpoint ``path`` into ``pspnet``, strictly: this project's own or BAM's
+    released one (``{'state_dict': ...}`` with ``layer0..4``, ``encoder``, ``ppm``, ``cls``), recognised by its keys."""
+    what = "base learner (stage-1 PSPNet)"
+    state = read_state_dict(path, what, BASE_LEARNER_HELP)
+    if detect_format(state) == "pspnet":
+        state, _, report = convert_released(state, pspnet, path)
+        if os.environ.get("RANK", "0") == "0":
+            print("base_learner: " + "; ".join(report), flush=True)
+    return load_state_dict_strict(pspnet, state, path, what=what)
+
+
 def build_model(cfg):
     """The model for ``cfg.arch`` (see the module docstring), with its trainable set already chosen."""
     arch = cfg_value(cfg, "arch")
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: expected one of {ARCHS}")
+    if cfg_value(cfg, "backbone").startswith("swin") and arch not in ("baseline", "pfenet"):
+        raise ValueError(f"backbone={cfg_value(cfg, 'backbone')} is wired for arch=baseline and arch=pfenet only "
+                         f"(got arch={arch}): BAM's base learner and the PSPNet head expect a ResNet/VGG layout")
     reduce_dim, aux = int(cfg_value(cfg, "reduce_dim")), float(cfg_value(cfg, "aux_loss_weight"))
     if arch == "bam":
         path = cfg_value(cfg, "base_learner")
         if path:
-            pspnet = _pspnet(cfg, build_backbone(cfg_value(cfg, "backbone")))
-            load_state_dict_strict(pspnet, read_state_dict(path, "base learner (stage-1 PSPNet)", BASE_LEARNER_HELP),
-                                   path, what="base learner (stage-1 PSPNet)")
+            pspnet = _pspnet(cfg, build_backbone(cfg_value(cfg, "backbone"), dilation_rule(cfg)))
+            load_base_learner(pspnet, path)
         else:
             warnings.warn("base_learner is not set: BAM's base learner (PSPNet head) is randomly initialised "
                           "(fine for tests and demos, meaningless for results)", stacklevel=2)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backbones import STAGES
 from .layers import ASPP, capped_bin, gram_matrix, masked_average_pooling, prior_mask, resize
 from .pspnet import IGNORE_INDEX
 
@@ -117,7 +118,9 @@ class MetaLearner(nn.Module):
 
 
 class Baseline(FewShotModel):
-    """The SVF paper's baseline: BAM's meta-learner alone. K shots: mean prototype and mean prior (as PFENet)."""
+    """The SVF paper's baseline: BAM's meta-learner alone. K shots: the SVF code's model/aspp.py weights every
+    shot by 1 (BAM's reweighting with ``weight_soft = ones``), so the prototype and the prior are the *sums*
+    over the shots, not means (identical at 1 shot)."""
 
     def __init__(self, backbone, reduce_dim=256, aux_loss_weight=1.0):
         super().__init__(backbone, reduce_dim, aux_loss_weight)
@@ -125,7 +128,7 @@ class Baseline(FewShotModel):
 
     def forward(self, query_img, support_imgs, support_masks, query_mask=None):
         f = self.encode(query_img, support_imgs, support_masks)
-        logits = self.meta(f["query"], f["prototypes"].mean(1), f["priors"].mean(1))
+        logits = self.meta(f["query"], f["prototypes"].sum(1), f["priors"].sum(1))
         return self._output(query_img, query_mask, logits)
 
 
@@ -181,6 +184,11 @@ class BAM(FewShotModel):
       ``base_class_ids`` (global ids of the base learner's classes 1..n in order).
     - Loss: CE(final) + aux_loss_weight * CE(meta). BAM's second auxiliary loss (the base learner against
       base-class labels) is left out: the base learner is frozen and episodes carry no base-class labels.
+    - With SVF (``set_base_backbone``): the base learner reads the original stage-1 backbone's layer4, without
+      gradients, as in the released BAM+SVF (its ``layer0p``-``layer4p``), not the SVF backbone whose singular
+      values train. ``base_backbone`` is a frozen plain copy; layer0/1 of the SVF backbone are frozen and exact,
+      so their output is reused (``base_shared_stages`` = 2) and only layer2-4 run a second time, under
+      ``no_grad``. A converted released checkpoint sets it to 0 when its SVF stem was truncated.
     """
 
     def __init__(self, backbone, base_learner, shot=1, reduce_dim=256, aux_loss_weight=1.0, base_class_ids=None):
@@ -204,6 +212,26 @@ class BAM(FewShotModel):
             lookup[torch.as_tensor(list(base_class_ids), dtype=torch.long)] = torch.arange(1, len(base_class_ids) + 1)
         self.register_buffer("base_label_of_class", lookup, persistent=False)
         self.has_base_class_ids = base_class_ids is not None
+        self.base_backbone = None
+
+    def set_base_backbone(self, backbone, shared_stages=2):
+        """Make the base learner read ``backbone`` (the plain stage-1 backbone, frozen here) instead of the
+        few-shot backbone; its first ``shared_stages`` stages are taken from the few-shot backbone's output."""
+        self.base_backbone = backbone.requires_grad_(False)
+        self.register_buffer("base_shared_stages", torch.tensor(int(shared_stages)))
+        self.eval_modules = tuple(dict.fromkeys(self.eval_modules + ("base_backbone",)))
+        return self
+
+    @torch.no_grad()
+    def _base_features(self, query_img, query_layers):
+        """The layer4 features the base learner reads (no gradient flows back through them)."""
+        if self.base_backbone is None:
+            return query_layers[4]
+        shared = int(self.base_shared_stages)
+        x = query_img if shared == 0 else query_layers[shared - 1]
+        for stage in STAGES[shared:]:
+            x = getattr(self.base_backbone, stage)(x)
+        return x
 
     def _shot_weights(self, query_low, support_low, b, k):
         """(weights (B,K,1,1) summing to 1, Gram distance (B,1,1,1)) from BAM's K-shot reweighting."""
@@ -233,7 +261,7 @@ class BAM(FewShotModel):
         prior = (weight.unsqueeze(2) * f["priors"]).sum(1)
         prototype = (weight.unsqueeze(2) * f["prototypes"]).sum(1)
         meta_out = self.meta(f["query"], prototype, prior)
-        base_out = self.base_learner(q_layers[4])
+        base_out = self.base_learner(self._base_features(query_img, q_layers))
         if base_out.shape[-2:] != meta_out.shape[-2:]:
             base_out = resize(base_out, meta_out.shape[-2:])
 

@@ -40,12 +40,13 @@ def summarize(cfg, file=None):
     svf.print_trainable_parameters(model, file=file)
     for stage in STAGES:
         print(_count_line(stage, getattr(model.backbone, stage)), file=file)
-    heads = [c for n, c in model.named_children() if n != "backbone"]
+    backbones = ("backbone", "base_backbone")  # base_backbone: BAM+SVF's frozen copy read by its base learner
+    heads = [c for n, c in model.named_children() if n not in backbones]
     trainable = sum(svf.count_parameters(c)[0] for c in heads)
     total = sum(svf.count_parameters(c)[1] for c in heads)
     print(f"  {'heads (all)':<14s} trainable {trainable:>12,d} / {total:>12,d}", file=file)
     for name, child in model.named_children():
-        if name != "backbone" and any(True for _ in child.parameters()):
+        if name != "backbone" and any(True for _ in child.parameters()):  # base_backbone listed, not in heads
             print(_count_line(name, child), file=file)
     return model
 

@@ -145,6 +145,37 @@ def test_bam_training_needs_the_episode_class_and_removes_it_from_the_base_map()
     assert logits[0, 0].abs().max() < 1e-3 and (logits[1, 0] - 1).abs().max() < 1e-3
 
 
+def test_bam_svf_base_learner_reads_the_original_backbone_without_gradients():
+    """With SVF on, BAM's base learner reads the stage-1 backbone's layer4 (layer2-4 run again with the original
+    weights, layer0/1 output shared): a large step on the singular values leaves its output unchanged, and no
+    gradient reaches S through it, while the meta-learner's path does move."""
+    model = _build(arch="bam", svf=True).train()
+    groups = param_groups(model, tiny_cfg(svf=True))
+    s_params = next(g["params"] for g in groups if g["name"] == "singular_values")
+    q, s, sm, qm = random_episode(seed=3)
+    captured = []
+    model.base_learner.register_forward_hook(lambda m, i, o: captured.append((i[0], o)))
+
+    def eval_outputs():
+        model.eval()
+        with torch.no_grad():
+            meta = model.backbone(q)[4]
+            model(q, s, sm)
+        model.train()
+        return meta, captured[-1][1]
+
+    meta_before, base_before = eval_outputs()
+    _, loss = model(q, s, sm, qm, class_id=[6, 7])
+    feat, base_out = captured[-1]
+    assert not feat.requires_grad and not base_out.requires_grad  # nothing flows back into S this way
+    loss.backward()
+    assert all(p.grad is not None for p in s_params) and sum(p.grad.abs().sum() for p in s_params) > 0
+    torch.optim.SGD(s_params, lr=100.0).step()
+    meta_after, base_after = eval_outputs()
+    assert (meta_after - meta_before).abs().max() > 1e-2 * meta_before.abs().max()  # S moved the SVF backbone
+    assert torch.allclose(base_after, base_before, rtol=1e-6, atol=1e-6)
+
+
 def _short_run(model, batch_fn, steps, base_lr):
     groups = param_groups(model, tiny_cfg(svf=getattr(model, "_svf", False)))
     opt = torch.optim.SGD([{"params": g["params"], "lr": base_lr * g["lr_mult"], "weight_decay": g["weight_decay"]}

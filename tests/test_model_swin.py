@@ -76,6 +76,12 @@ def test_svf_on_swin_trains_only_late_singular_values(arch, torchvision_file):
         assert (model(q, s, sm) - after).norm() / after.norm() < 1e-5
 
 
+@pytest.mark.parametrize("arch", ["bam", "pspnet"])
+def test_swin_with_a_resnet_only_head_is_refused(arch):
+    with pytest.raises(ValueError, match=f"backbone=swin_t is wired for arch=baseline and arch=pfenet only .*arch={arch}"):
+        build_model(tiny_cfg(arch=arch, backbone="swin_t"))
+
+
 def test_summary_counts_per_stage():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
