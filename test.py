@@ -11,15 +11,18 @@ For every seed in `test_seeds`, `test_episodes` episodes are precomputed from th
 for any number of processes or loader workers), sharded across ranks, and the intersection/union
 buffers are all-reduced: the numbers do not depend on the number of processes or workers. Prints the
 per-class IoU, mIoU and FB-IoU (mean ± sample std over seeds) and writes them to
-`exp_dir/test_{K}shot.json` (`test_{K}shot_untrained.json` with --untrained). `--vis N` writes N PNG
+`exp_dir/test_{K}shot.json` (`test_{K}shot_untrained.json` with --untrained; with --weights FILE,
+`test_{K}shot_weights-<name>-<hash of FILE's path>.json`, so another checkpoint never overwrites the run's results). `--vis N` writes N PNG
 figures of the first seed's episodes (supports | query + ground truth | query + prediction) to
 `exp_dir/vis_{K}shot/`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -46,6 +49,10 @@ def parse_args(argv=None):
     args, rest = parser.parse_known_args(argv)
     if args.weights and args.untrained:
         parser.error("--weights and --untrained exclude each other")
+    if args.shot is not None and args.shot < 1:
+        parser.error(f"--shot must be at least 1 (support images per episode), got {args.shot}")
+    if args.vis < 0:
+        parser.error(f"--vis must be >= 0, got {args.vis}")
     return args, split_overrides(rest)
 
 
@@ -57,7 +64,7 @@ def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     origin = " ".join([args.config] + overrides)
-    shot = args.shot or cfg.shot
+    shot = cfg.shot if args.shot is None else args.shot
     check_data(cfg, origin)
     if args.untrained:  # built as in training; otherwise every weight comes from the checkpoint
         check_base_learner(cfg, origin)
@@ -121,7 +128,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     result = {"benchmark": cfg.benchmark, "fold": cfg.fold, "shot": shot, "trained_shot": cfg.shot,
               "arch": cfg.arch, "backbone": cfg.backbone, "svf": cfg.svf, "coco_split": cfg.coco_split,
               "filter_novel": cfg.filter_novel, "weights": weights, "untrained": bool(args.untrained),
-              "checkpoint_select": "--weights" if args.weights else cfg.checkpoint_select,
+              "checkpoint_select": "--weights" if other_weights(args.weights, cfg) else cfg.checkpoint_select,
               "episodes_per_seed": cfg.test_episodes, "seeds": list(cfg.test_seeds),
               "miou": miou_mean, "miou_std": miou_std, "fbiou": fbiou_mean, "fbiou_std": fbiou_std,
               "class_iou": class_iou, "per_seed": per_seed, "world_size": dist_info.world_size}
@@ -133,11 +140,25 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     print0(f"mIoU   {100 * miou_mean:.2f} ± {100 * miou_std:.2f}")
     print0(f"FB-IoU {100 * fbiou_mean:.2f} ± {100 * fbiou_std:.2f}")
     if dist_info.is_main:
-        name = f"test_{shot}shot{'_untrained' if args.untrained else ''}.json"
-        out = args.out or os.path.join(cfg.exp_dir, name)
+        out = args.out or os.path.join(cfg.exp_dir, results_name(shot, args.untrained, args.weights, cfg))
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         print0(f"results: {out}")
     return result
+
+
+def other_weights(weights, cfg: Config) -> bool:
+    """--weights names a file other than the checkpoint the run's config selects."""
+    own = evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)
+    return bool(weights) and os.path.abspath(weights) != os.path.abspath(own)
+
+
+def results_name(shot: int, untrained: bool, weights, cfg: Config) -> str:
+    """test_{K}shot.json for the run's own checkpoint; a name of their own for --untrained and --weights."""
+    if not other_weights(weights, cfg):
+        return f"test_{shot}shot{'_untrained' if untrained else ''}.json"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(weights))[0])
+    digest = hashlib.sha1(os.path.abspath(weights).encode()).hexdigest()[:8]
+    return f"test_{shot}shot_weights-{stem}-{digest}.json"
 
 
 def make_visualiser(vis_dir: str, count: int):
