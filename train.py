@@ -271,7 +271,8 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
                   f"{progress['iteration']}; continue with: python train.py --config ... --resume", flush=True)
         return 130
     except (NonFiniteLoss, NonFiniteWeights) as exc:
-        print0(f"error: {exc}; stopped before writing it. The last good checkpoint is kept: "
+        done = "stopped before applying that update" if isinstance(exc, NonFiniteLoss) else "stopped"
+        print0(f"error: {exc}; {done}. The last good checkpoint is kept: "
                f"{last_path if os.path.exists(last_path) else '(none yet)'}. Lower base_lr, or set amp=false, "
                f"and resume with --resume")
         return 1

@@ -6,7 +6,7 @@ A run's folder (`cfg.exp_dir`) holds
 - `best.pth`: the model of the epoch with the highest validation mIoU, with that epoch's metrics.
 Every write goes to a temporary file in the same folder that is then `os.replace`d over the target,
 so a crash never leaves a half-written checkpoint (the temporaries a kill -9 leaves behind are removed
-when the run starts again), and is refused when a weight is NaN or infinite: a diverged model never
+when the run starts again), and is refused when a weight is NaN, infinite or beyond float32's range: a diverged model never
 replaces a good checkpoint. Loads use `torch.load(weights_only=True)`: checkpoints hold only tensors
 and plain values; a file that is empty, truncated or not a checkpoint is a one-line error naming it.
 """
@@ -31,22 +31,28 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class NonFiniteWeights(RuntimeError):
-    """A model state with NaN or infinite values was about to be written."""
+    """A diverged model state (NaN/inf, or weights too large for float32 arithmetic) was about to be written."""
 
 
-def nonfinite_tensors(state: dict) -> list[str]:
-    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def diverged_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity, or whose squared
+    norm overflows float32 (|w|^2 > 3.4e38: weight decay and gradient norms of such a tensor are inf; a
+    diverged run reaches that with a finite loss, because BatchNorm hides the scale of the weights)."""
     return [k for k, v in state.items()
-            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if torch.is_tensor(v) and v.is_floating_point()
+            and not (bool(torch.isfinite(v).all()) and float(v.double().pow(2).sum()) <= FLOAT32_MAX)]
 
 
 def atomic_save(obj, path: str):
     """torch.save to `path` through a temporary file in the same folder, then os.replace.
-    Refuses (NonFiniteWeights, nothing written) when obj['model'] has a NaN or infinite value."""
-    bad = nonfinite_tensors(obj["model"]) if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else []
+    Refuses (NonFiniteWeights, nothing written) when obj['model'] has diverged (see diverged_tensors)."""
+    bad = diverged_tensors(obj["model"]) if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else []
     if bad:
-        raise NonFiniteWeights(f"not writing {path}: {len(bad)} model tensors hold NaN/inf values "
-                               f"(e.g. {', '.join(bad[:3])}); the model diverged")
+        raise NonFiniteWeights(f"not writing {path}: the model diverged ({len(bad)} tensors hold NaN/inf or "
+                               f"values beyond float32's range, e.g. {', '.join(bad[:3])})")
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
