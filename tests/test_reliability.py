@@ -9,11 +9,12 @@ pins one case that used to run silently wrong or end in a traceback.
 - truncated images, bad masks and a missing SBD list in the data tools;
 - svf / lrcc misuse; file permissions and temporaries of interrupted writes.
 """
+import contextlib
 import glob
+import io
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine.checkpoint import atomic_save, diverged_tensors, load_checkpoint
+from engine.checkpoint import atomic_save, load_checkpoint
 from engine.config import FIELDS, check_value, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,7 +132,7 @@ def tiny(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "dataset.make_lists", "pascal", "--data-root", data, "--list-dir", lists,
                     "--min-class-pixels", "16", "--workers", "0"], cwd=ROOT, env=ENV, check=True, capture_output=True)
     args = ["--config", "config/demo_split0.yaml", f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16",
-            "train_size=32", "test_size=40", "workers=0", "reduce_dim=8", "svf=false", "deterministic=true",
+            "train_size=32", "test_size=40", "workers=0", "reduce_dim=8", "svf=false",
             "pretrained=null", "base_learner=null", "epochs=2", "batch_size=4", "base_lr=0.01", "val_episodes=4",
             "test_episodes=4", "test_seeds=[1]"]
     return {"tmp": tmp, "data": data, "lists": lists, "args": args}
@@ -139,50 +140,70 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tiny):
+    import train
     exp = str(tiny["tmp"] / "trained")
-    out = run(["train.py", *tiny["args"], f"exp_dir={exp}"])
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    steps = int(re.search(r"(\d+) steps/epoch", out.stdout).group(1))
-    return exp, out.stdout, steps
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert train.main([*tiny["args"], f"exp_dir={exp}"]) == 0
+    steps = int(re.search(r"(\d+) steps/epoch", printed.getvalue()).group(1))
+    return exp, printed.getvalue(), steps
 
 
 def epoch_losses(stdout):
     return re.findall(r"^epoch (\d+)/\d+ loss (\S+)", stdout, re.M)
 
 
+def train_error(args):
+    """train.py's one-line error for `args` (what its __main__ prints after 'error: '), run in this process."""
+    import train
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        train.main(args)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def train_here(args, capsys):
+    """Run train.py in this process; (exit code, what it printed)."""
+    import train
+    capsys.readouterr()
+    code = train.main(args)
+    return code, capsys.readouterr().out
+
+
 def test_pretrained_that_is_not_a_checkpoint_is_one_line(tiny, tmp_path):
     path, _ = bad_files(tmp_path)["text"]
-    out = run(["train.py", *tiny["args"], f"exp_dir={tmp_path}/run", f"pretrained={path}"])
-    one_line_error(out, str(path), "not a PyTorch checkpoint")
+    message = train_error([*tiny["args"], f"exp_dir={tmp_path}/run", f"pretrained={path}"])
+    assert str(path) in message and "not a PyTorch checkpoint" in message
 
 
 def test_resume_from_a_file_that_is_not_a_training_checkpoint_is_one_line(tiny, tmp_path):
     exp = tmp_path / "run"
     exp.mkdir()
     torch.save({"backbone.w": torch.zeros(2)}, exp / "last.pth")        # a bare state dict
-    out = run(["train.py", *tiny["args"], f"exp_dir={exp}", "--resume"])
-    one_line_error(out, str(exp / "last.pth"), "not a training checkpoint")
+    message = train_error([*tiny["args"], f"exp_dir={exp}", "--resume"])
+    assert str(exp / "last.pth") in message and "not a training checkpoint" in message
     (exp / "last.pth").write_bytes(b"")
-    out = run(["train.py", *tiny["args"], f"exp_dir={exp}", "--resume"])
-    one_line_error(out, str(exp / "last.pth"), "empty")
+    message = train_error([*tiny["args"], f"exp_dir={exp}", "--resume"])
+    assert str(exp / "last.pth") in message and "empty" in message
 
 
 def test_resume_with_a_config_that_builds_another_model_names_the_keys(tiny, trained, tmp_path):
     exp = str(tmp_path / "run")
     shutil.copytree(trained[0], exp)
-    out = run(["train.py", *tiny["args"], f"exp_dir={exp}", "reduce_dim=16", "epochs=3", "--resume"])
-    one_line_error(out, "last.pth", "reduce_dim: 8 -> 16")
-    out = run(["train.py", *tiny["args"], f"exp_dir={exp}", "svf=true", "--resume"])
-    one_line_error(out, "last.pth", "svf: False -> True")
+    message = train_error([*tiny["args"], f"exp_dir={exp}", "reduce_dim=16", "epochs=3", "--resume"])
+    assert "last.pth" in message and "reduce_dim: 8 -> 16" in message
+    message = train_error([*tiny["args"], f"exp_dir={exp}", "svf=true", "--resume"])
+    assert "last.pth" in message and "svf: False -> True" in message
 
 
-def test_a_diverging_run_never_writes_its_weights(tiny, tmp_path):
+def test_a_diverging_run_never_writes_its_weights(tiny, tmp_path, capsys):
     """The issue's command: one huge step per epoch leaves weights of ~1e36 and a finite loss (BatchNorm hides the
     scale). Today's check stops the run and keeps the last good checkpoint; no file holds diverged weights."""
+    from engine.checkpoint import diverged_tensors
     exp = str(tmp_path / "run")
-    out = run(["train.py", *tiny["args"], f"exp_dir={exp}", "base_lr=1e6", "batch_size=32", "epochs=3"])
-    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "the model diverged" in out.stdout and "last good checkpoint is kept" in out.stdout
+    code, out = train_here([*tiny["args"], f"exp_dir={exp}", "base_lr=1e6", "batch_size=32", "epochs=3"], capsys)
+    assert code == 1, out
+    assert "the model diverged" in out and "last good checkpoint is kept" in out
     for name in ("last.pth", "best.pth"):
         if os.path.exists(os.path.join(exp, name)):
             assert diverged_tensors(torch.load(os.path.join(exp, name), weights_only=True)["model"]) == []
@@ -193,28 +214,28 @@ def test_a_diverging_run_never_writes_its_weights(tiny, tmp_path):
     assert not os.path.exists(tmp_path / "x.pth")
 
 
-def test_resume_mid_epoch_with_another_batch_size(tiny, tmp_path):
+def test_resume_mid_epoch_with_another_batch_size(tiny, tmp_path, capsys):
     exp = str(tmp_path / "run")
     out = run(["train.py", *tiny["args"], f"exp_dir={exp}"], fault="step:0:2:SIGINT")
     assert out.returncode == 130, out.stdout[-2000:] + out.stderr[-2000:]
     saved = torch.load(os.path.join(exp, "last.pth"), weights_only=True)
     assert (saved["epoch"], saved["iteration"], saved["samples"]) == (0, 3, 12)
-    out = run(["train.py", *tiny["args"], f"exp_dir={exp}", "batch_size=8", "--resume"])
-    one_line_error(out, "12 samples", "batch_size=8")                  # 12 is not a whole number of 8s
-    out = run(["train.py", *tiny["args"], f"exp_dir={exp}", "batch_size=6", "--resume"])
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "at epoch 0, iteration 2" in out.stdout                     # 12 samples = 2 batches of 6
-    assert "0.0000" not in dict(epoch_losses(out.stdout))["1"]
+    message = train_error([*tiny["args"], f"exp_dir={exp}", "batch_size=8", "--resume"])
+    assert "12 samples" in message and "batch_size=8" in message      # 12 is not a whole number of 8s
+    code, out = train_here([*tiny["args"], f"exp_dir={exp}", "batch_size=6", "--resume"], capsys)
+    assert code == 0, out
+    assert "at epoch 0, iteration 2" in out                             # 12 samples = 2 batches of 6
+    assert "0.0000" not in dict(epoch_losses(out))["1"]
 
 
-def test_an_epoch_resumed_after_its_last_step_logs_its_real_loss(tiny, trained, tmp_path):
+def test_an_epoch_resumed_after_its_last_step_logs_its_real_loss(tiny, trained, tmp_path, capsys):
     exp = str(tmp_path / "run")
     steps = trained[2]
     out = run(["train.py", *tiny["args"], f"exp_dir={exp}"], fault=f"validation:0:{steps}:SIGINT")
     assert out.returncode == 130 and "interrupted: saved" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
-    out = run(["train.py", *tiny["args"], f"exp_dir={exp}", "--resume"])
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert epoch_losses(out.stdout) == epoch_losses(trained[1])         # not "loss 0.0000" for epoch 1
+    code, out = train_here([*tiny["args"], f"exp_dir={exp}", "--resume"], capsys)
+    assert code == 0, out
+    assert epoch_losses(out) == epoch_losses(trained[1])                # not "loss 0.0000" for epoch 1
 
 
 def test_results_of_other_weights_never_overwrite_the_runs_own(tiny, trained, tmp_path):
@@ -226,11 +247,14 @@ def test_results_of_other_weights_never_overwrite_the_runs_own(tiny, trained, tm
     shutil.copy(os.path.join(exp, "last.pth"), other)
     test_script.main([*tiny["args"], f"exp_dir={exp}"])
     own = os.path.join(exp, "test_1shot.json")
-    before = open(own).read()
+    with open(own) as fh:
+        before = fh.read()
     test_script.main([*tiny["args"], f"exp_dir={exp}", "--weights", other])
-    assert open(own).read() == before
+    with open(own) as fh:
+        assert fh.read() == before
     (result,) = glob.glob(os.path.join(exp, "test_1shot_weights-other-*.json"))
-    assert json.load(open(result))["weights"] == other
+    with open(result) as fh:
+        assert json.load(fh)["weights"] == other
     table = summarize.main([exp])
     rows = [line for line in table.splitlines() if line.startswith("baseline")]
     assert len(rows) == 2 and sum("[--weights other.pth]" in r for r in rows) == 1
@@ -245,7 +269,8 @@ def test_truncated_image_is_an_error_naming_the_file(ext, tmp_path):
     path = str(tmp_path / f"img{ext}")
     cv2.imwrite(path, rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     assert read_image(path).shape == (64, 64, 3)
-    data = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        data = fh.read()
     with open(path, "ab") as fh:
         fh.write(b"\0" * 16)                                          # zero padding after the end: fine
     assert read_image(path).shape == (64, 64, 3)
@@ -271,22 +296,24 @@ def test_make_lists_explains_the_sbd_list_and_takes_pfenet_lists(tiny, tmp_path)
     data = str(tmp_path / "data")
     shutil.copytree(tiny["data"], data)
     sbd = os.path.join(data, "ImageSets", "SBD", "train_noval.txt")
-    ids = open(sbd).read().split()
+    with open(sbd) as fh:
+        ids = fh.read().split()
     os.remove(sbd)
     out = run(["dataset.make_lists", "pascal", "--data-root", data, "--list-dir", str(tmp_path / "lists")],
               module=True)
     one_line_error(out, sbd, "--sbd-list", "voc_sbd_merge_noduplicate.txt")
     # PFENet/BAM's lists: "JPEGImages/<id>.jpg SegmentationClassAug/<id>.png" lines
-    train = open(os.path.join(tiny["lists"], "train.txt")).read()
+    with open(os.path.join(tiny["lists"], "train.txt")) as fh:
+        train = fh.read()
     merge = tmp_path / "voc_sbd_merge_noduplicate.txt"
     merge.write_text("".join(f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in ids))
     val = tmp_path / "val.txt"
-    val.write_text(open(os.path.join(tiny["lists"], "val.txt")).read())
+    shutil.copy(os.path.join(tiny["lists"], "val.txt"), val)
     from dataset.lists import write_image_lists
     with pytest.warns(UserWarning):                                   # not the standard 5,953 images
         write_image_lists("pascal", data, str(tmp_path / "lists"), str(merge), str(val))
-    assert open(tmp_path / "lists" / "train.txt").read() == train
-    assert open(tmp_path / "lists" / "val.txt").read() == val.read_text()
+    assert (tmp_path / "lists" / "train.txt").read_text() == train
+    assert (tmp_path / "lists" / "val.txt").read_text() == val.read_text()
 
 
 # ------------------------------------------------------------------------------------------ svf / lrcc
