@@ -12,7 +12,8 @@ for any number of processes or loader workers), sharded across ranks, and the in
 buffers are all-reduced: the numbers do not depend on the number of processes or workers. Prints the
 per-class IoU, mIoU and FB-IoU (mean ± sample std over seeds) and writes them to
 `exp_dir/test_{K}shot.json` (`test_{K}shot_untrained.json` with --untrained; with --weights FILE,
-`test_{K}shot_weights-<name>-<hash of FILE's path>.json`, so another checkpoint never overwrites the run's results). `--vis N` writes N PNG
+`test_{K}shot_weights-<name>-<hash of FILE's path>.json`, so another checkpoint never overwrites the run's results;
+figures likewise go to `vis_{K}shot_untrained/` and `vis_{K}shot_weights-.../`). `--vis N` writes N PNG
 figures of the first seed's episodes (supports | query + ground truth | query + prediction) to
 `exp_dir/vis_{K}shot/`.
 """
@@ -108,7 +109,8 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         episodes = dataset.build_test_dataset(cfg, seed, cfg.test_episodes, shot=shot)
         on_episode = None
         if i == 0 and args.vis > 0:
-            vis_dir = os.path.join(os.path.dirname(args.out) if args.out else cfg.exp_dir, f"vis_{shot}shot")
+            tag = results_tag(shot, args.untrained, args.weights, cfg)
+            vis_dir = os.path.join(os.path.dirname(args.out) if args.out else cfg.exp_dir, f"vis_{tag}")
             on_episode = make_visualiser(vis_dir, args.vis)
         t0 = time.time()
         metric = evaluate_episodes(net, episodes, class_ids, dist_info, cfg.workers, amp,
@@ -140,7 +142,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     print0(f"mIoU   {100 * miou_mean:.2f} ± {100 * miou_std:.2f}")
     print0(f"FB-IoU {100 * fbiou_mean:.2f} ± {100 * fbiou_std:.2f}")
     if dist_info.is_main:
-        out = args.out or os.path.join(cfg.exp_dir, results_name(shot, args.untrained, args.weights, cfg))
+        out = args.out or os.path.join(cfg.exp_dir, f"test_{results_tag(shot, args.untrained, args.weights, cfg)}.json")
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         print0(f"results: {out}")
     return result
@@ -152,13 +154,14 @@ def other_weights(weights, cfg: Config) -> bool:
     return bool(weights) and os.path.abspath(weights) != os.path.abspath(own)
 
 
-def results_name(shot: int, untrained: bool, weights, cfg: Config) -> str:
-    """test_{K}shot.json for the run's own checkpoint; a name of their own for --untrained and --weights."""
+def results_tag(shot: int, untrained: bool, weights, cfg: Config) -> str:
+    """What names the results (test_{tag}.json) and figures (vis_{tag}/): {K}shot for the run's own checkpoint,
+    a tag of their own for --untrained and --weights, so neither overwrites the run's."""
     if not other_weights(weights, cfg):
-        return f"test_{shot}shot{'_untrained' if untrained else ''}.json"
+        return f"{shot}shot{'_untrained' if untrained else ''}"
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(weights))[0])
     digest = hashlib.sha1(os.path.abspath(weights).encode()).hexdigest()[:8]
-    return f"test_{shot}shot_weights-{stem}-{digest}.json"
+    return f"{shot}shot_weights-{stem}-{digest}"
 
 
 def make_visualiser(vis_dir: str, count: int):

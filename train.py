@@ -17,7 +17,8 @@ augmentation of item i in epoch e from (seed, epoch, i) in the dataset, and the 
 (dropout) is reseeded from (seed, epoch, iteration, rank) before every step, so `--resume` after
 an interruption ends with the same weights as an uninterrupted run (`deterministic: true` on CPU).
 A non-finite loss stops the run before the update and keeps the last good checkpoint; a checkpoint
-is never written from weights holding NaN/inf, and a non-finite validation is never "best". Ctrl-C or
+is never written from diverged weights (NaN/inf, or beyond float32's range), and a non-finite
+validation is never "best". Ctrl-C or
 SIGTERM finishes the current step (or checkpoint write), saves `last.pth` there and exits.
 `last.pth` records the position in the epoch in samples, so a run may resume with another
 batch_size when that position is a whole number of its batches (else a clear error).
@@ -40,7 +41,8 @@ from dataset.files import atomic_write_text, remove_stale_temporaries
 from engine.checkpoint import (BEST, LAST, NonFiniteWeights, atomic_save, config_differences, describe_differences,
                                load_model_weights, load_resume_checkpoint, unwrap)
 from engine.config import Config, dump_config, load_config, split_overrides
-from engine.faults import fault_point, hold_interrupts, interrupt_handlers, interrupts_deferred, release_interrupts
+from engine.faults import (fault_point, hold_interrupts, install_interrupt_handlers, interrupts_deferred,
+                           release_interrupts, restore_handlers)
 from engine.distributed import (DistInfo, all_reduce_sum_, cleanup_distributed, derive_seed,
                                 init_distributed, loader_generator, print0, seed_everything, worker_init_fn)
 from engine.loop import autocast, evaluate_episodes, evaluate_semantic
@@ -217,8 +219,7 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         with interrupts_deferred():  # a Ctrl-C during the write lets it finish first
             atomic_save(obj, path)
 
-    handlers = interrupt_handlers()
-    handlers.__enter__()
+    previous_handlers = install_interrupt_handlers()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             skip = start_iter if epoch == start_epoch else 0
@@ -277,7 +278,7 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
                f"and resume with --resume")
         return 1
     finally:
-        handlers.__exit__(None, None, None)
+        restore_handlers(previous_handlers)
         if writer:
             writer.close()
     print0(f"done: best validation mIoU {100 * best_miou:.2f} at epoch {best_epoch}; "

@@ -72,14 +72,14 @@ def interrupts_deferred():
     release_interrupts()
 
 
-@contextlib.contextmanager
-def interrupt_handlers():
-    """Install raise_or_hold for SIGINT and SIGTERM for the block; restore the previous handlers after."""
-    previous = {s: signal.signal(s, raise_or_hold) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        _held.clear()
-        _deferring[0] = False
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+def install_interrupt_handlers() -> dict:
+    """Handle SIGINT and SIGTERM with raise_or_hold; returns the previous handlers for restore_handlers."""
+    return {s: signal.signal(s, raise_or_hold) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_handlers(previous: dict) -> None:
+    """Put back the handlers install_interrupt_handlers replaced, and forget any held signal."""
+    _held.clear()
+    _deferring[0] = False
+    for s, handler in previous.items():
+        signal.signal(s, handler)

@@ -31,14 +31,10 @@ def run(script, args, nproc=1, ok=True):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny VOC-layout dataset + lists, a stage-1 checkpoint, and the overrides of a tiny run."""
+def tiny(tmp_path_factory, tiny_voc):
+    """The tiny VOC-layout dataset + lists, a stage-1 checkpoint, and the overrides of a tiny run."""
     tmp = tmp_path_factory.mktemp("e2e")
-    data, lists = str(tmp / "data"), str(tmp / "lists")
-    subprocess.run([sys.executable, "-m", "dataset.synthetic", "--out", data, "--num-train", "96",
-                    "--num-val", "40", "--size", "48"], cwd=ROOT, env=ENV, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "dataset.make_lists", "pascal", "--data-root", data, "--list-dir", lists,
-                    "--min-class-pixels", "16", "--workers", "0"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    data, lists = tiny_voc
     stage1 = str(tmp / "stage1" / "best.pth")
     common = [f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16", "train_size=32", "test_size=40",
               "workers=0", "reduce_dim=16", "deterministic=true", f"base_learner={stage1}",

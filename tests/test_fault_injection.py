@@ -29,13 +29,9 @@ ENV.pop("FSS_TEST_FAULT", None)
 
 
 @pytest.fixture(scope="module")
-def args(tmp_path_factory):
+def args(tmp_path_factory, tiny_voc):
     tmp = tmp_path_factory.mktemp("faults")
-    data, lists = str(tmp / "data"), str(tmp / "lists")
-    subprocess.run([sys.executable, "-m", "dataset.synthetic", "--out", data, "--num-train", "96",
-                    "--num-val", "40", "--size", "48"], cwd=ROOT, env=ENV, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "dataset.make_lists", "pascal", "--data-root", data, "--list-dir", lists,
-                    "--min-class-pixels", "16", "--workers", "0"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    data, lists = tiny_voc
     # 2 processes x 4 episodes per step: 7 steps per epoch, 2 epochs, no SVD (fast start)
     return tmp, ["--config", "config/demo_split0.yaml", f"data_root={data}", f"list_dir={lists}",
                  "min_class_pixels=16", "train_size=32", "test_size=40", "workers=0", "reduce_dim=8", "svf=false",

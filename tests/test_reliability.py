@@ -124,13 +124,9 @@ def test_unreadable_checkpoint_files_are_errors_naming_the_file_and_what_it_is_n
 # ------------------------------------------------------------------------------------------ training runs
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_voc):
     tmp = tmp_path_factory.mktemp("reliability")
-    data, lists = str(tmp / "data"), str(tmp / "lists")
-    subprocess.run([sys.executable, "-m", "dataset.synthetic", "--out", data, "--num-train", "96",
-                    "--num-val", "40", "--size", "48"], cwd=ROOT, env=ENV, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "dataset.make_lists", "pascal", "--data-root", data, "--list-dir", lists,
-                    "--min-class-pixels", "16", "--workers", "0"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    data, lists = tiny_voc
     args = ["--config", "config/demo_split0.yaml", f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16",
             "train_size=32", "test_size=40", "workers=0", "reduce_dim=8", "svf=false",
             "pretrained=null", "base_learner=null", "epochs=2", "batch_size=4", "base_lr=0.01", "val_episodes=4",
