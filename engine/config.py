@@ -83,7 +83,8 @@ FIELDS: dict[str, Field] = {
     "scale_max": _f("float", 1.1, "random scale range, high", valid="(0, inf)"),
     "rotate_max": _f("float", 10.0, "random rotation range, degrees", valid="[0, 180]"),
     "workers": _f("int", 4, "data-loader workers per process", valid="[0, inf)"),
-    "seed": _f("int", 321, "seed of everything random (training order, augmentation, validation episodes)", valid=SEED_RANGE),
+    "seed": _f("int", 321, "seed of everything random (training order, augmentation, validation episodes)",
+               valid=SEED_RANGE),
     # --- model
     "arch": _f("str", "baseline", "model", ("baseline", "pfenet", "bam", "pspnet")),
     "backbone": _f("str", "resnet50", "backbone",
@@ -93,8 +94,10 @@ FIELDS: dict[str, Field] = {
     "svf": _f("bool", True, "singular value fine-tuning of backbone layer2-4"),
     "svf_lr_mult": _f("float", 0.1, "LR multiplier of the singular values relative to base_lr", valid="[0, inf)"),
     "svf_weight_decay": _f("bool", False, "apply weight decay to the singular values"),
-    "backbone_lr_mult": _f("float", 0.1, "LR multiplier of a fully trained backbone (stage-1 PSPNet; BAM: heads x10)", valid="[0, inf)"),
-    "aux_loss_weight": _f("float", 1.0, "weight of the auxiliary losses (PFENet aux_weight, BAM aux_weight1)", valid="[0, inf)"),
+    "backbone_lr_mult": _f("float", 0.1, "LR multiplier of a fully trained backbone (stage-1 PSPNet; BAM: heads x10)",
+                             valid="[0, inf)"),
+    "aux_loss_weight": _f("float", 1.0, "weight of the auxiliary losses (PFENet aux_weight, BAM aux_weight1)",
+                            valid="[0, inf)"),
     "reduce_dim": _f("int", 256, "channels of the meta-learner features", valid="[1, inf)"),
     "ppm_bins": _f("int_list", [1, 2, 3, 6], "PSPNet pyramid pooling bins",
                      valid="[1, inf)", min_items=1),
@@ -300,7 +303,8 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     for text in overrides:
         key, value = parse_override(text)
         values[key] = check_value(key, value, "command line")
-    check_relations(values, " + ".join(([path] if path else []) + (["command line"] if overrides else [])) or "defaults")
+    sources = ([path] if path else []) + (["command line"] if overrides else [])
+    check_relations(values, " + ".join(sources) or "defaults")
     return Config(**_format_templates(values))
 
 
