@@ -24,10 +24,12 @@ PNG_START, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 
 def check_complete(data, path):
     """Raise ValueError naming ``path`` if the bytes of a JPEG or PNG file stop before its end marker
-    (JPEG end-of-image FFD9, PNG IEND chunk); trailing zero bytes are tolerated."""
-    tail = bytes(data[-64:]).rstrip(b"\x00")
+    (JPEG end-of-image FFD9, PNG IEND chunk). The marker is looked for in the last 4 KiB, so padding or
+    other data appended after it (some cameras and tools write it) is fine; FFD9 cannot occur inside
+    JPEG image data, so a file cut short in the middle has none there."""
+    tail = bytes(data[-4096:])
     for kind, start, end in (("JPEG", JPEG_START, JPEG_END), ("PNG", PNG_START, PNG_END)):
-        if bytes(data[:len(start)]) == start and not tail.endswith(end):
+        if bytes(data[:len(start)]) == start and end not in tail:
             raise ValueError(f"image file {path} is truncated: the {kind} data stops before its end marker "
                              f"({len(data)} bytes; an interrupted download or copy?); replace it or remove it "
                              "from the list")
