@@ -10,7 +10,8 @@ What it reads (all paths under --data-root):
 - pascal: ``ImageSets/Segmentation/train.txt`` and ``val.txt`` (VOC2012), the SBD list
   ``ImageSets/SBD/train_noval.txt`` (SBD's 5,623 training images that are not in VOC2012 val;
   another place with --sbd-list; PFENet's/BAM's ``voc_sbd_merge_noduplicate.txt`` is accepted there too,
-  and their ``val.txt`` with --val-list: lines ``JPEGImages/<id>.jpg SegmentationClassAug/<id>.png``), and for every id ``JPEGImages/<id>.jpg`` and
+  and their ``val.txt`` with --val-list: lines ``JPEGImages/<id>.jpg SegmentationClassAug/<id>.png``),
+  and for every id ``JPEGImages/<id>.jpg`` and
   ``SegmentationClassAug/<id>.png``. train = (VOC train ∪ SBD train_noval) − VOC val, de-duplicated
   (5,953 images); val = VOC val (1,449).
 - coco: the label maps ``annotations/train2014/*.png`` / ``annotations/val2014/*.png`` written by
