@@ -12,15 +12,19 @@ For every seed in `test_seeds`, `test_episodes` episodes are precomputed from th
 for any number of processes or loader workers), sharded across ranks, and the intersection/union
 buffers are all-reduced: the numbers do not depend on the number of processes or workers. Prints the
 per-class IoU, mIoU and FB-IoU (mean ± sample std over seeds) and writes them to
-`exp_dir/test_{K}shot.json` (`test_{K}shot_untrained.json` with --untrained). `--vis N` writes N PNG
+`exp_dir/test_{K}shot.json` (`test_{K}shot_untrained.json` with --untrained; with --weights FILE,
+`test_{K}shot_weights-<name>-<hash of FILE's path>.json`, so another checkpoint never overwrites the run's results;
+figures likewise go to `vis_{K}shot_untrained/` and `vis_{K}shot_weights-.../`). `--vis N` writes N PNG
 figures of the first seed's episodes (supports | query + ground truth | query + prediction) to
 `exp_dir/vis_{K}shot/`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -47,6 +51,10 @@ def parse_args(argv=None):
     args, rest = parser.parse_known_args(argv)
     if args.weights and args.untrained:
         parser.error("--weights and --untrained exclude each other")
+    if args.shot is not None and args.shot < 1:
+        parser.error(f"--shot must be at least 1 (support images per episode), got {args.shot}")
+    if args.vis < 0:
+        parser.error(f"--vis must be >= 0, got {args.vis}")
     return args, split_overrides(rest)
 
 
@@ -58,7 +66,7 @@ def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     origin = " ".join([args.config] + overrides)
-    shot = args.shot or cfg.shot
+    shot = cfg.shot if args.shot is None else args.shot
     check_data(cfg, origin)
     if args.untrained:  # built as in training; otherwise every weight comes from the checkpoint
         check_base_learner(cfg, origin)
@@ -102,7 +110,8 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         episodes = dataset.build_test_dataset(cfg, seed, cfg.test_episodes, shot=shot)
         on_episode = None
         if i == 0 and args.vis > 0:
-            vis_dir = os.path.join(os.path.dirname(args.out) if args.out else cfg.exp_dir, f"vis_{shot}shot")
+            tag = results_tag(shot, args.untrained, args.weights, cfg)
+            vis_dir = os.path.join(os.path.dirname(args.out) if args.out else cfg.exp_dir, f"vis_{tag}")
             on_episode = make_visualiser(vis_dir, args.vis, cfg.test_resize_smaller)
         t0 = time.time()
         metric = evaluate_episodes(net, episodes, class_ids, dist_info, cfg.workers, amp,
@@ -122,7 +131,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     result = {"benchmark": cfg.benchmark, "fold": cfg.fold, "shot": shot, "trained_shot": cfg.shot,
               "arch": cfg.arch, "backbone": cfg.backbone, "svf": cfg.svf, "coco_split": cfg.coco_split,
               "filter_novel": cfg.filter_novel, "weights": weights, "untrained": bool(args.untrained),
-              "checkpoint_select": "--weights" if args.weights else cfg.checkpoint_select,
+              "checkpoint_select": "--weights" if other_weights(args.weights, cfg) else cfg.checkpoint_select,
               "episodes_per_seed": cfg.test_episodes, "seeds": list(cfg.test_seeds),
               "miou": miou_mean, "miou_std": miou_std, "fbiou": fbiou_mean, "fbiou_std": fbiou_std,
               "class_iou": class_iou, "per_seed": per_seed, "world_size": dist_info.world_size,
@@ -135,8 +144,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     print0(f"mIoU   {100 * miou_mean:.2f} ± {100 * miou_std:.2f}")
     print0(f"FB-IoU {100 * fbiou_mean:.2f} ± {100 * fbiou_std:.2f}")
     if dist_info.is_main:
-        name = f"test_{shot}shot{'_untrained' if args.untrained else ''}.json"
-        out = args.out or os.path.join(cfg.exp_dir, name)
+        out = args.out or os.path.join(cfg.exp_dir, f"test_{results_tag(shot, args.untrained, args.weights, cfg)}.json")
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         print0(f"results: {out}")
     return result
@@ -155,6 +163,22 @@ def load_weights(net, path: str, hint: str) -> dict:
     for line in report:
         print0(line)
     return obj
+
+
+def other_weights(weights, cfg: Config) -> bool:
+    """--weights names a file other than the checkpoint the run's config selects."""
+    own = evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)
+    return bool(weights) and os.path.abspath(weights) != os.path.abspath(own)
+
+
+def results_tag(shot: int, untrained: bool, weights, cfg: Config) -> str:
+    """What names the results (test_{tag}.json) and figures (vis_{tag}/): {K}shot for the run's own checkpoint,
+    a tag of their own for --untrained and --weights, so neither overwrites the run's."""
+    if not other_weights(weights, cfg):
+        return f"{shot}shot{'_untrained' if untrained else ''}"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(weights))[0])
+    digest = hashlib.sha1(os.path.abspath(weights).encode()).hexdigest()[:8]
+    return f"{shot}shot_weights-{stem}-{digest}"
 
 
 def make_visualiser(vis_dir: str, count: int, resize_smaller: bool = True):

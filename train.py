@@ -18,8 +18,12 @@ Reproducibility: the episode order comes from a DistributedSampler seeded with `
 augmentation of item i in epoch e from (seed, epoch, i) in the dataset, and the global torch RNG
 (dropout) is reseeded from (seed, epoch, iteration, rank) before every step, so `--resume` after
 an interruption ends with the same weights as an uninterrupted run (`deterministic: true` on CPU).
-A non-finite loss stops the run before the update and keeps the last good checkpoint; Ctrl-C or
-SIGTERM saves `last.pth` at the current iteration and exits.
+A non-finite loss stops the run before the update and keeps the last good checkpoint; a checkpoint
+is never written from diverged weights (NaN/inf, or beyond float32's range), and a non-finite
+validation is never "best". Ctrl-C or
+SIGTERM finishes the current step (or checkpoint write), saves `last.pth` there and exits.
+`last.pth` records the position in the epoch in samples, so a run may resume with another
+batch_size when that position is a whole number of its batches (else a clear error).
 """
 from __future__ import annotations
 
@@ -35,9 +39,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 import svf
 
-from dataset.files import atomic_write_text
-from engine.checkpoint import BEST, LAST, atomic_save, load_checkpoint, unwrap
+from dataset.files import atomic_write_text, remove_stale_temporaries
+from engine.checkpoint import (BEST, LAST, NonFiniteWeights, atomic_save, config_differences, describe_differences,
+                               load_model_weights, load_resume_checkpoint, unwrap)
 from engine.config import Config, dump_config, load_config, split_overrides
+from engine.faults import (fault_point, hold_interrupts, install_interrupt_handlers, interrupts_deferred,
+                           release_interrupts, restore_handlers)
 from engine.distributed import (DistInfo, all_reduce_sum_, cleanup_distributed, derive_seed,
                                 init_distributed, loader_generator, print0, seed_everything, worker_init_fn)
 from engine.loop import autocast, evaluate_episodes, evaluate_semantic
@@ -112,6 +119,8 @@ def parse_args(argv=None):
                         help="leave after N epochs of this invocation (time-limited jobs); the LR schedule still "
                              "spans `epochs`, and --resume continues")
     args, rest = parser.parse_known_args(argv)
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error(f"--stop-after must be at least 1 (epochs of this invocation), got {args.stop_after}")
     return args, split_overrides(rest)
 
 
@@ -151,6 +160,9 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
     if not args.resume and os.path.exists(last_path):
         raise FileExistsError(f"'{last_path}' exists: continue that run with --resume, or choose another "
                               f"exp_dir=... (or delete the folder) to start afresh")
+    if dist_info.is_main:  # what a kill -9 during a save left behind
+        for path in remove_stale_temporaries(cfg.exp_dir, [LAST, BEST, "config.yaml"]):
+            print0(f"removed {path}, left by an interrupted save")
 
     train_set = dataset.build_base_dataset(cfg, "train") if stage1 else dataset.build_train_dataset(cfg)
     if stage1:
@@ -170,18 +182,23 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch, start_iter, best_miou, best_epoch = 0, 0, -math.inf, 0
+    epoch_loss = (0.0, 0)  # (sum, steps) of the epoch's losses before the resumed position
     if args.resume:
-        ckpt = load_checkpoint(last_path, hint="nothing to resume; start without --resume")
-        unwrap(net).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = load_resume_checkpoint(last_path)
+        load_model_weights(net, last_path, config=cfg.to_dict())
+        changed = config_differences(ckpt["config"], cfg.to_dict())
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as exc:
+            raise ValueError(f"the optimizer state in '{last_path}' does not fit this config's parameter groups "
+                             f"({exc}); config changes: {describe_differences(changed) or 'none'}") from None
         if use_amp and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
+        start_epoch, start_iter = ckpt["epoch"], resume_iteration(ckpt, cfg.batch_size, last_path)
+        epoch_loss = (ckpt.get("epoch_loss_sum", 0.0), ckpt.get("epoch_loss_steps", 0))
         best_miou, best_epoch = ckpt["best_miou"], ckpt["best_epoch"]
-        changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.to_dict().items() if ckpt["config"].get(k) != v}
         if changed:
-            print0("resume: config differs from the checkpoint's in " +
-                   ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            print0("resume: config differs from the checkpoint's in " + describe_differences(changed))
         print0(f"resume: {last_path} at epoch {start_epoch}, iteration {start_iter}")
 
     if dist_info.distributed:
@@ -218,21 +235,24 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
             print0("checkpoint rule: last — test.py evaluates last.pth, the final epoch (no selection on the test fold)")
         print0(f"output: {cfg.exp_dir}")
 
-    progress = {"epoch": start_epoch, "iteration": start_iter}
+    progress = {"epoch": start_epoch, "iteration": start_iter, "loss_sum": epoch_loss[0], "loss_steps": epoch_loss[1]}
 
     def checkpoint_state():
         return {"model": unwrap(net).state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if use_amp else {}, "epoch": progress["epoch"],
-                "iteration": progress["iteration"], "best_miou": best_miou, "best_epoch": best_epoch,
-                "config": cfg.to_dict()}
+                "iteration": progress["iteration"], "samples": progress["iteration"] * cfg.batch_size,
+                "epoch_loss_sum": progress["loss_sum"], "epoch_loss_steps": progress["loss_steps"],
+                "best_miou": best_miou, "best_epoch": best_epoch, "config": cfg.to_dict()}
 
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+    def save(obj, path):
+        with interrupts_deferred():  # a Ctrl-C during the write lets it finish first
+            atomic_save(obj, path)
 
     def validate(epochs_done) -> str:
         """Validate, keep best.pth; epochs_done is an int at an epoch's end, x.5 halfway through one."""
         nonlocal best_miou, best_epoch
+        fault_point("validation", math.floor(epochs_done - 0.5), iters_per_epoch if isinstance(epochs_done, int)
+                    else mid_epoch_step + 1)
         if stage1:
             metric = evaluate_semantic(net, val_set, cfg.num_base_classes, dist_info, cfg.workers, use_amp)
             miou, fbiou = metric.miou(), float("nan")
@@ -245,17 +265,18 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
             writer.add_scalar("val/miou" + tag, miou, math.ceil(epochs_done))
             if not stage1:
                 writer.add_scalar("val/fbiou" + tag, fbiou, math.ceil(epochs_done))
-        if miou > best_miou:
-            best_miou, best_epoch = miou, epochs_done
+        if math.isfinite(miou) and miou > best_miou:  # a NaN validation is never "best"
             if dist_info.is_main:
-                atomic_save({"model": unwrap(net).state_dict(), "epoch": epochs_done, "miou": miou,
-                             "fbiou": fbiou, "config": cfg.to_dict()}, best_path)
+                save({"model": unwrap(net).state_dict(), "epoch": epochs_done, "miou": miou,
+                      "fbiou": fbiou, "config": cfg.to_dict()}, best_path)
+            best_miou, best_epoch = miou, epochs_done
             text += " (best)"
         return text
 
     # the released code validates after iteration round(n/2) (0-based) of every epoch but the first
     mid_epoch_step = round(iters_per_epoch / 2) if cfg.val_mid_epoch and iters_per_epoch > 1 else None
 
+    previous_handlers = install_interrupt_handlers()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             skip = start_iter if epoch == start_epoch else 0
@@ -266,14 +287,16 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
             mean_loss = train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, epoch, skip,
                                         iters_per_epoch, total_steps, use_amp, writer, progress, stage1, mid_validate)
             progress.update(epoch=epoch, iteration=iters_per_epoch)
-            line = f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} ({time.time() - t0:.0f}s)"
+            loss_text = f"{mean_loss:.4f}" if progress["loss_steps"] else "n/a (no step of it was logged)"
+            line = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_text} ({time.time() - t0:.0f}s)"
             validate_now = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
             if validate_now:
                 line += validate(epoch + 1)
-            progress.update(epoch=epoch + 1, iteration=0)
+            progress.update(epoch=epoch + 1, iteration=0, loss_sum=0.0, loss_steps=0)
             if dist_info.is_main:
-                atomic_save(checkpoint_state(), last_path)
-                writer.add_scalar("train/epoch_loss", mean_loss, epoch + 1)
+                save(checkpoint_state(), last_path)
+                if math.isfinite(mean_loss):
+                    writer.add_scalar("train/epoch_loss", mean_loss, epoch + 1)
                 writer.flush()
             print0(line)
             if cfg.early_stop_epochs and epoch + 1 - math.ceil(best_epoch) >= cfg.early_stop_epochs:
@@ -287,17 +310,22 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the save short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if dist_info.is_main:
-            atomic_save(checkpoint_state(), last_path)
+            try:
+                atomic_save(checkpoint_state(), last_path)
+            except NonFiniteWeights as exc:
+                print(f"\ninterrupted: {exc}; the last good checkpoint is kept: {last_path}", flush=True)
+                return 1
             print(f"\ninterrupted: saved {last_path} at epoch {progress['epoch']}, iteration "
                   f"{progress['iteration']}; continue with: python train.py --config ... --resume", flush=True)
         return 130
-    except NonFiniteLoss as exc:
-        print0(f"error: {exc}; stopped before applying that update. The last good checkpoint is kept: "
+    except (NonFiniteLoss, NonFiniteWeights) as exc:
+        done = "stopped before applying that update" if isinstance(exc, NonFiniteLoss) else "stopped"
+        print0(f"error: {exc}; {done}. The last good checkpoint is kept: "
                f"{last_path if os.path.exists(last_path) else '(none yet)'}. Lower base_lr, or set amp=false, "
                f"and resume with --resume")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        restore_handlers(previous_handlers)
         if writer:
             writer.close()
     print0(f"done: best validation mIoU {100 * best_miou:.2f} at epoch {best_epoch}; "
@@ -305,9 +333,20 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
     return 0
 
 
+def resume_iteration(ckpt: dict, batch_size: int, path: str) -> int:
+    """Steps of `batch_size` already done in the checkpoint's epoch, from the samples it consumed."""
+    samples = ckpt.get("samples", ckpt["iteration"] * ckpt["config"]["batch_size"])
+    if samples % batch_size:
+        raise ValueError(f"'{path}' stopped after {samples} samples of epoch {ckpt['epoch'] + 1}, which is not a whole "
+                         f"number of batches of batch_size={batch_size}; resume with a batch_size that divides "
+                         f"{samples} (the run used {ckpt['config']['batch_size']})")
+    return samples // batch_size
+
+
 def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, epoch, skip, iters_per_epoch,
                     total_steps, use_amp, writer, progress, stage1, mid_validate=None) -> float:
-    """One pass over this rank's batches (from batch `skip` on); returns the mean loss over ranks.
+    """One pass over this rank's batches (from batch `skip` on); returns the mean loss over ranks of the
+    epoch's steps (those before `skip` from progress["loss_sum"/"loss_steps"]), NaN if it has none.
     mid_validate = (iteration, function): call the function after that iteration (0-based)."""
     device = dist_info.device
     sampler.set_epoch(epoch, skip)
@@ -321,8 +360,9 @@ def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, 
         from tqdm import tqdm
         bar = tqdm(total=iters_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    dynamic_ncols=True, leave=False, disable=None)
-    loss_sum, count = 0.0, 0
+    loss_sum, count = (progress["loss_sum"], progress["loss_steps"]) if skip else (0.0, 0)
     for it, batch in enumerate(loader, start=skip):
+        hold_interrupts()  # Ctrl-C / SIGTERM take effect after the whole step (release_interrupts)
         step = epoch * iters_per_epoch + it
         lr = scheduled_lr(cfg.lr_schedule, cfg.base_lr, step, total_steps, cfg.power)
         set_lr(optimizer, lr)
@@ -341,13 +381,15 @@ def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, 
         stats = all_reduce_sum_(stats).cpu()
         if stats[1] > 0:
             raise NonFiniteLoss(f"non-finite loss (NaN/inf) at epoch {epoch + 1}, iteration {it + 1}")
+        fault_point("step", epoch, it)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        progress.update(epoch=epoch, iteration=it + 1)
         mean = float(stats[0]) / dist_info.world_size
         loss_sum, count = loss_sum + mean, count + 1
+        progress.update(epoch=epoch, iteration=it + 1, loss_sum=loss_sum, loss_steps=count)
+        release_interrupts()
         if writer:
             writer.add_scalar("train/loss", mean, step + 1)
             writer.add_scalar("train/lr", lr, step + 1)
@@ -358,7 +400,7 @@ def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, 
             mid_validate[1]()
     if bar:
         bar.close()
-    return loss_sum / max(count, 1)
+    return loss_sum / count if count else math.nan
 
 
 if __name__ == "__main__":

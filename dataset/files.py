@@ -1,7 +1,8 @@
 """Reading images, label maps and list files, and writing files atomically.
 
 Every error names the file at fault and says what to do. Images are read with OpenCV and
-returned as float32 RGB (0..255); label maps are read with Pillow so that both grayscale
+returned as float32 RGB (0..255); a JPEG or PNG cut short (an interrupted download or copy) is an
+error, although OpenCV would decode its missing part as grey; label maps are read with Pillow so that both grayscale
 PNGs (SegmentationClassAug) and palette PNGs (VOC's SegmentationClass) give the class indices
 (OpenCV would turn a palette PNG into colours).
 """
@@ -17,11 +18,30 @@ from PIL import Image
 from .splits import IGNORE_LABEL
 
 
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+PNG_START, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+
+
+def check_complete(data, path):
+    """Raise ValueError naming ``path`` if the bytes of a JPEG or PNG file stop before its end marker
+    (JPEG end-of-image FFD9, PNG IEND chunk). The marker is looked for in the last 4 KiB, so padding or
+    other data appended after it (some cameras and tools write it) is fine; FFD9 cannot occur inside
+    JPEG image data, so a file cut short in the middle has none there."""
+    tail = bytes(data[-4096:])
+    for kind, start, end in (("JPEG", JPEG_START, JPEG_END), ("PNG", PNG_START, PNG_END)):
+        if bytes(data[:len(start)]) == start and end not in tail:
+            raise ValueError(f"image file {path} is truncated: the {kind} data stops before its end marker "
+                             f"({len(data)} bytes; an interrupted download or copy?); replace it or remove it "
+                             "from the list")
+
+
 def read_image(path):
     """Read an image file as a float32 RGB array (H, W, 3) with values in 0..255."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    data = np.fromfile(path, dtype=np.uint8)
+    check_complete(data, path)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise ValueError(f"cannot decode image file {path}: the file is corrupt or not an image; "
                          "replace it or remove it from the list")
@@ -90,12 +110,14 @@ def read_list(list_path, data_root):
     return pairs
 
 
-def read_id_list(path):
-    """Read an image-set file of ids (one per line, like VOC's ImageSets/Segmentation/train.txt)."""
+def read_id_list(path, missing_hint=""):
+    """Read the image ids of an image-set file: one id per line (VOC's ImageSets/Segmentation/train.txt,
+    SBD's train_noval.txt) or ``JPEGImages/<id>.jpg SegmentationClassAug/<id>.png`` lines (PFENet/BAM's
+    lists/pascal/voc_sbd_merge_noduplicate.txt and val.txt)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image-set file not found: {path}")
+        raise FileNotFoundError(f"image-set file not found: {path}" + (f"; {missing_hint}" if missing_hint else ""))
     with open(path) as f:
-        return [line.split()[0] for line in f if line.strip()]
+        return [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in f if line.strip()]
 
 
 @contextlib.contextmanager
@@ -104,8 +126,9 @@ def atomic_path(path, suffix=".tmp"):
     ``path``, otherwise removed, so a crash never leaves a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temporary_prefix(path), suffix=suffix)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the file gets what open() would give
     try:
         yield tmp
         os.replace(tmp, path)
@@ -113,6 +136,37 @@ def atomic_path(path, suffix=".tmp"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _temporary_prefix(path):
+    return "." + os.path.basename(path) + "."
+
+
+def current_umask():
+    """The process's umask (read from /proc where possible: setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder, names):
+    """Remove the temporaries that atomic_path left in ``folder`` for the files ``names`` when its process
+    was killed (kill -9, power loss) during a write; return their paths. Call it before writing those files."""
+    if not os.path.isdir(folder):
+        return []
+    prefixes = tuple(_temporary_prefix(name) for name in names)
+    stale = [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+             if f.startswith(prefixes) and os.path.isfile(os.path.join(folder, f))]
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def atomic_write_text(path, text):

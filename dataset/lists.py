@@ -30,14 +30,20 @@ CACHE_VERSION = 1
 
 # ---------------------------------------------------------------- image lists (train.txt / val.txt)
 
-def pascal_image_lists(data_root, sbd_list=None):
+SBD_LIST_HINT = ("that list names SBD's 5,623 training images that are not in VOC2012 val (train_noval.txt, from "
+                 "the SBD page of Bharath Hariharan, home.bharathh.info/pubs/codes/SBD/, the usual companion of "
+                 "SegmentationClassAug); pass it with --sbd-list PATH, or pass PFENet's/BAM's "
+                 "lists/pascal/voc_sbd_merge_noduplicate.txt (the whole train list) with --sbd-list")
+
+
+def pascal_image_lists(data_root, sbd_list=None, val_list=None):
     """{"train": [(image_rel, label_rel)], "val": [...]} of PASCAL VOC2012 + SBD (files: see dataset/make_lists.py)."""
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data root not found: {data_root}")
     seg_sets = os.path.join(data_root, "ImageSets", "Segmentation")
     voc_train = read_id_list(os.path.join(seg_sets, "train.txt"))
-    voc_val = read_id_list(os.path.join(seg_sets, "val.txt"))
-    sbd_train = read_id_list(sbd_list or os.path.join(data_root, PASCAL_SBD_LIST))
+    voc_val = read_id_list(val_list or os.path.join(seg_sets, "val.txt"))
+    sbd_train = read_id_list(sbd_list or os.path.join(data_root, PASCAL_SBD_LIST), missing_hint=SBD_LIST_HINT)
     val_ids = sorted(set(voc_val))
     # Removing val ids again guards against an SBD list that overlaps VOC val (SBD's own train.txt).
     train_ids = sorted((set(voc_train) | set(sbd_train)) - set(val_ids))
@@ -84,10 +90,10 @@ def _check_pair_exists(data_root, image_rel, label_rel):
                                 "listed image needs its mask (SegmentationClassAug for PASCAL)")
 
 
-def write_image_lists(benchmark, data_root, list_dir, sbd_list=None):
+def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=None):
     """Write ``<list_dir>/train.txt`` and ``val.txt``; print counts, warn when not the standard ones."""
     if benchmark == "pascal":
-        lists = pascal_image_lists(data_root, sbd_list)
+        lists = pascal_image_lists(data_root, sbd_list, val_list)
     elif benchmark == "coco":
         lists = coco_image_lists(data_root)
     else:

@@ -9,7 +9,9 @@ Command line::
 What it reads (all paths under --data-root):
 - pascal: ``ImageSets/Segmentation/train.txt`` and ``val.txt`` (VOC2012), the SBD list
   ``ImageSets/SBD/train_noval.txt`` (SBD's 5,623 training images that are not in VOC2012 val;
-  another place with --sbd-list), and for every id ``JPEGImages/<id>.jpg`` and
+  another place with --sbd-list; PFENet's/BAM's ``voc_sbd_merge_noduplicate.txt`` is accepted there too,
+  and their ``val.txt`` with --val-list: lines ``JPEGImages/<id>.jpg SegmentationClassAug/<id>.png``),
+  and for every id ``JPEGImages/<id>.jpg`` and
   ``SegmentationClassAug/<id>.png``. train = (VOC train ∪ SBD train_noval) − VOC val, de-duplicated
   (5,953 images); val = VOC val (1,449).
 - coco: the label maps ``annotations/train2014/*.png`` / ``annotations/val2014/*.png`` written by
@@ -39,6 +41,8 @@ def main(argv=None):
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (pascal) or COCO folder (coco)")
     parser.add_argument("--list-dir", default=None, help="output folder (default lists/<benchmark>)")
     parser.add_argument("--sbd-list", default=None, help=f"SBD list for pascal (default <data-root>/{PASCAL_SBD_LIST})")
+    parser.add_argument("--val-list", default=None,
+                        help="VOC val list for pascal (default <data-root>/ImageSets/Segmentation/val.txt)")
     parser.add_argument("--min-class-pixels", type=int, default=DEFAULT_MIN_CLASS_PIXELS,
                         help="pixels a class needs to count in an image (2048 in the papers)")
     parser.add_argument("--coco-split", choices=COCO_SPLITS, default="interleaved")
@@ -46,7 +50,7 @@ def main(argv=None):
                         help="processes that read the label maps")
     args = parser.parse_args(argv)
     list_dir = args.list_dir or os.path.join("lists", args.benchmark)
-    write_image_lists(args.benchmark, args.data_root, list_dir, args.sbd_list)
+    write_image_lists(args.benchmark, args.data_root, list_dir, args.sbd_list, args.val_list)
     train_list, val_list = os.path.join(list_dir, "train.txt"), os.path.join(list_dir, "val.txt")
     common = dict(data_root=args.data_root, benchmark=args.benchmark, min_class_pixels=args.min_class_pixels,
                   coco_split=args.coco_split, workers=args.workers)
@@ -67,4 +71,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as exc:  # a bad mask or a missing file: one line, not a traceback
+        sys.exit(f"error: {exc}")

@@ -3,8 +3,10 @@
 One schema (`FIELDS`) lists every key the project reads, its type and its default. A config file
 may set any subset of the keys; the command line overrides them with `key=value` or
 `--set key=value` (values parsed as YAML, so `svf=false`, `test_seeds=[321,123]`, `pretrained=null`).
-An unknown key, a wrong type or a value outside the allowed choices is an error that names the key,
-where it came from, and (for unknown keys) the closest valid key.
+An unknown key, a wrong type, a value outside the allowed choices or outside the key's valid range
+(`valid`, e.g. "[1, inf)" for epochs), or values that contradict each other (`RELATIONS`, e.g.
+scale_min > scale_max) is an error that names the key, where it came from, and (for unknown keys)
+the closest valid key. Everything is checked before anything runs.
 
 String values may refer to other keys with `{key}`: `exp_dir: exp/{benchmark}/split{fold}/...`
 is filled in after the overrides, so `shot=5` or `svf=false` on the command line writes to its own
@@ -25,7 +27,9 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import math
 import os
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -41,10 +45,32 @@ class Field:
     help: str
     choices: Optional[tuple] = None
     optional: bool = False    # None (YAML null) allowed
+    valid: Optional[str] = None  # numbers (each item of a list): an interval like "[0, 1)" or "(0, inf)"
+    min_items: int = 0        # lists: fewest items
 
 
-def _f(type_, default, help_, choices=None, optional=False):
-    return Field(type_, default, help_, tuple(choices) if choices else None, optional)
+def _f(type_, default, help_, choices=None, optional=False, valid=None, min_items=0):
+    if valid is not None:
+        parse_interval(valid)  # a malformed range is a schema error, found at import
+    return Field(type_, default, help_, tuple(choices) if choices else None, optional, valid, min_items)
+
+
+def parse_interval(text: str) -> tuple[float, float, bool, bool]:
+    """"[1, inf)" -> (1.0, inf, low_closed=True, high_closed=False)."""
+    match = re.fullmatch(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*", text)
+    if not match:
+        raise ValueError(f"malformed range {text!r}; write it like '[0, 1)' or '(0, inf)'")
+    return float(match.group(2)), float(match.group(3)), match.group(1) == "[", match.group(4) == "]"
+
+
+def in_interval(value: float, text: str) -> bool:
+    low, high, low_closed, high_closed = parse_interval(text)
+    if not math.isfinite(value) and not (math.isinf(value) and high_closed and value == high == math.inf):
+        return False  # NaN compares false to everything; inf only where "inf]" admits it
+    return (low <= value if low_closed else low < value) and (value <= high if high_closed else value < high)
+
+
+SEED_RANGE = "[0, 4294967295]"  # what NumPy's and torch's seeding accept
 
 
 FIELDS: dict[str, Field] = {
@@ -53,17 +79,18 @@ FIELDS: dict[str, Field] = {
     "data_root": _f("str", "data/VOCdevkit/VOC2012", "root of the images and label maps"),
     "list_dir": _f("str", "lists/{benchmark}", "folder of train.txt / val.txt and per-class lists"),
     "fold": _f("int", 0, "fold i of PASCAL-5i / COCO-20i", (0, 1, 2, 3)),
-    "shot": _f("int", 1, "support images per episode (K)"),
+    "shot": _f("int", 1, "support images per episode (K)", valid="[1, inf)"),
     "coco_split": _f("str", "interleaved", "COCO-20i fold convention", ("interleaved", "consecutive")),
     "filter_novel": _f("bool", True, "the † filter: drop training images containing a novel class"),
-    "min_class_pixels": _f("int", 2048, "a class counts as present with at least this many pixels"),
-    "train_size": _f("int", 473, "training crop side"),
-    "test_size": _f("int", 473, "test images: long side resized to this, padded to a square"),
-    "scale_min": _f("float", 0.9, "random scale range, low"),
-    "scale_max": _f("float", 1.1, "random scale range, high"),
-    "rotate_max": _f("float", 10.0, "random rotation range, degrees"),
-    "workers": _f("int", 4, "data-loader workers per process"),
-    "seed": _f("int", 321, "seed of everything random (training order, augmentation, validation episodes)"),
+    "min_class_pixels": _f("int", 2048, "a class counts as present with at least this many pixels", valid="[1, inf)"),
+    "train_size": _f("int", 473, "training crop side", valid="[8, inf)"),
+    "test_size": _f("int", 473, "test images: long side resized to this, padded to a square", valid="[8, inf)"),
+    "scale_min": _f("float", 0.9, "random scale range, low", valid="(0, inf)"),
+    "scale_max": _f("float", 1.1, "random scale range, high", valid="(0, inf)"),
+    "rotate_max": _f("float", 10.0, "random rotation range, degrees", valid="[0, 180]"),
+    "workers": _f("int", 4, "data-loader workers per process", valid="[0, inf)"),
+    "seed": _f("int", 321, "seed of everything random (training order, augmentation, validation episodes)",
+               valid=SEED_RANGE),
     # --- model
     "arch": _f("str", "baseline", "model", ("baseline", "pfenet", "bam", "pspnet")),
     "backbone": _f("str", "resnet50", "backbone",
@@ -75,51 +102,56 @@ FIELDS: dict[str, Field] = {
     "pretrained": _f("str", None, "ImageNet (or stage-1) backbone weights file; null = random init",
                      optional=True),
     "svf": _f("bool", True, "singular value fine-tuning of backbone layer2-4"),
-    "svf_lr_mult": _f("float", 0.1, "LR multiplier of the singular values relative to base_lr"),
+    "svf_lr_mult": _f("float", 0.1, "LR multiplier of the singular values relative to base_lr", valid="[0, inf)"),
     "svf_weight_decay": _f("bool", True, "apply weight decay to the singular values (the released SVF code does)"),
-    "backbone_lr_mult": _f("float", 0.1, "LR multiplier of a fully trained backbone (stage-1 PSPNet; BAM: heads x10)"),
-    "aux_loss_weight": _f("float", 1.0, "weight of the auxiliary losses (PFENet aux_weight, BAM aux_weight1)"),
-    "reduce_dim": _f("int", 256, "channels of the meta-learner features"),
-    "ppm_bins": _f("int_list", [1, 2, 3, 6], "PSPNet pyramid pooling bins"),
-    "pyramid_bins": _f("int_list", [60, 30, 15, 8], "PFENet feature enrichment scales"),
+    "backbone_lr_mult": _f("float", 0.1, "LR multiplier of a fully trained backbone (stage-1 PSPNet; BAM: heads x10)",
+                             valid="[0, inf)"),
+    "aux_loss_weight": _f("float", 1.0, "weight of the auxiliary losses (PFENet aux_weight, BAM aux_weight1)",
+                            valid="[0, inf)"),
+    "reduce_dim": _f("int", 256, "channels of the meta-learner features", valid="[1, inf)"),
+    "ppm_bins": _f("int_list", [1, 2, 3, 6], "PSPNet pyramid pooling bins",
+                     valid="[1, inf)", min_items=1),
+    "pyramid_bins": _f("int_list", [60, 30, 15, 8], "PFENet feature enrichment scales",
+                     valid="[1, inf)", min_items=1),
     "base_learner": _f("str", None, "stage-1 PSPNet checkpoint (arch=bam)", optional=True),
-    "num_base_classes": _f("int", 16, "stage-1 classes incl. background (16 PASCAL, 61 COCO)"),
+    "num_base_classes": _f("int", 16, "stage-1 classes incl. background (16 PASCAL, 61 COCO)", valid="[2, inf)"),
     # --- optimisation
-    "epochs": _f("int", 200, "training epochs"),
-    "batch_size": _f("int", 8, "episodes per step, total over all processes"),
+    "epochs": _f("int", 200, "training epochs", valid="[1, inf)"),
+    "batch_size": _f("int", 8, "episodes per step, total over all processes", valid="[1, inf)"),
     "lr_schedule": _f("str", "constant", "LR over the run: constant (the released SVF code, whose cosine scheduler "
                       "is rebuilt every step) | poly (1-t/T)^power (BAM, PFENet) | cosine (the SVF paper's text)",
                       ("constant", "poly", "cosine")),
-    "base_lr": _f("float", 0.015, "learning rate of lr_mult=1 groups at step 0 (see lr_schedule)"),
-    "head_lr_mult": _f("float", 1.0, "LR multiplier of the heads (meta-learner); BAM's recipe: 10"),
+    "base_lr": _f("float", 0.015, "learning rate of lr_mult=1 groups at step 0 (see lr_schedule)", valid="(0, inf)"),
+    "head_lr_mult": _f("float", 1.0, "LR multiplier of the heads (meta-learner); BAM's recipe: 10", valid="[0, inf)"),
     "nosvf": _f("mapping", {}, "keys that replace the file's values when svf is false, e.g. BAM's own recipe "
                 "{lr_schedule: poly, base_lr: 0.005, head_lr_mult: 10.0} in config/pascal_* and coco_*; {} = none"),
-    "momentum": _f("float", 0.9, "SGD momentum"),
-    "weight_decay": _f("float", 1e-4, "SGD weight decay (groups may override)"),
-    "power": _f("float", 0.9, "poly LR decay power (lr_schedule: poly)"),
+    "momentum": _f("float", 0.9, "SGD momentum", valid="[0, 1]"),
+    "weight_decay": _f("float", 1e-4, "SGD weight decay (groups may override)", valid="[0, inf)"),
+    "power": _f("float", 0.9, "poly LR decay power (lr_schedule: poly)", valid="[0, inf)"),
     "amp": _f("bool", False, "mixed precision (GPU only)"),
     "deterministic": _f("bool", False, "torch.use_deterministic_algorithms (bit-exact resume on CPU)"),
     "sync_bn": _f("bool", True, "SyncBatchNorm for the BatchNorm layers that train (stage 1), with more than one "
                   "process on GPUs"),
     "early_stop_epochs": _f("int", 75, "stop after this many epochs without a better validation mIoU; "
-                            "null = never", optional=True),
+                            "null = never", optional=True, valid="[1, inf)"),
     # --- stage 1 (PSPNet base learner, `train.py --stage1`; BAM's *_base.yaml settings)
-    "stage1_epochs": _f("int", 100, "stage-1 training epochs"),
-    "stage1_batch_size": _f("int", 12, "stage-1 images per step, total"),
-    "stage1_base_lr": _f("float", 2.5e-3, "stage-1 learning rate (lr_mult=1)"),
+    "stage1_epochs": _f("int", 100, "stage-1 training epochs", valid="[1, inf)"),
+    "stage1_batch_size": _f("int", 12, "stage-1 images per step, total", valid="[1, inf)"),
+    "stage1_base_lr": _f("float", 2.5e-3, "stage-1 learning rate (lr_mult=1)", valid="(0, inf)"),
     "stage1_pretrained": _f("str", None, "backbone weights stage 1 starts from (ImageNet); null = random init",
                             optional=True),
-    "stage1_train_size": _f("int", 417, "stage-1 crop side"),
-    "stage1_scale_min": _f("float", 0.5, "stage-1 random scale, low"),
-    "stage1_scale_max": _f("float", 2.0, "stage-1 random scale, high"),
+    "stage1_train_size": _f("int", 417, "stage-1 crop side", valid="[8, inf)"),
+    "stage1_scale_min": _f("float", 0.5, "stage-1 random scale, low", valid="(0, inf)"),
+    "stage1_scale_max": _f("float", 2.0, "stage-1 random scale, high", valid="(0, inf)"),
     # --- evaluation
-    "test_episodes": _f("int", 1000, "test episodes per seed"),
+    "test_episodes": _f("int", 1000, "test episodes per seed", valid="[1, inf)"),
     "test_seeds": _f("int_list", [510, 365, 382, 322, 988], "one precomputed episode list per seed (BAM's "
-                     "test.py: numpy.random.seed(123); numpy.random.randint(0, 1000, 5))"),
+                     "test.py: numpy.random.seed(123); numpy.random.randint(0, 1000, 5))", valid=SEED_RANGE,
+                     min_items=1),
     "test_resize_smaller": _f("bool", True, "test images whose long side is below test_size are resized up too "
                               "(BAM's Resize, resized_val: True); false = kept at their size (BAM's test_Resize)"),
-    "val_episodes": _f("int", 1000, "validation episodes after each epoch (seed = `seed`)"),
-    "val_every": _f("int", 1, "validate every N epochs (and always after the last)"),
+    "val_episodes": _f("int", 1000, "validation episodes after each epoch (seed = `seed`)", valid="[1, inf)"),
+    "val_every": _f("int", 1, "validate every N epochs (and always after the last)", valid="[1, inf)"),
     "val_mid_epoch": _f("bool", False, "also validate halfway through every epoch but the first (the released "
                         "code does when epochs <= 100: COCO)"),
     "checkpoint_select": _f("str", "best", "weights test.py evaluates: best = highest validation mIoU "
@@ -163,6 +195,7 @@ class Config(types.SimpleNamespace):
             if key not in FIELDS:
                 raise ConfigKeyError(f"unknown config key '{key}'; {closest_key(key)}")
             setattr(new, key, check_value(key, value, "code"))
+        check_relations(new.to_dict(), "code")
         return new
 
 
@@ -220,7 +253,34 @@ def check_value(key: str, value: Any, source: str) -> Any:
         raise TypeError(f"schema type {t} of {key}")
     if field.choices is not None and value not in field.choices:
         raise ValueError(f"{where} must be one of {list(field.choices)}, got {value!r}")
+    if t in ("int_list", "float_list") and len(value) < field.min_items:
+        raise ValueError(f"{where} needs at least {field.min_items} item(s), got {value!r}")
+    if field.valid is not None:
+        items = value if t in ("int_list", "float_list") else [value]
+        bad_items = [v for v in items if not in_interval(v, field.valid)]
+        if bad_items:
+            what = f"every item of {where}" if len(items) != 1 or t.endswith("_list") else where
+            raise ValueError(f"{what} must be in {field.valid}, got {bad_items[0]!r} ({field.help})")
     return value
+
+
+# Relations between keys, checked after the file and the overrides are merged:
+# (keys involved, holds(values) -> bool, what must hold).
+RELATIONS = [
+    (("scale_min", "scale_max"), lambda v: v["scale_min"] <= v["scale_max"], "scale_min <= scale_max"),
+    (("stage1_scale_min", "stage1_scale_max"), lambda v: v["stage1_scale_min"] <= v["stage1_scale_max"],
+     "stage1_scale_min <= stage1_scale_max"),
+    (("test_seeds",), lambda v: len(set(v["test_seeds"])) == len(v["test_seeds"]),
+     "test_seeds are distinct (a repeated seed repeats the same episodes)"),
+]
+
+
+def check_relations(values: dict, source: str):
+    """Raise a ValueError naming the keys of the first relation of RELATIONS that `values` break."""
+    for keys, holds, rule in RELATIONS:
+        if all(k in values for k in keys) and not holds(values):
+            got = ", ".join(f"{k}={values[k]!r}" for k in keys)
+            raise ValueError(f"config keys {', '.join(keys)} (from {source}) must satisfy {rule}; got {got}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -266,7 +326,10 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
             raise FileNotFoundError(f"config file '{path}' not found"
                                     + (f"; configs in {folder}/: {', '.join(known)}" if known else ""))
         with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"config file {yaml_error_location(path, exc)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file '{path}' must be a mapping of key: value lines")
         for key, value in data.items():
@@ -281,7 +344,18 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     if not final["svf"]:
         values.update(final["nosvf"])  # svf false: the file's nosvf block, then the command line again
     values.update(command_line)
+    sources = ([path] if path else []) + (["command line"] if overrides else [])
+    check_relations(values, " + ".join(sources) or "defaults")
     return Config(**_format_templates(values))
+
+
+def yaml_error_location(path: str, exc: "yaml.YAMLError") -> str:
+    """'PATH line L, column C: PROBLEM' for a YAML syntax error, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark is not None else path
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: YAML syntax error: {problem}" + (f" ({context})" if context else "")
 
 
 def split_overrides(argv: Iterable[str]) -> list[str]:

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from engine.checkpoint import torch_load
+
 from .backbones import _VGG_SPLIT
 
 __all__ = ["load_backbone_weights", "read_state_dict", "load_state_dict_strict", "WEIGHTS_HELP"]
@@ -41,10 +43,7 @@ def read_state_dict(path, what="weights", hint=WEIGHTS_HELP):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path!r}. {hint}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, non-tensor objects
-        raise ValueError(f"cannot read {what} file {path!r} with torch.load(weights_only=True): {e}") from e
+    obj = torch_load(path, what)  # a clear error for empty, truncated and non-checkpoint files
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):

@@ -246,6 +246,9 @@ def _atomic_save(obj, path):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: give the cache the permissions open() would
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -276,7 +279,10 @@ def _decompose_layers(layers, r, r_ratio, compress_step, lambda_s, path, log):
     """Set the factors of every (name, LowRankConv2d), from the cache at ``path`` when its key matches."""
     key = _cache_key(layers, r, r_ratio, compress_step, lambda_s)
     if path is not None and os.path.exists(path):
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # empty, truncated, not a torch.save file, pickled objects
+            cached = None
         if not isinstance(cached, dict) or cached.get("format") != CACHE_FORMAT:
             raise ValueError(f"{path} exists but is not an lrcc decomposition cache (not written by this "
                              "version of lrcc); give another path or delete the file")
@@ -351,8 +357,14 @@ def model_convert_conv(model, mode, path=None, convert_op_name=(), ignore_op_nam
     if convert_op_name and ignore_op_name:
         raise ValueError("give either convert_op_name or ignore_op_name, not both "
                          f"(got convert_op_name={list(convert_op_name)}, ignore_op_name={list(ignore_op_name)})")
-    if compress_step < 0 or lambda_s < 0:
-        raise ValueError(f"compress_step and lambda_s must be >= 0, got {compress_step}, {lambda_s}")
+    for name, value in (("r", r), ("compress_step", compress_step)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    for name, value in (("r_ratio", r_ratio), ("lambda_s", lambda_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if r == 0 and r_ratio <= 0:
+        raise ValueError(f"need r > 0 or r_ratio > 0, got r={r}, r_ratio={r_ratio}")
     log = print if opts["verbose"] else (lambda *a, **k: None)
 
     model = copy.deepcopy(model)
@@ -384,6 +396,9 @@ def model_convert_conv(model, mode, path=None, convert_op_name=(), ignore_op_nam
             model = _replace_module(model, name, layer)
             converted.append((name, layer))
 
+    if not converted:
+        raise ValueError(f"lrcc.model_convert_conv found nothing to convert in {type(model).__name__}: it has no "
+                         f"nn.Conv2d layer outside ignore_op_name/fix_op_name (conv layers: {conv_names})")
     if mode != "lora_mode" and converted:
         _decompose_layers(converted, r, r_ratio, compress_step, lambda_s, path, log)
     log(f"lrcc: mode={mode}: converted {len(converted)} conv layers "

@@ -163,6 +163,11 @@ def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_la
     if not isinstance(model, nn.Module):
         raise TypeError(f"svf.resolver expects a torch.nn.Module, got {type(model).__name__}")
     _check_ratio(global_low_rank_ratio, "global_low_rank_ratio")
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise ValueError(f"svf.resolver: {len(on_meta)} parameters of the model (e.g. {on_meta[0]!r}) are on the "
+                         "meta device and hold no values to decompose; materialise the model first "
+                         "(model.to_empty(device='cpu') and load its weights), then call svf.resolver")
     if isinstance(excluded_layers, str):
         excluded_layers = (excluded_layers,)
     custom = dict(customized_layers_low_rank_ratio or {})

@@ -6,7 +6,8 @@
 One row per method (benchmark, arch, backbone, SVF, COCO split, untrained or trained), columns
 fold0..fold3 and their mean for 1-shot and 5-shot (mIoU %, mean over the test seeds). The mean is
 printed only when all four folds are there; otherwise it is the mean of the folds present, marked
-with `*` and the number of folds. When a fold has several results (e.g. two runs), the newest file wins.
+with `*` and the number of folds. Results of `test.py --weights OTHER` (not the run's own checkpoint)
+get rows of their own, marked `[--weights FILE]`. When a fold has several results (e.g. two runs), the newest file wins.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def method_name(result: dict) -> str:
         name += " (no †)"
     if result.get("untrained"):
         name += " untrained"
+    if result.get("checkpoint_select") == "--weights":  # not the run's own checkpoint (test.py --weights)
+        name += f" [--weights {os.path.basename(str(result.get('weights')))}]"
     if result.get("trained_shot", result["shot"]) != result["shot"]:
         name += f" (trained {result['trained_shot']}-shot)"
     return name
