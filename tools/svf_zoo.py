@@ -31,7 +31,7 @@ ZOO = {
     "wide_resnet50_2": ({}, 64), "regnet_x_400mf": ({}, 64), "regnet_y_400mf": ({}, 64),
     "efficientnet_b0": ({}, 64), "efficientnet_v2_s": ({}, 64), "mobilenet_v2": ({}, 64),
     "mobilenet_v3_small": ({}, 64), "mnasnet0_5": ({}, 64), "shufflenet_v2_x0_5": ({}, 64),
-    "squeezenet1_1": ({}, 64), "densenet121": ({}, 64), "googlenet": ({"aux_logits": False, "init_weights": True}, 64),
+    "squeezenet1_1": ({}, 64), "densenet121": ({}, 64), "googlenet": ({"aux_logits": False, "init_weights": False}, 64),
     "inception_v3": ({"aux_logits": False, "init_weights": True}, 160), "convnext_tiny": ({}, 64),
     "maxvit_t": ({}, 224), "alexnet": ({}, 64), "vgg16_bn": ({}, 64), "swin_t": ({}, 64), "swin_v2_t": ({}, 64),
     "vit_b_16": ({}, 224),
