@@ -1,6 +1,6 @@
 """Training and test transforms of an (image, label) pair, with OpenCV, image and mask kept aligned.
 
-Training (PFENet/BAM recipe, DESIGN.md §3), each step drawing from the caller's numpy Generator
+Training (PFENet/BAM recipe), each step drawing from the caller's numpy Generator
 so that an episode is reproducible from its seed: random scale (linear for the image, nearest for
 the mask: INTER_NEAREST_EXACT, because OpenCV's INTER_NEAREST is offset by half a pixel from
 INTER_LINEAR and would shift the mask against the image); rotation within ±rotate_max with p=0.5

@@ -40,7 +40,7 @@ __all__ = ["MODES", "TRAINABLE_BY_MODE", "LowRankConv2d", "model_convert_conv", 
            "layer_rank", "mark_only_lrcc_as_trainable", "merge", "save_lora_state_dict",
            "load_lora_state_dict", "count_parameters", "print_trainable_parameters"]
 
-# What trains inside a converted layer (U = lora_B, V = lora_A, S = sparse_weight); DESIGN.md §2.
+# What trains inside a converted layer (U = lora_B, V = lora_A, S = sparse_weight), per mode.
 TRAINABLE_BY_MODE = {
     "fix_low_rank": ("sparse_weight",),
     "fix_sparse": ("lora_A", "lora_B"),
