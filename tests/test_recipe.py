@@ -122,7 +122,7 @@ def test_sync_bn_replaces_only_trained_batchnorm():
 
 def test_mid_epoch_validation_and_early_stop(tmp_path):
     """train.py: validation halfway through every epoch but the first, and the stop after
-    early_stop_epochs epochs without a better validation mIoU (base_lr 0 keeps the mIoU flat)."""
+    early_stop_epochs epochs without a better validation mIoU (head_lr_mult 0: the heads, all that trains, keep the mIoU flat)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
     data, lists = str(tmp_path / "data"), str(tmp_path / "lists")
     subprocess.run([sys.executable, "-m", "dataset.synthetic", "--out", data, "--num-train", "96",
@@ -132,7 +132,7 @@ def test_mid_epoch_validation_and_early_stop(tmp_path):
     exp = str(tmp_path / "exp")
     args = ["--config", "config/demo_split0.yaml", f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16",
             "train_size=32", "test_size=40", "workers=0", "reduce_dim=16", "pretrained=null", "svf=false",
-            "epochs=6", "batch_size=16", "base_lr=0", "lr_schedule=constant", "val_episodes=3", "val_mid_epoch=true",
+            "epochs=6", "batch_size=16", "base_lr=0.01", "head_lr_mult=0", "lr_schedule=constant", "val_episodes=3", "val_mid_epoch=true",
             "early_stop_epochs=2", f"exp_dir={exp}"]
     out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
