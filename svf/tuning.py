@@ -1,4 +1,5 @@
-"""What trains: the paper's freezing as one-liners, and the singular values as a tiny adapter file."""
+"""What trains: the paper's freezing as one-liners, updates of S that float32 cannot swallow, how far S
+moved, and the singular values as a tiny adapter file."""
 import math
 
 import torch
@@ -7,7 +8,8 @@ import torch.nn as nn
 from .layers import SVDLayer
 
 __all__ = ["mark_only_singular_values_as_trainable", "freeze_batchnorm", "apply_paper_freezing",
-           "singular_value_parameters", "state_dict", "load_state_dict"]
+           "singular_value_parameters", "keep_small_updates", "singular_value_change", "state_dict",
+           "load_state_dict"]
 
 FORMAT = "svf.singular_values/1"
 
@@ -62,6 +64,90 @@ def singular_value_parameters(model):
     """``{dotted name: vector_S}`` of every SVD layer in ``model``."""
     return {f"{name}.vector_S" if name else "vector_S": m.vector_S
             for name, m in model.named_modules() if isinstance(m, SVDLayer)}
+
+
+RESIDUAL = "svf_residual"  # optimizer state: the part of S that its float32 value cannot hold
+
+
+class _CompensatedStep:
+    """Optimizer step hooks: each step of a float32 parameter p runs in float64 on p + residual (grad and
+    elementwise state such as momentum cast too); afterwards p = round(result) and residual = result - p
+    (both float32), so p + residual carries ~48 bits and no update is rounded away."""
+
+    def __init__(self, params):
+        self.params, self.pending = params, []
+
+    def before(self, optimizer, args, kwargs):
+        for p in self.params:
+            if p.grad is None:
+                continue
+            state = optimizer.state.get(p, {})  # .get: an optimizer that creates state lazily (Adam) must see none
+            casted = [k for k, v in state.items() if k not in (RESIDUAL, "step") and torch.is_tensor(v)
+                      and v.shape == p.shape and v.dtype == p.dtype]
+            for k in casted:
+                state[k] = state[k].double()
+            master = p.detach().double()
+            if RESIDUAL in state:
+                master += state[RESIDUAL]
+            low, grad = p.data, p.grad
+            p.data = master
+            p.grad = grad.double()
+            self.pending.append((p, low, grad))
+
+    @torch.no_grad()
+    def after(self, optimizer, args, kwargs):
+        for p, low, grad in self.pending:
+            master = p.data
+            p.data = low  # back to its own float32 storage (data_ptr unchanged) ...
+            p.grad = grad
+            p.copy_(master)  # ... holding the rounded result; this bumps p's version (merged-weight cache)
+            state = optimizer.state[p]
+            for k, v in list(state.items()):
+                if k != "step" and torch.is_tensor(v) and v.dtype == master.dtype and v.shape == p.shape:
+                    state[k] = v.to(p.dtype)  # momentum etc. are kept in float32 between steps (checkpoints)
+            state[RESIDUAL] = (master - p.double()).to(p.dtype)
+        self.pending = []
+
+
+def keep_small_updates(optimizer, model):
+    """Let ``optimizer`` update the trainable singular values of ``model`` without float32 rounding.
+
+    A float32 S of ~1.4 cannot change by less than ~1e-7: SGD steps of lr x grad below that (common for S,
+    whose gradients are small) round away entirely, and S never trains. With this call each step of S runs
+    in float64 on S + a float32 residual kept in ``optimizer.state`` (saved and restored with the optimizer's
+    state_dict, so a resumed run continues bit for bit); ``vector_S`` stays the float32 Parameter holding S,
+    rounded to nearest. The optimizer sees S itself: weight decay in S's group acts on S as usual. Works with
+    any torch.optim optimizer whose state is elementwise (SGD, Adam, ...). Returns ``optimizer``."""
+    wanted = {id(p) for p in singular_value_parameters(model).values() if p.requires_grad}
+    params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in wanted]
+    if not params:
+        raise ValueError("svf.keep_small_updates: the optimizer holds none of the model's trainable singular "
+                         "values (vector_S); build the optimizer after svf.apply_paper_freezing")
+    if any(p.dtype != torch.float32 for p in params):
+        raise ValueError("svf.keep_small_updates: expects float32 singular values, got "
+                         f"{sorted({str(p.dtype) for p in params})}")
+    if getattr(optimizer, "_svf_small_updates", False):
+        return optimizer
+    step = _CompensatedStep(params)
+    optimizer.register_step_pre_hook(step.before)
+    optimizer.register_step_post_hook(step.after)
+    optimizer._svf_small_updates = True
+    return optimizer
+
+
+@torch.no_grad()
+def singular_value_change(model, start, depth=1):
+    """``{stage: ‖S − S_start‖ / ‖S_start‖}`` over the trainable singular values of ``model``, grouped by the
+    first ``depth`` parts of their names (``layer2``, ...); ``start`` is ``svf.state_dict(model)
+    ["singular_values"]`` taken earlier. Shows at a glance whether S trains at all."""
+    sums = {}
+    for name, p in singular_value_parameters(model).items():
+        if p.requires_grad:
+            s0 = start[name].to(p.device, torch.float64)
+            key = ".".join(name.split(".")[:depth])
+            d, n = sums.get(key, (0.0, 0.0))
+            sums[key] = (d + float((p.double() - s0).square().sum()), n + float(s0.square().sum()))
+    return {k: math.sqrt(d / max(n, 1e-300)) for k, (d, n) in sums.items()}
 
 
 def state_dict(model):

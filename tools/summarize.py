@@ -40,13 +40,18 @@ def find_results(root: str) -> list[tuple[str, dict]]:
 
 
 def method_name(result: dict) -> str:
-    name = f"{result['arch']}{'+SVF' if result['svf'] else ''} {result['backbone']}"
+    """The row: ``baseline+SVF resnet50`` (singular values trained), ``baseline resnet50 frozen backbone``
+    (svf off: the few-shot models train their heads only), ``baseline resnet50 untrained`` (as built)."""
+    untrained = result.get("untrained")
+    name = f"{result['arch']}{'+SVF' if result['svf'] and not untrained else ''} {result['backbone']}"
     if result.get("benchmark") == "coco" and result.get("coco_split", "interleaved") != "interleaved":
         name += f" ({result['coco_split']})"
     if not result.get("filter_novel", True):
         name += " (no †)"
-    if result.get("untrained"):
+    if untrained:
         name += " untrained"
+    elif not result["svf"]:
+        name += " frozen backbone"
     if result.get("trained_shot", result["shot"]) != result["shot"]:
         name += f" (trained {result['trained_shot']}-shot)"
     return name
