@@ -49,7 +49,7 @@ def tiny(tmp_path_factory):
     assert "checkpoint rule: best.pth = highest base-class mIoU" in out.stdout
     assert os.path.isfile(stage1) and os.path.isfile(str(tmp / "stage1" / "last.pth"))
     fss = common + [f"pretrained={stage1}", "epochs=2", "batch_size=4", "base_lr=0.01", "val_episodes=4",
-                    "test_episodes=6", "test_seeds=[1,2]"]
+                    "val_every=1", "test_episodes=6", "test_seeds=[1,2]"]
     return {"tmp": tmp, "args": ["--config", "config/demo_split0.yaml", *fss], "stage1": stage1}
 
 
@@ -80,6 +80,7 @@ def test_training_writes_checkpoints_logs_and_changes_the_model(tiny, full_run):
     assert os.path.isfile(os.path.join(exp, "best.pth")) and os.path.isfile(os.path.join(exp, "config.yaml"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(exp, "tb")))
     assert out.stdout.count("val mIoU") == 2
+    assert out.stdout.count("| S change layer2 ") == 2  # how far SVF moved the singular values, per epoch
     # SVF trained the singular values of layer2-4 and left layer0/1's alone
     stage1 = torch.load(tiny["stage1"], weights_only=True)["model"]
     trained = last["model"]
