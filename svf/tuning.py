@@ -70,54 +70,58 @@ RESIDUAL = "svf_residual"  # optimizer state: the part of S that its float32 val
 
 
 class _CompensatedStep:
-    """Optimizer step hooks: each step of a float32 parameter p runs in float64 on p + residual (grad and
-    elementwise state such as momentum cast too); afterwards p = round(result) and residual = result - p
-    (both float32), so p + residual carries ~48 bits and no update is rounded away."""
+    """Optimizer step hooks. Before the step, each float32 parameter p with a gradient is replaced in its
+    param group by a float64 stand-in holding p + residual, with the gradient and the elementwise state
+    (momentum, Adam's moments) cast to float64, so the optimizer's own update runs in float64. After the
+    step, p = the result rounded to float32, residual = result - p (float32), the state goes back to p in
+    float32. p itself never changes dtype or storage (autograd hooks such as DDP's stay attached to it)."""
 
     def __init__(self, params):
-        self.params, self.pending = params, []
+        self.ids, self.pending = {id(p) for p in params}, []
 
     def before(self, optimizer, args, kwargs):
-        for p in self.params:
-            if p.grad is None:
-                continue
-            state = optimizer.state.get(p, {})  # .get: an optimizer that creates state lazily (Adam) must see none
-            casted = [k for k, v in state.items() if k not in (RESIDUAL, "step") and torch.is_tensor(v)
-                      and v.shape == p.shape and v.dtype == p.dtype]
-            for k in casted:
-                state[k] = state[k].double()
-            master = p.detach().double()
-            if RESIDUAL in state:
-                master += state[RESIDUAL]
-            low, grad = p.data, p.grad
-            p.data = master
-            p.grad = grad.double()
-            self.pending.append((p, low, grad))
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                if id(p) not in self.ids or p.grad is None:
+                    continue
+                state = optimizer.state.pop(p, {})  # an optimizer that creates state lazily (Adam) must see none
+                residual = state.pop(RESIDUAL, None)
+                master = p.detach().double() + (0 if residual is None else residual)
+                master.requires_grad_(True)
+                master.grad = p.grad.detach().double()
+                if state:
+                    optimizer.state[master] = {k: v.double() if _elementwise(k, v, p) else v
+                                               for k, v in state.items()}
+                group["params"][i] = master
+                self.pending.append((group, i, p, master))
 
     @torch.no_grad()
     def after(self, optimizer, args, kwargs):
-        for p, low, grad in self.pending:
-            master = p.data
-            p.data = low  # back to its own float32 storage (data_ptr unchanged) ...
-            p.grad = grad
-            p.copy_(master)  # ... holding the rounded result; this bumps p's version (merged-weight cache)
-            state = optimizer.state[p]
-            for k, v in list(state.items()):
-                if k != "step" and torch.is_tensor(v) and v.dtype == master.dtype and v.shape == p.shape:
-                    state[k] = v.to(p.dtype)  # momentum etc. are kept in float32 between steps (checkpoints)
+        for group, i, p, master in self.pending:
+            group["params"][i] = p
+            p.copy_(master)  # rounded to nearest float32; bumps p's version (the merged-weight cache follows)
+            state = {k: v.to(p.dtype) if _elementwise(k, v, master) else v
+                     for k, v in optimizer.state.pop(master, {}).items()}
             state[RESIDUAL] = (master - p.double()).to(p.dtype)
+            optimizer.state[p] = state
         self.pending = []
+
+
+def _elementwise(key, value, param):  # optimizer state shaped like the parameter (momentum, moments), not "step"
+    return key != "step" and torch.is_tensor(value) and value.shape == param.shape and value.dtype == param.dtype
 
 
 def keep_small_updates(optimizer, model):
     """Let ``optimizer`` update the trainable singular values of ``model`` without float32 rounding.
 
-    A float32 S of ~1.4 cannot change by less than ~1e-7: SGD steps of lr x grad below that (common for S,
-    whose gradients are small) round away entirely, and S never trains. With this call each step of S runs
-    in float64 on S + a float32 residual kept in ``optimizer.state`` (saved and restored with the optimizer's
-    state_dict, so a resumed run continues bit for bit); ``vector_S`` stays the float32 Parameter holding S,
-    rounded to nearest. The optimizer sees S itself: weight decay in S's group acts on S as usual. Works with
-    any torch.optim optimizer whose state is elementwise (SGD, Adam, ...). Returns ``optimizer``."""
+    Float32 numbers near 1.4 are 1.2e-7 apart: an SGD step lr x grad below half of that (common for S, whose
+    gradients are small) rounds away entirely, every step, and S never trains. With this call each step of S
+    runs in float64 on S + a float32 residual kept in ``optimizer.state[p]["svf_residual"]`` (saved and
+    restored with the optimizer's state_dict, so a resumed run continues bit for bit); ``vector_S`` stays the
+    float32 Parameter holding S, rounded to nearest, so the model and its state dict are unchanged. The
+    optimizer sees S itself: weight decay in S's group acts on S, as without this call. Works with torch.optim
+    optimizers whose state is elementwise (SGD, Adam, AdamW, ...; checked with foreach and fused kernels).
+    Returns ``optimizer``."""
     wanted = {id(p) for p in singular_value_parameters(model).values() if p.requires_grad}
     params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in wanted]
     if not params:

@@ -1,6 +1,6 @@
 """svf.keep_small_updates: updates of S below float32's resolution accumulate instead of rounding away
 (SGD, SGD with momentum and weight decay, Adam), resume bit for bit through the optimizer's state_dict,
-leave the model's state dict and fast path as they were; svf.singular_value_change by hand; and a few
+leave the model's state dict, fast path and autograd hooks as they were; svf.singular_value_change by hand; and a few
 steps of the demo model's SVF training move layer4's singular values."""
 import io
 
@@ -110,6 +110,9 @@ def test_model_state_dict_names_and_fast_path_unchanged():
     assert [n for n, _ in layer.named_parameters() if "vector_S" in n] == ["vector_S"]
     assert set(layer.state_dict()) == {"conv_V.weight", "vector_S", "conv_U.weight", "conv_U.bias"}
     x = torch.randn(2, 8, 7, 7)
+    accumulated = []  # S's gradient accumulator stays the same across steps: DDP's reduction hooks in there
+    acc = layer.vector_S.expand_as(layer.vector_S).grad_fn.next_functions[0][0]
+    acc.register_hook(lambda *grads: accumulated.append(1))
     for _ in range(2):  # the merged-weight cache follows the compensated steps
         with torch.no_grad():
             fast = layer(x)
@@ -118,7 +121,8 @@ def test_model_state_dict_names_and_fast_path_unchanged():
         factored.square().mean().backward()
         opt.step()
         opt.zero_grad()
-    assert layer.vector_S.data_ptr() == layer.state_dict()["vector_S"].data_ptr()
+    assert len(accumulated) == 2 and layer.vector_S.dtype == torch.float32
+    assert opt.param_groups[0]["params"][0] is layer.vector_S
 
 
 def test_keep_small_updates_rejects_an_optimizer_without_singular_values():
