@@ -57,6 +57,13 @@ def method_name(result: dict) -> str:
     return name
 
 
+def row_order(name: str) -> tuple:
+    """A method's untrained row first, then its frozen-backbone row, then +SVF (and other trained rows)."""
+    rank = 0 if " untrained" in name else 1 if " frozen backbone" in name else 2
+    base = name.replace("+SVF", "").replace(" untrained", "").replace(" frozen backbone", "")
+    return base, rank, name
+
+
 def build_table(results: list[tuple[str, dict]]) -> dict:
     """{benchmark: {method: {shot: {fold: mIoU}}}}; later files replace earlier ones."""
     table: dict = {}
@@ -77,7 +84,7 @@ def render(table: dict, markdown: bool = False) -> str:
     lines = []
     header = ["method"] + [f"{s}-shot {c}" for s in SHOTS for c in [f"fold{f}" for f in FOLDS] + ["mean"]]
     for benchmark, methods in sorted(table.items()):
-        rows = [[name] + [c for s in SHOTS for c in format_cells(shots.get(s, {}))] for name, shots in sorted(methods.items())]
+        rows = [[name] + [c for s in SHOTS for c in format_cells(shots.get(s, {}))] for name, shots in sorted(methods.items(), key=lambda item: row_order(item[0]))]
         lines.append(f"{benchmark} (mIoU %)")
         if markdown:
             lines.append("| " + " | ".join(header) + " |")
