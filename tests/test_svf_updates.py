@@ -51,7 +51,7 @@ def test_updates_below_float32_resolution_accumulate():
     spacing = torch.finfo(torch.float32).eps * s0.abs().double()
     assert ((layer.vector_S.detach().double() - expected).abs() <= 0.5 * spacing).all()
     assert (layer.vector_S.detach() != s0).all()
-    assert layer.vector_S.dtype == torch.float32 and opt.state[layer.vector_S][svf.tuning.RESIDUAL].dtype == torch.float32
+    assert layer.vector_S.dtype == opt.state[layer.vector_S][svf.tuning.RESIDUAL].dtype == torch.float32
 
 
 def test_weight_decay_acts_on_s_itself():

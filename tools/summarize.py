@@ -84,7 +84,8 @@ def render(table: dict, markdown: bool = False) -> str:
     lines = []
     header = ["method"] + [f"{s}-shot {c}" for s in SHOTS for c in [f"fold{f}" for f in FOLDS] + ["mean"]]
     for benchmark, methods in sorted(table.items()):
-        rows = [[name] + [c for s in SHOTS for c in format_cells(shots.get(s, {}))] for name, shots in sorted(methods.items(), key=lambda item: row_order(item[0]))]
+        rows = [[name] + [c for s in SHOTS for c in format_cells(shots.get(s, {}))]
+                for name, shots in sorted(methods.items(), key=lambda item: row_order(item[0]))]
         lines.append(f"{benchmark} (mIoU %)")
         if markdown:
             lines.append("| " + " | ".join(header) + " |")
