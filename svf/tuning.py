@@ -76,8 +76,8 @@ class _CompensatedStep:
     step, p = the result rounded to float32, residual = result - p (float32), the state goes back to p in
     float32. p itself never changes dtype or storage (autograd hooks such as DDP's stay attached to it)."""
 
-    def __init__(self, params):
-        self.ids, self.pending = {id(p) for p in params}, []
+    def __init__(self):
+        self.ids, self.pending = set(), []
 
     def before(self, optimizer, args, kwargs):
         for group in optimizer.param_groups:
@@ -130,12 +130,12 @@ def keep_small_updates(optimizer, model):
     if any(p.dtype != torch.float32 for p in params):
         raise ValueError("svf.keep_small_updates: expects float32 singular values, got "
                          f"{sorted({str(p.dtype) for p in params})}")
-    if getattr(optimizer, "_svf_small_updates", False):
-        return optimizer
-    step = _CompensatedStep(params)
-    optimizer.register_step_pre_hook(step.before)
-    optimizer.register_step_post_hook(step.after)
-    optimizer._svf_small_updates = True
+    step = getattr(optimizer, "_svf_small_updates", None)
+    if step is None:  # one pair of hooks per optimizer; a second call adds its parameters
+        step = optimizer._svf_small_updates = _CompensatedStep()
+        optimizer.register_step_pre_hook(step.before)
+        optimizer.register_step_post_hook(step.after)
+    step.ids.update(id(p) for p in params)
     return optimizer
 
 

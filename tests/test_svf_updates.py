@@ -44,6 +44,7 @@ def test_updates_below_float32_resolution_accumulate():
 
     layer, s0 = _layer()
     opt = svf.keep_small_updates(torch.optim.SGD([layer.vector_S], lr=lr), layer)
+    assert svf.keep_small_updates(opt, layer) is opt  # calling it twice changes nothing below
     _steps(layer, opt, grad, N)
     expected = s0.double() - N * lr * grad.double()
     torch.testing.assert_close(_exact(layer, opt) - s0.double(), expected - s0.double(), rtol=1e-6, atol=0)
