@@ -213,12 +213,12 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
                                         iters_per_epoch, total_steps, use_amp, writer, progress, stage1)
             progress.update(epoch=epoch, iteration=iters_per_epoch)
             line = f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} ({time.time() - t0:.0f}s)"
+            validate_now = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
             if s_start is not None:  # relative change of S per stage since the start: 0 means SVF trains nothing
                 s_change = svf.singular_value_change(unwrap(net).backbone, s_start)
                 line += " | S change " + " ".join(f"{stage} {v:.1e}" for stage, v in s_change.items())
                 for stage, v in s_change.items() if writer else ():
                     writer.add_scalar(f"svf/relative_change_{stage}", v, epoch + 1)
-            validate_now = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
             if validate_now:
                 if stage1:
                     metric = evaluate_semantic(net, val_set, cfg.num_base_classes, dist_info, cfg.workers, use_amp)

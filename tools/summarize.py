@@ -44,14 +44,14 @@ def method_name(result: dict) -> str:
     (svf off: the few-shot models train their heads only), ``baseline resnet50 untrained`` (as built)."""
     untrained = result.get("untrained")
     name = f"{result['arch']}{'+SVF' if result['svf'] and not untrained else ''} {result['backbone']}"
+    if not result["svf"] and not untrained:
+        name += " frozen backbone"
     if result.get("benchmark") == "coco" and result.get("coco_split", "interleaved") != "interleaved":
         name += f" ({result['coco_split']})"
     if not result.get("filter_novel", True):
         name += " (no †)"
-    if untrained:
+    if result.get("untrained"):
         name += " untrained"
-    elif not result["svf"]:
-        name += " frozen backbone"
     if result.get("trained_shot", result["shot"]) != result["shot"]:
         name += f" (trained {result['trained_shot']}-shot)"
     return name
