@@ -5,7 +5,8 @@
 #      (stands in for ImageNet pretraining, which cannot be downloaded here);
 #   3. evaluate the few-shot model before training (backbone from stage 1, heads untrained);
 #   4. train the few-shot model (the SVF paper's baseline with SVF) and test it;
-#   5. print the per-fold table (tools/summarize.py).
+#   5. the same with the backbone frozen (svf=false: same seeds, episodes and heads' LR), SVF's reference;
+#   6. print the per-fold table (tools/summarize.py): untrained / frozen backbone / +SVF rows.
 # Usage: sh demo.sh                  # fold 0
 #        FOLDS="0 1 2 3" sh demo.sh  # all four folds (about four times as long)
 # Re-running reuses the data, the lists and finished runs (unfinished ones are resumed).
@@ -31,6 +32,11 @@ for FOLD in $FOLDS; do
     RESUME=""; [ -f "$EXP_DIR/last.pth" ] && RESUME=--resume
     $PYTHON train.py --config "$CFG" $RESUME
     $PYTHON test.py --config "$CFG" --vis 4
+    FROZEN_DIR=$($PYTHON -m engine.config "$CFG" svf=false --get exp_dir)
+    echo "=== fold $FOLD: few-shot training with the backbone frozen (svf=false) -> $FROZEN_DIR"
+    RESUME=""; [ -f "$FROZEN_DIR/last.pth" ] && RESUME=--resume
+    $PYTHON train.py --config "$CFG" svf=false $RESUME
+    $PYTHON test.py --config "$CFG" svf=false
 done
 $PYTHON tools/summarize.py exp/demo
 echo "demo finished in $(( $(date +%s) - START )) s"

@@ -179,6 +179,10 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
             print0("note: sync_bn applies to GPUs only (PyTorch's SyncBatchNorm); this CPU run keeps per-process "
                    "BatchNorm statistics")
     optimizer = build_sgd(models.param_groups(net, cfg), cfg.base_lr, cfg.momentum, cfg.weight_decay)
+    s_start = None  # SVF: the singular values before training, to log how far they moved
+    if cfg.svf:
+        svf.keep_small_updates(optimizer, net)  # S's updates (lr x grad ~1e-9) would round away in float32
+        s_start = svf.state_dict(net.backbone)["singular_values"]
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch, start_iter, best_miou, best_epoch = 0, 0, -math.inf, 0
@@ -290,6 +294,11 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
             loss_text = f"{mean_loss:.4f}" if progress["loss_steps"] else "n/a (no step of it was logged)"
             line = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_text} ({time.time() - t0:.0f}s)"
             validate_now = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+            if s_start is not None:  # relative change of S per stage since the start: 0 means SVF trains nothing
+                s_change = svf.singular_value_change(unwrap(net).backbone, s_start)
+                line += " | S change " + " ".join(f"{stage} {v:.1e}" for stage, v in s_change.items())
+                for stage, v in s_change.items() if writer else ():
+                    writer.add_scalar(f"svf/relative_change_{stage}", v, epoch + 1)
             if validate_now:
                 line += validate(epoch + 1)
             progress.update(epoch=epoch + 1, iteration=0, loss_sum=0.0, loss_steps=0)

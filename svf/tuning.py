@@ -1,4 +1,5 @@
-"""What trains: the paper's freezing as one-liners, and the singular values as a tiny adapter file."""
+"""What trains: the paper's freezing as one-liners, updates of S that float32 cannot swallow, how far S
+moved, and the singular values as a tiny adapter file."""
 import math
 
 import torch
@@ -7,7 +8,8 @@ import torch.nn as nn
 from .layers import SVDLayer
 
 __all__ = ["mark_only_singular_values_as_trainable", "freeze_batchnorm", "apply_paper_freezing",
-           "singular_value_parameters", "state_dict", "load_state_dict"]
+           "singular_value_parameters", "keep_small_updates", "singular_value_change", "state_dict",
+           "load_state_dict"]
 
 FORMAT = "svf.singular_values/1"
 
@@ -62,6 +64,94 @@ def singular_value_parameters(model):
     """``{dotted name: vector_S}`` of every SVD layer in ``model``."""
     return {f"{name}.vector_S" if name else "vector_S": m.vector_S
             for name, m in model.named_modules() if isinstance(m, SVDLayer)}
+
+
+RESIDUAL = "svf_residual"  # optimizer state: the part of S that its float32 value cannot hold
+
+
+class _CompensatedStep:
+    """Optimizer step hooks. Before the step, each float32 parameter p with a gradient is replaced in its
+    param group by a float64 stand-in holding p + residual, with the gradient and the elementwise state
+    (momentum, Adam's moments) cast to float64, so the optimizer's own update runs in float64. After the
+    step, p = the result rounded to float32, residual = result - p (float32), the state goes back to p in
+    float32. p itself never changes dtype or storage (autograd hooks such as DDP's stay attached to it)."""
+
+    def __init__(self):
+        self.ids, self.pending = set(), []
+
+    def before(self, optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                if id(p) not in self.ids or p.grad is None:
+                    continue
+                state = optimizer.state.pop(p, {})  # an optimizer that creates state lazily (Adam) must see none
+                residual = state.pop(RESIDUAL, None)
+                master = p.detach().double() + (0 if residual is None else residual)
+                master.requires_grad_(True)
+                master.grad = p.grad.detach().double()
+                if state:
+                    optimizer.state[master] = {k: v.double() if _elementwise(k, v, p) else v
+                                               for k, v in state.items()}
+                group["params"][i] = master
+                self.pending.append((group, i, p, master))
+
+    @torch.no_grad()
+    def after(self, optimizer, args, kwargs):
+        for group, i, p, master in self.pending:
+            group["params"][i] = p
+            p.copy_(master)  # rounded to nearest float32; bumps p's version (the merged-weight cache follows)
+            state = {k: v.to(p.dtype) if _elementwise(k, v, master) else v
+                     for k, v in optimizer.state.pop(master, {}).items()}
+            state[RESIDUAL] = (master - p.double()).to(p.dtype)
+            optimizer.state[p] = state
+        self.pending = []
+
+
+def _elementwise(key, value, param):  # optimizer state shaped like the parameter (momentum, moments), not "step"
+    return key != "step" and torch.is_tensor(value) and value.shape == param.shape and value.dtype == param.dtype
+
+
+def keep_small_updates(optimizer, model):
+    """Let ``optimizer`` update the trainable singular values of ``model`` without float32 rounding.
+
+    Float32 numbers near 1.4 are 1.2e-7 apart: an SGD step lr x grad below half of that (common for S, whose
+    gradients are small) rounds away entirely, every step, and S never trains. With this call each step of S
+    runs in float64 on S + a float32 residual kept in ``optimizer.state[p]["svf_residual"]`` (saved and
+    restored with the optimizer's state_dict, so a resumed run continues bit for bit); ``vector_S`` stays the
+    float32 Parameter holding S, rounded to nearest, so the model and its state dict are unchanged. The
+    optimizer sees S itself: weight decay in S's group acts on S, as without this call. Works with torch.optim
+    optimizers whose state is elementwise (SGD, Adam, AdamW, ...; checked with foreach and fused kernels).
+    Returns ``optimizer``."""
+    wanted = {id(p) for p in singular_value_parameters(model).values() if p.requires_grad}
+    params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in wanted]
+    if not params:
+        raise ValueError("svf.keep_small_updates: the optimizer holds none of the model's trainable singular "
+                         "values (vector_S); build the optimizer after svf.apply_paper_freezing")
+    if any(p.dtype != torch.float32 for p in params):
+        raise ValueError("svf.keep_small_updates: expects float32 singular values, got "
+                         f"{sorted({str(p.dtype) for p in params})}")
+    step = getattr(optimizer, "_svf_small_updates", None)
+    if step is None:  # one pair of hooks per optimizer; a second call adds its parameters
+        step = optimizer._svf_small_updates = _CompensatedStep()
+        optimizer.register_step_pre_hook(step.before)
+        optimizer.register_step_post_hook(step.after)
+    step.ids.update(id(p) for p in params)
+    return optimizer
+
+
+@torch.no_grad()
+def singular_value_change(model, start, depth=1):
+    """``{stage: ‖S − S_start‖ / ‖S_start‖}`` over the trainable singular values of ``model``, grouped by the
+    first ``depth`` parts of their names (``layer2``, ...); ``start`` is ``svf.state_dict(model)
+    ["singular_values"]`` taken earlier. Shows at a glance whether S trains at all."""
+    sums = {}
+    for name, p in singular_value_parameters(model).items():
+        if p.requires_grad:
+            s0 = start[name].to(p.device, torch.float64)
+            key = ".".join(name.split(".")[:depth])
+            d, n = sums.get(key, (0.0, 0.0))
+            sums[key] = (d + float((p.double() - s0).square().sum()), n + float(s0.square().sum()))
+    return {k: math.sqrt(d / max(n, 1e-300)) for k, (d, n) in sums.items()}
 
 
 def state_dict(model):

@@ -74,6 +74,7 @@ def test_training_writes_checkpoints_logs_and_changes_the_model(tiny, full_run):
     assert os.path.isfile(os.path.join(exp, "best.pth")) and os.path.isfile(os.path.join(exp, "config.yaml"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(exp, "tb")))
     assert out.stdout.count("val mIoU") == 2
+    assert out.stdout.count("| S change layer2 ") == 2  # how far SVF moved the singular values, per epoch
     # SVF trained the singular values of layer2-4 and left layer0/1's alone
     stage1 = torch.load(tiny["stage1"], weights_only=True)["model"]
     trained = last["model"]

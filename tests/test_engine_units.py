@@ -103,3 +103,19 @@ def test_summarize_table(tmp_path):
     assert table["pascal"]["baseline+SVF resnet50"][1] == {0: 0.6, 1: 0.7, 2: 0.5, 3: 0.4}
     text = render(table)
     assert "60.00" in text and "55.00" in text and "80.00*1" in text
+
+
+def test_summarize_rows_untrained_frozen_and_svf(tmp_path):
+    from tools.summarize import build_table, find_results, render
+    base = {"benchmark": "pascal", "arch": "baseline", "backbone": "resnet18_deep", "fold": 0, "shot": 1}
+    runs = {"untrained": dict(base, svf=True, untrained=True, miou=0.1),
+            "frozen": dict(base, svf=False, miou=0.4), "svf": dict(base, svf=True, miou=0.5)}
+    for name, r in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "test_1shot.json").write_text(json.dumps(r))
+    table = build_table(find_results(str(tmp_path)))
+    rows = {m: shots[1][0] for m, shots in table["pascal"].items()}
+    assert rows == {"baseline resnet18_deep untrained": 0.1, "baseline resnet18_deep frozen backbone": 0.4,
+                    "baseline+SVF resnet18_deep": 0.5}
+    lines = render(table).splitlines()[2:]  # untrained, frozen, SVF, in this order
+    assert [line.split()[-10] for line in lines if line] == ["10.00", "40.00", "50.00"]

@@ -41,7 +41,12 @@ def find_results(root: str) -> list[tuple[str, dict]]:
 
 
 def method_name(result: dict) -> str:
-    name = f"{result['arch']}{'+SVF' if result['svf'] else ''} {result['backbone']}"
+    """The row: ``baseline+SVF resnet50`` (singular values trained), ``baseline resnet50 frozen backbone``
+    (svf off: the few-shot models train their heads only), ``baseline resnet50 untrained`` (as built)."""
+    untrained = result.get("untrained")
+    name = f"{result['arch']}{'+SVF' if result['svf'] and not untrained else ''} {result['backbone']}"
+    if not result["svf"] and not untrained:
+        name += " frozen backbone"
     if result.get("benchmark") == "coco" and result.get("coco_split", "interleaved") != "interleaved":
         name += f" ({result['coco_split']})"
     if not result.get("filter_novel", True):
@@ -53,6 +58,13 @@ def method_name(result: dict) -> str:
     if result.get("trained_shot", result["shot"]) != result["shot"]:
         name += f" (trained {result['trained_shot']}-shot)"
     return name
+
+
+def row_order(name: str) -> tuple:
+    """A method's untrained row first, then its frozen-backbone row, then +SVF (and other trained rows)."""
+    rank = 0 if " untrained" in name else 1 if " frozen backbone" in name else 2
+    base = name.replace("+SVF", "").replace(" untrained", "").replace(" frozen backbone", "")
+    return base, rank, name
 
 
 def build_table(results: list[tuple[str, dict]]) -> dict:
@@ -75,7 +87,8 @@ def render(table: dict, markdown: bool = False) -> str:
     lines = []
     header = ["method"] + [f"{s}-shot {c}" for s in SHOTS for c in [f"fold{f}" for f in FOLDS] + ["mean"]]
     for benchmark, methods in sorted(table.items()):
-        rows = [[name] + [c for s in SHOTS for c in format_cells(shots.get(s, {}))] for name, shots in sorted(methods.items())]
+        rows = [[name] + [c for s in SHOTS for c in format_cells(shots.get(s, {}))]
+                for name, shots in sorted(methods.items(), key=lambda item: row_order(item[0]))]
         lines.append(f"{benchmark} (mIoU %)")
         if markdown:
             lines.append("| " + " | ".join(header) + " |")
