@@ -1,4 +1,5 @@
-"""The three dataset builders the engine calls, reading the flat ``cfg`` (see the README's config keys).
+"""The three dataset builders the engine calls, reading the flat ``cfg`` (see docs/data_and_protocol.md,
+"Config keys read by the dataset").
 
 Keys read: benchmark, data_root, list_dir, fold, shot, seed, train_size / test_size, and optional
 coco_split ("interleaved"), filter_novel (True, the † filter), min_class_pixels (2048),

@@ -1,6 +1,6 @@
 """The segmentation metric: intersection and union counts summed over episodes (the ONLY metric).
 
-Protocol (PFENet / BAM / HSNet; the README's "Testing" section):
+Protocol (PFENet / BAM / HSNet; docs/data_and_protocol.md, "Test protocol"):
 - logits are upsampled to the ORIGINAL-resolution label, pixels labelled 255 are ignored;
 - per novel class, intersection and union are summed over all episodes of that class and
   mIoU = mean over the fold's novel classes of ΣI / ΣU (not a mean of per-episode IoUs);
