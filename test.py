@@ -89,7 +89,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         # the checkpoint holds every weight (backbone and base learner included), so the model is built
         # without reading `pretrained` / `base_learner`, and their "random init" warnings do not apply
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(pretrained|base_learner) is not set.*")
+            warnings.simplefilter("ignore", models.RandomInitWarning)
             net = models.build_model(cfg.replace(shot=shot, pretrained=None, base_learner=None))
     net = net.to(dist_info.device)
     if args.untrained:

@@ -6,10 +6,10 @@
     load_backbone_weights(backbone, path)    # strict loading of resnet50_v2.pth / torchvision / own checkpoints
 """
 from .backbones import BACKBONES, STAGES, Backbone, build_backbone
-from .build import ARCHS, build_model, param_groups
+from .build import ARCHS, RandomInitWarning, build_model, param_groups
 from .fewshot import BAM, PFENet, Baseline
 from .pspnet import PSPNet
 from .weights import load_backbone_weights
 
 __all__ = ["build_model", "param_groups", "load_backbone_weights", "build_backbone", "Backbone", "BACKBONES",
-           "STAGES", "ARCHS", "PSPNet", "Baseline", "PFENet", "BAM"]
+           "STAGES", "ARCHS", "PSPNet", "Baseline", "PFENet", "BAM", "RandomInitWarning"]

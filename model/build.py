@@ -27,7 +27,12 @@ from .pspnet import PSPNet
 from .released import convert_released, detect_format
 from .weights import load_backbone_weights, load_state_dict_strict, read_state_dict
 
-__all__ = ["build_model", "param_groups", "ARCHS", "cfg_value", "dilation_rule", "load_base_learner"]
+__all__ = ["build_model", "param_groups", "ARCHS", "cfg_value", "dilation_rule", "load_base_learner",
+           "RandomInitWarning"]
+
+
+class RandomInitWarning(UserWarning):
+    """A part of the model is randomly initialised because its weights file is not set (tests, demos)."""
 
 ARCHS = ("pspnet", "baseline", "pfenet", "bam")
 
@@ -85,7 +90,7 @@ def _backbone_from(cfg):
         load_backbone_weights(backbone, path)
     else:
         warnings.warn(f"pretrained is not set: the {backbone.name} backbone is randomly initialised "
-                      "(fine for tests and demos, meaningless for results)", stacklevel=3)
+                      "(fine for tests and demos, meaningless for results)", RandomInitWarning, stacklevel=3)
     return backbone
 
 
@@ -141,7 +146,7 @@ def build_model(cfg):
             load_base_learner(pspnet, path)
         else:
             warnings.warn("base_learner is not set: BAM's base learner (PSPNet head) is randomly initialised "
-                          "(fine for tests and demos, meaningless for results)", stacklevel=2)
+                          "(fine for tests and demos, meaningless for results)", RandomInitWarning, stacklevel=2)
             pspnet = _pspnet(cfg, _backbone_from(cfg))
         model = BAM(pspnet.backbone, pspnet.head, shot=int(cfg_value(cfg, "shot")), reduce_dim=reduce_dim,
                     aux_loss_weight=aux, base_class_ids=_base_class_ids(cfg))

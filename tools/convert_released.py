@@ -32,7 +32,7 @@ def main(argv=None):
 
     cfg = load_config(args.config, split_overrides(rest))
     with warnings.catch_warnings():  # every weight comes from the file
-        warnings.filterwarnings("ignore", message=".*(pretrained|base_learner) is not set.*")
+        warnings.simplefilter("ignore", models.RandomInitWarning)
         net = models.build_model(cfg.replace(pretrained=None, base_learner=None))
     obj = load_checkpoint(args.src)
     fmt, report = load_released(net, obj, args.src)
