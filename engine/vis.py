@@ -102,7 +102,8 @@ def make_visualiser(vis_dir: str, count: int, benchmark: str, resize_smaller: bo
         square = denormalize(batch["query_img"][0])
         hs, ws = resized_test_shape(h0, w0, square.shape[0], resize_smaller)  # top-left content of the square
         query = cv2.resize(square[:hs, :ws], (w0, h0), interpolation=cv2.INTER_LINEAR)
-        supports = [(denormalize(img), m.numpy()) for img, m in zip(batch["support_imgs"][0], batch["support_masks"][0])]
+        supports = [(denormalize(img), m.numpy())
+                    for img, m in zip(batch["support_imgs"][0], batch["support_masks"][0])]
         figure = render_episode(supports, query, label.numpy(), pred.numpy(),
                                 class_name(benchmark, int(batch["class_id"][0])), episode_iou(pred, label))
         path = os.path.join(vis_dir, f"episode_{index:05d}.png")
