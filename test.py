@@ -15,8 +15,9 @@ per-class IoU, mIoU and FB-IoU (mean ± sample std over seeds) and writes them t
 `exp_dir/test_{K}shot.json` (`test_{K}shot_untrained.json` with --untrained; with --weights FILE,
 `test_{K}shot_weights-<name>-<hash of FILE's path>.json`, so another checkpoint never overwrites the run's results;
 figures likewise go to `vis_{K}shot_untrained/` and `vis_{K}shot_weights-.../`). `--vis N` writes N PNG
-figures of the first seed's episodes (supports | query + ground truth | query + prediction) to
-`exp_dir/vis_{K}shot/`.
+figures of the first seed's episodes to `exp_dir/vis_{K}shot/`: supports with their mask (blue) | query with
+the ground truth (green) | query with the prediction (magenta), titled with the class name and the episode's IoU
+(engine/vis.py).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from engine.config import Config, load_config, split_overrides
 from engine.distributed import DistInfo, cleanup_distributed, init_distributed, print0, seed_everything
 from engine.loop import evaluate_episodes
 from engine.preflight import check_base_learner, check_data, check_pretrained
+from engine.vis import make_visualiser
 
 
 def parse_args(argv=None):
@@ -112,7 +114,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         if i == 0 and args.vis > 0:
             tag = results_tag(shot, args.untrained, args.weights, cfg)
             vis_dir = os.path.join(os.path.dirname(args.out) if args.out else cfg.exp_dir, f"vis_{tag}")
-            on_episode = make_visualiser(vis_dir, args.vis, cfg.test_resize_smaller)
+            on_episode = make_visualiser(vis_dir, args.vis, cfg.benchmark, cfg.test_resize_smaller)
         t0 = time.time()
         metric = evaluate_episodes(net, episodes, class_ids, dist_info, cfg.workers, amp,
                                    progress=True, on_episode=on_episode)
@@ -179,52 +181,6 @@ def results_tag(shot: int, untrained: bool, weights, cfg: Config) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(weights))[0])
     digest = hashlib.sha1(os.path.abspath(weights).encode()).hexdigest()[:8]
     return f"{shot}shot_weights-{stem}-{digest}"
-
-
-def make_visualiser(vis_dir: str, count: int, resize_smaller: bool = True):
-    """on_episode callback writing figures of the first `count` episodes (by episode index)."""
-    import cv2
-    import numpy as np
-    from dataset.transforms import denormalize, resized_test_shape
-
-    os.makedirs(vis_dir, exist_ok=True)
-    height = 240
-    colours = {"gt": np.array([0, 200, 0]), "pred": np.array([230, 40, 40]), "support": np.array([0, 120, 255])}
-
-    def overlay(rgb, mask, colour):
-        out = rgb.astype(np.float32).copy()
-        fg, ignore = mask == 1, mask == 255
-        out[fg] = 0.5 * out[fg] + 0.5 * colour
-        out[ignore] = 0.5 * out[ignore] + 0.5 * 128
-        return out
-
-    def panel(rgb, title):
-        h, w = rgb.shape[:2]
-        img = cv2.resize(np.clip(rgb, 0, 255).astype(np.uint8), (max(1, round(w * height / h)), height),
-                         interpolation=cv2.INTER_NEAREST)
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-        cv2.putText(img, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-        return img
-
-    def on_episode(batch, pred):
-        index = int(batch["episode"][0])
-        if index >= count:
-            return
-        label = batch["query_label"][0].numpy()
-        h0, w0 = label.shape
-        square = denormalize(batch["query_img"][0])
-        s = square.shape[0]
-        hs, ws = resized_test_shape(h0, w0, s, resize_smaller)  # top-left content of the square
-        query = cv2.resize(square[:hs, :ws], (w0, h0), interpolation=cv2.INTER_LINEAR)
-        panels = [panel(overlay(denormalize(img), m.numpy(), colours["support"]), f"support {k + 1}")
-                  for k, (img, m) in enumerate(zip(batch["support_imgs"][0], batch["support_masks"][0]))]
-        panels.append(panel(overlay(query, label, colours["gt"]), f"ground truth (class {int(batch['class_id'][0])})"))
-        panels.append(panel(overlay(query, pred.numpy(), colours["pred"]), "prediction"))
-        path = os.path.join(vis_dir, f"episode_{index:05d}.png")
-        if not cv2.imwrite(path, np.concatenate(panels, axis=1)):
-            raise OSError(f"could not write {path}")
-
-    return on_episode
 
 
 if __name__ == "__main__":

@@ -8,12 +8,28 @@ Class ids are 1-based and global (PASCAL 1..20, COCO 1..80 in the official categ
   ``interleaved`` (PFENet, BAM, HSNet, SVF; the default): fold i novel = {4k+i+1 : k = 0..19};
   ``consecutive``: fold i novel = {20i+1 .. 20i+20}.
 The base (training) classes of a fold are all the other classes.
+Class names (``class_name``): VOC2012's 20 in their id order; COCO's 80 in the official category order
+(the 91 category ids with the 11 unused ones removed: person = 1 ... toothbrush = 80).
 """
 
 BENCHMARKS = ("pascal", "coco")
 COCO_SPLITS = ("interleaved", "consecutive")
 NUM_FOLDS = 4
 IGNORE_LABEL = 255
+CLASS_NAMES = {
+    "pascal": ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"),
+    "coco": ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+             "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse",
+             "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie",
+             "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+             "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon",
+             "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
+             "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
+             "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+             "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"),
+}
 
 
 def num_classes(benchmark):
@@ -23,6 +39,14 @@ def num_classes(benchmark):
     if benchmark == "coco":
         return 80
     raise ValueError(f"unknown benchmark {benchmark!r}: expected one of {BENCHMARKS}")
+
+
+def class_name(benchmark, class_id):
+    """The name of 1-based class ``class_id`` of a benchmark ("aeroplane" for pascal 1, "person" for coco 1)."""
+    n = num_classes(benchmark)
+    if isinstance(class_id, bool) or not isinstance(class_id, int) or not 1 <= class_id <= n:
+        raise ValueError(f"class id must be an integer in 1..{n} for {benchmark}, got {class_id!r}")
+    return CLASS_NAMES[benchmark][class_id - 1]
 
 
 def _check_fold(fold):

@@ -53,6 +53,13 @@ def intersection_union(pred: torch.Tensor, label: torch.Tensor, num_classes: int
     return inter, area_pred + area_label - inter
 
 
+def episode_iou(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Foreground IoU of ONE episode (what a figure shows; mIoU sums I and U over episodes instead):
+    pred and label (H0, W0), label in {0, 1, 255}; NaN when neither has a foreground pixel."""
+    inter, union = intersection_union(pred, label, 2)
+    return float(inter[1]) / float(union[1]) if int(union[1]) > 0 else math.nan
+
+
 class EpisodeIoU:
     """Few-shot episodes: binary (background / episode class) I and U summed per class."""
 

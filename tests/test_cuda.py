@@ -22,7 +22,7 @@ import torch.nn as nn
 
 import svf
 from model import build_model
-from test_model_helpers import random_episode, tiny_cfg
+from conftest import random_episode, tiny_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()

@@ -1,7 +1,7 @@
 """Fold splits of PASCAL-5i and COCO-20i (both COCO conventions): the values the papers use."""
 import pytest
 
-from dataset.splits import base_classes, novel_classes, num_classes
+from dataset.splits import base_classes, class_name, novel_classes, num_classes
 
 
 def test_pascal_folds():
@@ -46,3 +46,18 @@ def test_bad_benchmark_and_convention():
         novel_classes("voc", 0)
     with pytest.raises(ValueError, match="unknown coco_split 'random'"):
         base_classes("coco", 0, "random")
+
+
+def test_class_names():
+    for benchmark in ("pascal", "coco"):
+        names = [class_name(benchmark, c) for c in range(1, num_classes(benchmark) + 1)]
+        assert len(set(names)) == num_classes(benchmark)
+    assert [class_name("pascal", c) for c in novel_classes("pascal", 0)] == [
+        "aeroplane", "bicycle", "bird", "boat", "bottle"]
+    assert (class_name("pascal", 15), class_name("pascal", 20)) == ("person", "tvmonitor")
+    assert [class_name("coco", c) for c in (1, 5, 40, 62, 80)] == ["person", "airplane", "bottle", "toilet",
+                                                                  "toothbrush"]
+    with pytest.raises(ValueError, match=r"1\.\.20 for pascal"):
+        class_name("pascal", 0)
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        class_name("voc", 1)

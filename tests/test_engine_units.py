@@ -71,10 +71,71 @@ def test_load_model_weights_is_strict(tmp_path):
         load_model_weights(net, path)
 
 
-def test_seeds_and_shards():
+def test_derived_seeds_are_stable_and_distinct():
     assert derive_seed(321, 0, 0) == derive_seed(321, 0, 0)
     assert len({derive_seed(321, e, r) for e in range(10) for r in range(4)}) == 40
     assert 0 <= derive_seed(1, 2, 3) < 2 ** 31
+
+
+class _HandEpisodes(torch.utils.data.Dataset):
+    """Test-episode items as dataset.build_test_dataset gives them: a 16 x 16 padded query, one support, and
+    the original 12 x 16 label with some 255; random but fixed per index."""
+    classes = [1, 2, 3, 4, 5]
+
+    def __len__(self):
+        return 11
+
+    def __getitem__(self, index):
+        g = torch.Generator().manual_seed(index)
+        label = (torch.rand(12, 16, generator=g) < 0.4).long()
+        label[0] = 255
+        return {"query_img": torch.randn(3, 16, 16, generator=g),
+                "support_imgs": torch.randn(1, 3, 16, 16, generator=g), "support_masks": torch.ones(1, 16, 16, dtype=torch.long), "query_label": label,
+                "class_id": self.classes[index % 5], "episode": index}
+
+
+class _QueryOnly(torch.nn.Module):
+    """A fixed random 1x1 conv of the query: (B, 2, S, S) logits, supports ignored."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, query, support_imgs, support_masks):
+        return self.conv(query)
+
+
+def test_shards_reassemble_to_the_one_process_result():
+    """engine.loop.evaluate_episodes on rank r of W evaluates episodes r, r + W, ... (no process group: the
+    all-reduce is left out, and done here by summing the buffers as it would): the shards are disjoint, together
+    hold every episode once with the same prediction, and the summed buffers equal the one-process metric."""
+    from engine.loop import evaluate_episodes
+    from engine.metric import EpisodeIoU
+
+    data, net = _HandEpisodes(), _QueryOnly()
+
+    def run(rank, world):
+        seen = {}
+        metric = evaluate_episodes(net, data, data.classes, DistInfo(rank=rank, world_size=world),
+                                   on_episode=lambda batch, pred: seen.setdefault(int(batch["episode"][0]), pred))
+        return metric, seen
+
+    whole, whole_preds = run(0, 1)
+    assert list(whole_preds) == list(range(11)) and whole.episodes.tolist() == [3, 2, 2, 2, 2]
+    assert 0.1 < whole.miou() < 0.9                                  # a metric that sharding could get wrong
+    for world in (2, 3, 4):
+        shards = [run(rank, world) for rank in range(world)]
+        for rank, (_, preds) in enumerate(shards):
+            assert list(preds) == list(range(rank, 11, world))
+        assert sorted(i for _, preds in shards for i in preds) == list(range(11))
+        for _, preds in shards:
+            assert all(torch.equal(p, whole_preds[i]) for i, p in preds.items())
+        merged = EpisodeIoU(data.classes)
+        merged.load_tensor(sum(metric.as_tensor() for metric, _ in shards))
+        assert torch.equal(merged.as_tensor(), whole.as_tensor())
+        assert (merged.miou(), merged.fbiou(), merged.class_iou()) == (whole.miou(), whole.fbiou(), whole.class_iou())
+        assert all(not torch.equal(metric.as_tensor(), whole.as_tensor()) for metric, _ in shards)  # each is a part
 
 
 def test_epoch_sampler_skip_continues_the_same_order():

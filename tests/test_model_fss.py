@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import svf
 from model import build_model, param_groups
 from model.layers import capped_bin, masked_average_pooling, prior_mask
-from test_model_helpers import random_episode, single_thread, tiny_cfg  # noqa: F401  (autouse fixture)
+from conftest import random_episode, tiny_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -17,6 +17,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 def _build(seed=0, **cfg):
     torch.manual_seed(seed)
     return build_model(tiny_cfg(**cfg))
+
+
+def test_random_episode_shapes_and_values():
+    """The shared helper (tests/conftest.py) that the model tests feed their models with."""
+    q, s, sm, qm = random_episode(batch=3, shot=2, size=17)
+    assert q.shape == (3, 3, 17, 17) and s.shape == (3, 2, 3, 17, 17)
+    assert sm.shape == (3, 2, 17, 17) and qm.shape == (3, 17, 17)
+    assert set(qm.unique().tolist()) == {0, 1, 255} and set(sm.unique().tolist()) == {0, 1, 255}
 
 
 @pytest.mark.parametrize("arch", ["baseline", "pfenet", "bam"])

@@ -13,7 +13,7 @@ import svf
 from model import build_model
 from model.build import load_base_learner
 from model.released import _resolve_folded, convert_released, detect_format, load_released
-from test_model_helpers import single_thread, tiny_cfg  # noqa: F401  (autouse fixture)
+from conftest import tiny_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 

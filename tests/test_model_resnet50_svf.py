@@ -8,7 +8,7 @@ import torch
 import svf
 from model import STAGES
 from model.summary import main, summarize
-from test_model_helpers import random_episode, single_thread, tiny_cfg  # noqa: F401  (autouse fixture)
+from conftest import random_episode, tiny_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 

@@ -12,7 +12,7 @@ import svf
 from model import build_backbone, build_model
 from model.summary import summarize
 from model.weights import load_backbone_weights
-from test_model_helpers import random_episode, single_thread, tiny_cfg  # noqa: F401  (autouse fixture)
+from conftest import random_episode, tiny_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 

@@ -8,7 +8,7 @@ import torchvision
 
 from model import build_backbone, build_model, load_backbone_weights
 from model.weights import read_state_dict
-from test_model_helpers import single_thread, tiny_cfg  # noqa: F401  (autouse fixture)
+from conftest import tiny_cfg
 
 
 def _randomize(module, seed=0):

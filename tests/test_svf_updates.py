@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import svf
-from test_model_helpers import random_episode, single_thread, tiny_cfg  # noqa: F401  (autouse fixture)
+from conftest import random_episode, tiny_cfg
 
 N = 100
 

@@ -11,7 +11,6 @@ import torch
 from torchvision import models as tvm
 from torchvision.models import convnext, efficientnet, maxvit, regnet, resnet, swin_transformer, vision_transformer
 
-from test_model_helpers import single_thread  # noqa: F401  (autouse fixture)
 from tools.svf_zoo import check, random_head
 
 SMALL = {  # family: (builder, input side)
