@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .attention import _PROJECTIONS, SVD_MultiheadAttention
-from .common import FINGERPRINT_SCHEME, atomic_save, check_fingerprints, read_adapter_file
+from .common import FINGERPRINT_SCHEME, atomic_save, check_fingerprints, read_adapter_file, weight_fingerprint
 from .layers import SVDLayer
 from .resolver import _base_class, _unsupported_reason, resolver
 from .tuning import singular_value_parameters
@@ -81,6 +81,21 @@ def _kernel_of(layer):
     return kernel[0] if kernel and len(set(kernel)) == 1 else None
 
 
+def _plain_fingerprint(model, name):
+    """The fingerprint that ``svf.resolver`` will give SVD layer ``name`` of the plain ``model`` (None when
+    ``model`` has no such layer: the layer check after resolving reports it)."""
+    parent, _, child = name.rpartition(".")
+    try:
+        owner = model.get_submodule(parent)
+        if type(owner) is nn.MultiheadAttention and child in _PROJECTIONS.values():
+            weight = {v: k for k, v in _PROJECTIONS.items()}[child]
+            return weight_fingerprint(owner._parameters[weight], None)
+        layer = model.get_submodule(name)
+    except (AttributeError, KeyError):
+        return None
+    return weight_fingerprint(layer.weight, layer.bias) if _base_class(layer) is not None else None
+
+
 def state_dict(model):
     """The singular values of ``model`` with the resolver options and base-weight fingerprints (kilobytes)."""
     layers = _svd_layers(model)
@@ -115,6 +130,10 @@ def load_state_dict(model, state, check_fingerprint=True, source="svf.load_state
         if options is None:
             raise ValueError(f"{source}: the file carries no resolver options (its SVD layers were not made by "
                              "svf.resolver); resolve the model yourself and load into the resolved model")
+        if check_fingerprint:  # before the SVDs: a wrong base fails fast, naming its layer
+            plain = {n: _plain_fingerprint(model, n) for n in state["fingerprints"]}
+            check_fingerprints(state["fingerprints"], {n: fp for n, fp in plain.items() if fp is not None}, source,
+                               "Load the same pretrained weights, or pass check_fingerprint=False if you know better.")
         model = resolver(model, **options)
     hint = (f"Resolve the model with the saved options, svf.resolver(model, **{options}), or pass the plain "
             "model, which svf.load_state_dict resolves itself" if options else

@@ -93,16 +93,24 @@ def test_svf_resolver_options_read_back_the_call():
         "excluded_layers": ["attn", "head", "side", "stem"], "customized_layers_low_rank_ratio": {}}
 
 
-def test_svf_refuses_changed_base_weights_naming_the_layer(tmp_path):
+def test_svf_refuses_changed_base_weights_naming_the_layer(tmp_path, monkeypatch):
+    import svf.adapter
     path = str(tmp_path / "s.pt")
     svf.save_adapter(svf.resolver(make_net()), path)
     other = make_net()
     with torch.no_grad():
         other.block[2].weight[0, 0, 0, 0] += 1e-6  # one value of one layer
-    with pytest.raises(ValueError, match=r"layer 'block\.2': the pretrained weight differs .*\(1 of 8 layers"):
-        svf.load_adapter(other, path)
+    with monkeypatch.context() as m:  # a plain model with other weights is refused before any SVD runs
+        m.setattr(svf.adapter, "resolver", lambda *a, **k: pytest.fail("resolved a model with other weights"))
+        with pytest.raises(ValueError, match=r"layer 'block\.2': the pretrained weight differs .*\(1 of 8 layers"):
+            svf.load_adapter(other, path)
     with pytest.raises(ValueError, match=r"layer 'block\.2'"):
         svf.load_adapter(svf.resolver(other), path)
+    attention = make_net()
+    with torch.no_grad():
+        attention.attn.in_proj_weight[5, 3] += 1e-6  # a projection that is a bare Parameter of the plain model
+    with pytest.raises(ValueError, match=r"layer 'attn\.in_proj'"):
+        svf.load_adapter(attention, path)
     assert isinstance(svf.load_adapter(other, path, check_fingerprint=False), Net)  # the user's explicit choice
 
 
