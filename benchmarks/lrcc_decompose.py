@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from svf.lrcc import decompose_low_rank_sparse, model_convert_conv  # noqa: E402
+from lrcc import decompose_low_rank_sparse, model_convert_conv  # noqa: E402
 
 
 @torch.no_grad()

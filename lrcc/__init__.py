@@ -1,12 +1,26 @@
-"""lrcc: the low-rank conv converter (LoRA and DnA modes) under its seed's import name.
+"""lrcc: the low-rank conv converter (LoRA and DnA-style low-rank + sparse fine-tuning), torch only.
 
-A thin alias: the code lives in ``svf/lrcc.py`` so that copying the ``svf`` folder carries it.
-``import lrcc; model = lrcc.model_convert_conv(model, mode="lora_mode", ignore_op_name=["downsample"])``.
+Copy this folder into any project (it imports nothing but torch and the standard library; it does not
+need svf). The verbs:
+
+    import lrcc
+    model = lrcc.model_convert_conv(model, mode="tune_U_S", cache_path="resnet18_dna.pt",
+                                    ignore_op_name=["downsample"])
+    lrcc.mark_only_lrcc_as_trainable(model)           # optional: the adapter alone trains
+    lrcc.print_trainable_parameters(model)
+    lrcc.save_adapter(model, "adapter.pt")            # all but the base weights + options + base fingerprint
+    model = lrcc.load_adapter(pretrained, "adapter.pt", merge=False)   # no options to repeat
+    plain = lrcc.merge(model)                         # plain nn.Conv2d layers, same outputs
+
+The math is in ``lrcc/convert.py``; the adapter file in ``lrcc/adapter.py``.
 """
-from svf.lrcc import (MODES, TRAINABLE_BY_MODE, LowRankConv2d, count_parameters, decompose_low_rank_sparse,
-                      layer_rank, load_lora_state_dict, mark_only_lrcc_as_trainable, merge, model_convert_conv,
-                      print_trainable_parameters, save_lora_state_dict)
+from .adapter import (load_adapter, load_lora_state_dict, load_state_dict, save_adapter, save_lora_state_dict,
+                      state_dict)
+from .common import count_parameters, print_trainable_parameters, weight_fingerprint
+from .convert import (MODES, TRAINABLE_BY_MODE, LowRankConv2d, decompose_low_rank_sparse, layer_rank,
+                      mark_only_lrcc_as_trainable, merge, model_convert_conv)
 
 __all__ = ["MODES", "TRAINABLE_BY_MODE", "LowRankConv2d", "model_convert_conv", "decompose_low_rank_sparse",
-           "layer_rank", "mark_only_lrcc_as_trainable", "merge", "save_lora_state_dict",
-           "load_lora_state_dict", "count_parameters", "print_trainable_parameters"]
+           "layer_rank", "mark_only_lrcc_as_trainable", "merge", "state_dict", "load_state_dict", "save_adapter",
+           "load_adapter", "save_lora_state_dict", "load_lora_state_dict", "weight_fingerprint",
+           "count_parameters", "print_trainable_parameters"]

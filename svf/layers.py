@@ -81,9 +81,11 @@ class SVDLayer(nn.Module):
     """What every SVD layer shares: the merged-weight cache and the fast/factored dispatch."""
 
     # Filled by svf.resolver: a weightless (meta-device) copy of the original layer when its class is
-    # a subclass that ``merge`` must rebuild, and a fingerprint of the weights it was resolved from.
+    # a subclass that ``merge`` must rebuild, a fingerprint of the weights it was resolved from (the
+    # ``common.weight_fingerprint`` of the plain layer's weight and bias) and the low-rank ratio it was given.
     _svf_template = None
     base_fingerprint = None
+    low_rank_ratio = None
 
     def _factors(self):  # (V, U) modules
         raise NotImplementedError

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 
 from .attention import SVD_MultiheadAttention
+from .common import weight_fingerprint
 from .layers import SVD_Conv1d, SVD_Conv2d, SVD_Conv3d, SVD_Linear, SVDLayer
 
-__all__ = ["resolver", "merge", "weight_fingerprint"]
+__all__ = ["resolver", "merge"]
 
 _SVD_CLASS = {nn.Conv1d: SVD_Conv1d, nn.Conv2d: SVD_Conv2d, nn.Conv3d: SVD_Conv3d}
 
@@ -39,20 +40,6 @@ def _unsupported_reason(module):
     if isinstance(module, nn.MultiheadAttention) and type(module) is not nn.MultiheadAttention:
         return f"{type(module).__name__} subclasses nn.MultiheadAttention (its projection is not converted)"
     return None
-
-
-def weight_fingerprint(weight, bias=None):
-    """A few float64 statistics of a layer's weights, equal (to ~1e-12) for the same weights on any
-    device and different for different weights; compared with a tolerance by ``svf.load_state_dict``."""
-    out = [float(weight.numel())]
-    for t in (weight, bias):
-        if t is None:
-            out += [0.0, 0.0]
-            continue
-        t = t.detach().reshape(-1).to(torch.float64)
-        phase = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64).sin()
-        out += [float((t * t).sum()), float((t * phase).sum())]
-    return out
 
 
 def _thin_svd(w):
@@ -120,7 +107,8 @@ def _resolved(module, base, ratio):
     layer = _decompose(module, base, ratio)
     if type(module) is not base and isinstance(module, nn.Module):  # remember the subclass so merge() rebuilds it
         layer._svf_template = (copy.deepcopy(module).to("meta"),)
-    layer.base_fingerprint = weight_fingerprint(module.weight, module.bias)
+    layer.base_fingerprint = weight_fingerprint(module.weight, module.bias)  # checked when S is loaded
+    layer.low_rank_ratio = ratio  # saved with S, so loading rebuilds the same ranks
     layer.train(module.training)
     return layer
 

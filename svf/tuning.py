@@ -1,5 +1,5 @@
-"""What trains: the paper's freezing as one-liners, updates of S that float32 cannot swallow, how far S
-moved, and the singular values as a tiny adapter file."""
+"""What trains: the paper's freezing as one-liners, updates of S that float32 cannot swallow, and how far S
+moved."""
 import math
 
 import torch
@@ -8,10 +8,7 @@ import torch.nn as nn
 from .layers import SVDLayer
 
 __all__ = ["mark_only_singular_values_as_trainable", "freeze_batchnorm", "apply_paper_freezing",
-           "singular_value_parameters", "keep_small_updates", "singular_value_change", "state_dict",
-           "load_state_dict"]
-
-FORMAT = "svf.singular_values/1"
+           "singular_value_parameters", "keep_small_updates", "singular_value_change"]
 
 
 def mark_only_singular_values_as_trainable(module):
@@ -152,58 +149,3 @@ def singular_value_change(model, start, depth=1):
             d, n = sums.get(key, (0.0, 0.0))
             sums[key] = (d + float((p.double() - s0).square().sum()), n + float(s0.square().sum()))
     return {k: math.sqrt(d / max(n, 1e-300)) for k, (d, n) in sums.items()}
-
-
-def state_dict(model):
-    """The singular values alone (kilobytes), with a fingerprint of the base weights they belong to."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, SVDLayer)}
-    if not layers:
-        raise ValueError("svf.state_dict: the model has no SVD layer (was it passed through svf.resolver?)")
-    return {"format": FORMAT,
-            "singular_values": {k: v.detach().clone() for k, v in singular_value_parameters(model).items()},
-            "fingerprints": {name: m.base_fingerprint for name, m in layers.items()}}
-
-
-def _same_fingerprint(a, b):
-    if a is None or b is None or len(a) != len(b) or a[0] != b[0]:
-        return False
-    n = a[0]
-    for i in (1, 3):  # (sum of squares, phase-weighted sum) of weight and bias
-        sq_a, sq_b, ph_a, ph_b = a[i], b[i], a[i + 1], b[i + 1]
-        scale = max(abs(sq_a), abs(sq_b), 1e-30)
-        if abs(sq_a - sq_b) > 1e-6 * scale or abs(ph_a - ph_b) > 1e-6 * math.sqrt(scale * n):
-            return False
-    return True
-
-
-@torch.no_grad()
-def load_state_dict(model, state, check_fingerprint=True):
-    """Load singular values saved by ``svf.state_dict`` into a model resolved from the same base weights.
-    Missing/extra layers, shape mismatches and (unless ``check_fingerprint=False``) different base
-    weights are errors that name the layers."""
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError("svf.load_state_dict: not a singular-value file written by svf.state_dict "
-                         f"(expected format {FORMAT!r})")
-    params = singular_value_parameters(model)
-    saved = state["singular_values"]
-    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or extra:
-        raise KeyError(f"svf.load_state_dict: layers do not match; missing from the file: {missing}; "
-                       f"in the file but not in the model: {extra}. Resolve the model with the same "
-                       "resolver options as when the file was saved.")
-    bad_shape = [k for k in params if params[k].shape != saved[k].shape]
-    if bad_shape:
-        raise ValueError(f"svf.load_state_dict: rank differs for {bad_shape}: "
-                         "use the same global_low_rank_ratio / customized ratios as when saving")
-    if check_fingerprint:
-        layers = {name: m for name, m in model.named_modules() if isinstance(m, SVDLayer)}
-        other = [n for n, m in layers.items()
-                 if not _same_fingerprint(m.base_fingerprint, state["fingerprints"].get(n))]
-        if other:
-            raise ValueError(f"svf.load_state_dict: these singular values were fine-tuned on different base "
-                             f"weights than the model's ({len(other)} layers differ, e.g. {other[:3]}). "
-                             "Resolve the model from the same pretrained weights, or pass "
-                             "check_fingerprint=False if you know better.")
-    for k, p in params.items():
-        p.copy_(saved[k])
-    return model

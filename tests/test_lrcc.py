@@ -1,11 +1,11 @@
-"""Tests of the low-rank conv converter (svf/lrcc.py, imported through the top-level ``lrcc`` alias)."""
+"""Tests of the low-rank conv converter (the lrcc package)."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lrcc
-import svf.lrcc as impl
+import lrcc.convert as impl
 
 
 
@@ -259,25 +259,25 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     real = impl.decompose_low_rank_sparse
     monkeypatch.setattr(impl, "decompose_low_rank_sparse", lambda *a, **k: calls.append(1) or real(*a, **k))
     path = str(tmp_path / "cache" / "dna.pt")
-    first = convert(make_net(), "tune_U_S", path=path, lambda_s=0.05)
+    first = convert(make_net(), "tune_U_S", cache_path=path, lambda_s=0.05)
     n_layers = len(calls)
     assert n_layers == len(CONV_NAMES)
-    second = convert(make_net(), "tune_all", path=path, lambda_s=0.05)  # same decomposition: reused
+    second = convert(make_net(), "tune_all", cache_path=path, lambda_s=0.05)  # same decomposition: reused
     assert len(calls) == n_layers
     assert torch.equal(first.reflect.sparse_mask, second.reflect.sparse_mask)
     assert torch.equal(first.reflect.lora_B, second.reflect.lora_B)
-    third = convert(make_net(), "tune_U_S", path=path, lambda_s=0.1)  # lambda_s changed: recomputed
+    third = convert(make_net(), "tune_U_S", cache_path=path, lambda_s=0.1)  # lambda_s changed: recomputed
     assert len(calls) == 2 * n_layers
     assert third.reflect.sparse_mask.sum() < first.reflect.sparse_mask.sum()
-    convert(make_net(seed=3), "tune_U_S", path=path, lambda_s=0.1)  # other pretrained weights: recomputed
+    convert(make_net(seed=3), "tune_U_S", cache_path=path, lambda_s=0.1)  # other pretrained weights: recomputed
     assert len(calls) == 3 * n_layers
-    convert(make_net(seed=3), "tune_U_S", path=path, lambda_s=0.1, compress_step=6)
+    convert(make_net(seed=3), "tune_U_S", cache_path=path, lambda_s=0.1, compress_step=6)
     assert len(calls) == 4 * n_layers
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name != "dna.pt"]  # no temp files left
     foreign = tmp_path / "other.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(ValueError, match="not an lrcc decomposition cache"):
-        convert(make_net(), "tune_U", path=str(foreign))
+        convert(make_net(), "tune_U", cache_path=str(foreign))
 
 
 def test_selection_rules():

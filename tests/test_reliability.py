@@ -332,7 +332,7 @@ def test_lrcc_guards(tmp_path):
     not_cache = tmp_path / "cache.pt"
     not_cache.write_text("not a cache\n")
     with pytest.raises(ValueError, match="not an lrcc decomposition cache"):
-        lrcc.model_convert_conv(conv, mode="tune_U_S", path=str(not_cache), compress_step=2, verbose=False)
+        lrcc.model_convert_conv(conv, mode="tune_U_S", cache_path=str(not_cache), compress_step=2, verbose=False)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -345,7 +345,7 @@ def test_written_files_follow_the_umask(umask, tmp_path):
     try:
         atomic_write_text(str(tmp_path / "list.txt"), "a b\n")
         atomic_save({"model": {"w": torch.zeros(2)}}, str(tmp_path / "last.pth"))
-        lrcc.model_convert_conv(nn.Sequential(nn.Conv2d(4, 8, 3)), mode="tune_U_S", path=str(tmp_path / "c.pt"),
+        lrcc.model_convert_conv(nn.Sequential(nn.Conv2d(4, 8, 3)), mode="tune_U_S", cache_path=str(tmp_path / "c.pt"),
                                 compress_step=2, verbose=False)
     finally:
         os.umask(previous)

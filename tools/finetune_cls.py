@@ -85,7 +85,7 @@ def build_model(args, method, num_classes, cache_path):
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     if method == "full":
         return model
-    return lrcc.model_convert_conv(model, method, path=cache_path, ignore_op_name=args.ignore_op_name,
+    return lrcc.model_convert_conv(model, method, cache_path=cache_path, ignore_op_name=args.ignore_op_name,
                                    r_ratio=args.r_ratio, compress_step=args.compress_step,
                                    lambda_s=args.lambda_s, verbose=args.verbose)
 

@@ -55,8 +55,8 @@ def main():
     print(f"one backward pass: gradients only on vector_S of {with_grad}")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "singular_values.pt")
-        torch.save(svf.state_dict(model), path)
-        print(f"svf.state_dict: {os.path.getsize(path) / 1024:.0f} KiB "
+        svf.save_adapter(model, path)  # S, the resolver options and the base fingerprint
+        print(f"svf.save_adapter: {os.path.getsize(path) / 1024:.0f} KiB "
               f"(the backbone itself: {sum(p.numel() * 4 for p in plain.parameters()) / 2**20:.0f} MiB)")
     if max(err, merr) > 1e-5:
         raise SystemExit("exactness check FAILED")
