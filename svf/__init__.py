@@ -18,11 +18,11 @@ from .attention import SVD_MultiheadAttention
 from .common import count_parameters, print_trainable_parameters, weight_fingerprint
 from .layers import SVD_Conv1d, SVD_Conv2d, SVD_Conv3d, SVD_Linear, SVDLayer
 from .resolver import merge, resolver
-from .tuning import (apply_paper_freezing, freeze_batchnorm, keep_small_updates, mark_only_singular_values_as_trainable,
-                     singular_value_change, singular_value_parameters)
+from .tuning import (apply_paper_freezing, freeze_batchnorm, keep_small_updates,
+                     mark_only_singular_values_as_trainable, singular_value_change, singular_value_parameters)
 
-__all__ = ["SVD_Conv1d", "SVD_Conv2d", "SVD_Conv3d", "SVD_Linear", "SVDLayer", "SVD_MultiheadAttention", "resolver", "merge",
-           "weight_fingerprint", "apply_paper_freezing", "freeze_batchnorm", "load_state_dict",
+__all__ = ["SVD_Conv1d", "SVD_Conv2d", "SVD_Conv3d", "SVD_Linear", "SVDLayer", "SVD_MultiheadAttention",
+           "resolver", "merge", "weight_fingerprint", "apply_paper_freezing", "freeze_batchnorm", "load_state_dict",
            "mark_only_singular_values_as_trainable", "singular_value_parameters", "state_dict",
            "save_adapter", "load_adapter", "resolver_options",
            "keep_small_updates", "singular_value_change",
