@@ -316,26 +316,48 @@ def _format_templates(values: dict) -> dict:
     return out
 
 
+BASE_KEY = "_base_"  # `_base_: pascal.yaml`: the file named (relative to this one) is read first
+
+
+def read_config_file(path: str, chain: Sequence[str] = ()) -> dict:
+    """The checked values a config file sets, over those of its `_base_` chain (the file wins; a key it
+    sets replaces the base's value, `nosvf` included). `chain`: the files that named this one as base."""
+    if os.path.abspath(path) in chain:
+        raise ValueError(f"config file '{path}': _base_ cycle: "
+                         + " -> ".join([os.path.relpath(p) for p in chain] + [path]))
+    named_by = f" (the {BASE_KEY} of '{os.path.relpath(chain[-1])}')" if chain else ""
+    if not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        known = sorted(f for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+        raise FileNotFoundError(f"config file '{path}' not found{named_by}"
+                                + (f"; configs in {folder}/: {', '.join(known)}" if known else ""))
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {yaml_error_location(path, exc)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file '{path}' must be a mapping of key: value lines")
+    values = {}
+    if BASE_KEY in data:
+        base = data.pop(BASE_KEY)
+        if not isinstance(base, str) or not base.strip():
+            raise ValueError(f"config file '{path}': {BASE_KEY} must name a config file relative to it, "
+                             f"like 'pascal.yaml'; got {base!r}")
+        values = read_config_file(os.path.join(os.path.dirname(path), base), (*chain, os.path.abspath(path)))
+    for key, value in data.items():
+        if key not in FIELDS:
+            raise ConfigKeyError(f"unknown config key '{key}' in {path}; {closest_key(str(key))}")
+        values[key] = check_value(key, value, path)
+    return values
+
+
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- command-line overrides, all checked; templates filled last."""
+    """Defaults <- YAML file (over its `_base_` chain) <- command-line overrides, all checked; templates
+    filled last."""
     values = {key: copy.deepcopy(field.default) for key, field in FIELDS.items()}
     if path is not None:
-        if not os.path.isfile(path):
-            folder = os.path.dirname(path) or "."
-            known = sorted(f for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
-            raise FileNotFoundError(f"config file '{path}' not found"
-                                    + (f"; configs in {folder}/: {', '.join(known)}" if known else ""))
-        with open(path) as fh:
-            try:
-                data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"config file {yaml_error_location(path, exc)}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file '{path}' must be a mapping of key: value lines")
-        for key, value in data.items():
-            if key not in FIELDS:
-                raise ConfigKeyError(f"unknown config key '{key}' in {path}; {closest_key(str(key))}")
-            values[key] = check_value(key, value, path)
+        values.update(read_config_file(path))
     command_line = []
     for text in overrides:
         key, value = parse_override(text)

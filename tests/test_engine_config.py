@@ -1,5 +1,6 @@
 """Config loading (engine/config.py), the shipped configs, and train.sh's command line."""
 import glob
+import json
 import os
 import re
 import subprocess
@@ -64,18 +65,61 @@ def test_bad_override_syntax_and_missing_file():
 
 
 def test_shipped_configs_set_every_key_and_their_fold():
-    paths = sorted(glob.glob(os.path.join(ROOT, "config", "*.yaml")))
-    names = {os.path.basename(p) for p in paths}
-    for family in ("pascal", "coco", "demo"):
-        assert {f"{family}_split{i}.yaml" for i in range(4)} <= names
-    for path in paths:
-        with open(path) as fh:
+    """One base file per benchmark holds the whole config; each split file is `_base_` + its fold."""
+    names = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "config", "*.yaml"))}
+    families = ("pascal", "coco", "demo")
+    assert names == {f"{f}.yaml" for f in families} | {f"{f}_split{i}.yaml" for f in families for i in range(4)}
+    for family in families:
+        with open(os.path.join(ROOT, "config", f"{family}.yaml")) as fh:
             keys = set(yaml.safe_load(fh))
-        assert keys == set(FIELDS), f"{path}: missing {set(FIELDS) - keys}"   # the file is the whole config
-        cfg = load_config(path)
-        fold = int(re.search(r"split(\d)", path).group(1))
-        assert cfg.fold == fold
-        assert f"split{fold}" in cfg.exp_dir
+        assert keys == set(FIELDS), f"{family}.yaml: missing {set(FIELDS) - keys}"   # the base is the whole config
+        for fold in range(4):
+            path = os.path.join(ROOT, "config", f"{family}_split{fold}.yaml")
+            with open(path) as fh:
+                assert yaml.safe_load(fh) == {"_base_": f"{family}.yaml", "fold": fold}, path
+            cfg = load_config(path)
+            assert cfg.fold == fold
+            assert f"split{fold}" in cfg.exp_dir
+
+
+def test_shipped_configs_resolve_as_before_the_base_files():
+    """Each of the 12 split files resolves exactly as it did when it spelled out every key (the values
+    recorded then, with and without svf=false, are tests/data/resolved_configs.json)."""
+    with open(os.path.join(ROOT, "tests", "data", "resolved_configs.json")) as fh:
+        recorded = json.load(fh)
+    assert len(recorded) == 12
+    for name, runs in recorded.items():
+        for override, values in runs.items():
+            cfg = load_config(os.path.join(ROOT, "config", name), [override] if override else [])
+            got = cfg.to_dict()
+            assert got == values, f"{name} {override}: " + str({k: (got.get(k), values.get(k))
+                                                                  for k in set(got) | set(values)
+                                                                  if got.get(k) != values.get(k)})
+            assert all(type(got[k]) is type(v) for k, v in values.items() if v is not None), name
+
+
+def test_base_chain_relative_to_the_file_and_cycles(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, "shot: 5\nbase_lr: 0.1\nnosvf: {base_lr: 0.2}\n", "root.yaml")
+    write(tmp_path, "_base_: ../root.yaml\nbase_lr: 0.3\n", "sub/mid.yaml")
+    leaf = write(tmp_path, "# a comment\n_base_: mid.yaml\nfold: 3\n", "sub/leaf.yaml")
+    cfg = load_config(leaf)
+    assert (cfg.shot, cfg.base_lr, cfg.fold) == (5, 0.3, 3)    # nearest file wins, chain resolved per file
+    assert load_config(leaf, ["svf=false"]).base_lr == 0.2       # the base's nosvf block still applies
+    assert load_config(leaf, ["base_lr=0.4"]).base_lr == 0.4     # the command line wins over all files
+    a = write(tmp_path, "_base_: b.yaml\nfold: 1\n", "a.yaml")
+    write(tmp_path, "_base_: a.yaml\n", "b.yaml")
+    with pytest.raises(ValueError, match=r"a.yaml': _base_ cycle: .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_config(a)
+    with pytest.raises(ValueError, match=r"self.yaml': _base_ cycle"):
+        load_config(write(tmp_path, "_base_: self.yaml\n", "self.yaml"))
+    with pytest.raises(FileNotFoundError, match=r"nothere.yaml' not found \(the _base_ of '.*orphan.yaml'\)"):
+        load_config(write(tmp_path, "_base_: nothere.yaml\n", "orphan.yaml"))
+    with pytest.raises(ValueError, match=r"badbase.yaml': _base_ must name a config file"):
+        load_config(write(tmp_path, "_base_: [a.yaml]\n", "badbase.yaml"))
+    write(tmp_path, "shoot: 1\n", "typo.yaml")
+    with pytest.raises(ConfigKeyError, match=r"unknown config key 'shoot' in .*typo.yaml"):   # the base's name
+        load_config(write(tmp_path, "_base_: typo.yaml\n", "child.yaml"))
 
 
 def test_paper_settings_in_configs():
