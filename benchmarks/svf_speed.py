@@ -30,13 +30,13 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import svf  # noqa: E402
+from common.config import defaults  # noqa: E402
 from model import build_backbone, build_model  # noqa: E402
 
 
@@ -60,8 +60,8 @@ class InputScale(nn.Module):
 
 
 def build_variant(name, shot, arch="baseline"):
-    cfg = SimpleNamespace(arch=arch, backbone="resnet50", svf=name.startswith("svf"), shot=shot,
-                          pretrained=None, base_learner=None, benchmark="pascal", fold=0)
+    cfg = defaults(arch=arch, backbone="resnet50", svf=name.startswith("svf"), shot=shot, pretrained=None,
+                   base_learner=None, benchmark="pascal", fold=0)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -12,14 +12,13 @@ How the config chooses the model:
   as the released BAM+SVF; off, the backbone of the few-shot models is frozen (no grads, BatchNorm in eval) as
   in PFENet/BAM, and the PSPNet backbone is trained fully (BAM's stage 1).
 
-A key missing from cfg takes its default from ``engine.config.FIELDS``, the one schema of every config key
-(a plain namespace with a few keys builds the same model as a config file that leaves the others out).
+``cfg`` is a complete config (``common.config.load_config`` from a file, or ``common.config.defaults(**keys)``
+without one); this module reads ``cfg.key`` and has no defaults of its own.
 """
 import os
 import warnings
 
 import svf
-from engine.config import FIELDS
 
 from .backbones import build_backbone
 from .fewshot import BAM, PFENet, Baseline
@@ -27,7 +26,7 @@ from .pspnet import PSPNet
 from .released import convert_released, detect_format
 from .weights import load_backbone_weights, load_state_dict_strict, read_state_dict
 
-__all__ = ["build_model", "param_groups", "ARCHS", "cfg_value", "dilation_rule", "load_base_learner",
+__all__ = ["build_model", "param_groups", "ARCHS", "dilation_rule", "load_base_learner",
            "RandomInitWarning"]
 
 
@@ -41,51 +40,32 @@ BASE_LEARNER_HELP = ("The stage-1 PSPNet checkpoint is what training arch=pspnet
                      "writes (e.g. exp/<run>/best.pth); train it first, then point `base_learner` at it.")
 
 
-def cfg_value(cfg, key):
-    """``cfg.key``, or its default from the project's one config schema (``engine.config.FIELDS``), so a
-    plain namespace with a few keys builds the same model as a config file that leaves them out."""
-    if hasattr(cfg, key):
-        return getattr(cfg, key)
-    if key in FIELDS:
-        return FIELDS[key].default
-    raise KeyError(f"config key {key!r} is required to build the model")
-
-
 def _base_class_ids(cfg):
-    """Global ids of the base classes in the base learner's label order (1..n), or None if the config
-    does not name a benchmark/fold (then BAM can run inference but not training)."""
-    benchmark, fold = cfg_value(cfg, "benchmark"), cfg_value(cfg, "fold")
-    if benchmark is None or fold is None:
-        return None
+    """Global ids of the base classes in the base learner's label order (1..n)."""
     from dataset.splits import base_classes  # the one place fold splits live
-    return base_classes(benchmark, fold, cfg_value(cfg, "coco_split"))
+    return base_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
 
 
 def _num_base_classes(cfg):
     ids = _base_class_ids(cfg)
-    n = cfg_value(cfg, "num_base_classes")
-    if ids is not None and n is not None and n != len(ids) + 1:
-        raise ValueError(f"num_base_classes={n} but {cfg_value(cfg, 'benchmark')} fold {cfg_value(cfg, 'fold')} "
+    if cfg.num_base_classes != len(ids) + 1:
+        raise ValueError(f"num_base_classes={cfg.num_base_classes} but {cfg.benchmark} fold {cfg.fold} "
                          f"has {len(ids)} base classes (+1 background = {len(ids) + 1})")
-    if n is None:
-        if ids is None:
-            raise KeyError("set num_base_classes (16 pascal / 61 coco) or benchmark and fold in the config")
-        n = len(ids) + 1
-    return int(n)
+    return cfg.num_base_classes
 
 
 def dilation_rule(cfg):
     """The ResNet dilation rule of the model ``cfg`` describes: ``auto`` is the one the released code used for
     that arch (BAM's PSPNet: every block; the SVF code's baseline and PFENet: torchvision's)."""
-    rule = cfg_value(cfg, "dilation_rule")
+    rule = cfg.dilation_rule
     if rule == "auto":
-        return "every_block" if cfg_value(cfg, "arch") in ("bam", "pspnet") else "torchvision"
+        return "every_block" if cfg.arch in ("bam", "pspnet") else "torchvision"
     return rule
 
 
 def _backbone_from(cfg):
-    backbone = build_backbone(cfg_value(cfg, "backbone"), dilation_rule(cfg))
-    path = cfg_value(cfg, "pretrained")
+    backbone = build_backbone(cfg.backbone, dilation_rule(cfg))
+    path = cfg.pretrained
     if path:
         load_backbone_weights(backbone, path)
     else:
@@ -95,12 +75,12 @@ def _backbone_from(cfg):
 
 
 def _pspnet(cfg, backbone):
-    return PSPNet(backbone, _num_base_classes(cfg), tuple(cfg_value(cfg, "ppm_bins")))
+    return PSPNet(backbone, _num_base_classes(cfg), tuple(cfg.ppm_bins))
 
 
 def _set_backbone_training(model, cfg):
     """SVF on: exact SVD + the paper's freezing. SVF off: frozen few-shot backbone, fully trained PSPNet one."""
-    if cfg_value(cfg, "svf"):
+    if cfg.svf:
         plain = model.backbone
         model.backbone = svf.resolver(plain)  # a converted copy; exact at ratio 1.0
         if isinstance(model, BAM):  # the base learner keeps reading the original stage-1 backbone
@@ -132,23 +112,23 @@ def load_base_learner(pspnet, path):
 
 def build_model(cfg):
     """The model for ``cfg.arch`` (see the module docstring), with its trainable set already chosen."""
-    arch = cfg_value(cfg, "arch")
+    arch = cfg.arch
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: expected one of {ARCHS}")
-    if cfg_value(cfg, "backbone").startswith("swin") and arch not in ("baseline", "pfenet"):
-        raise ValueError(f"backbone={cfg_value(cfg, 'backbone')} is wired for arch=baseline and arch=pfenet only "
+    if cfg.backbone.startswith("swin") and arch not in ("baseline", "pfenet"):
+        raise ValueError(f"backbone={cfg.backbone} is wired for arch=baseline and arch=pfenet only "
                          f"(got arch={arch}): BAM's base learner and the PSPNet head expect a ResNet/VGG layout")
-    reduce_dim, aux = int(cfg_value(cfg, "reduce_dim")), float(cfg_value(cfg, "aux_loss_weight"))
+    reduce_dim, aux = int(cfg.reduce_dim), float(cfg.aux_loss_weight)
     if arch == "bam":
-        path = cfg_value(cfg, "base_learner")
+        path = cfg.base_learner
         if path:
-            pspnet = _pspnet(cfg, build_backbone(cfg_value(cfg, "backbone"), dilation_rule(cfg)))
+            pspnet = _pspnet(cfg, build_backbone(cfg.backbone, dilation_rule(cfg)))
             load_base_learner(pspnet, path)
         else:
             warnings.warn("base_learner is not set: BAM's base learner (PSPNet head) is randomly initialised "
                           "(fine for tests and demos, meaningless for results)", RandomInitWarning, stacklevel=2)
             pspnet = _pspnet(cfg, _backbone_from(cfg))
-        model = BAM(pspnet.backbone, pspnet.head, shot=int(cfg_value(cfg, "shot")), reduce_dim=reduce_dim,
+        model = BAM(pspnet.backbone, pspnet.head, shot=int(cfg.shot), reduce_dim=reduce_dim,
                     aux_loss_weight=aux, base_class_ids=_base_class_ids(cfg))
     elif arch == "pspnet":
         model = _pspnet(cfg, _backbone_from(cfg))
@@ -156,7 +136,7 @@ def build_model(cfg):
         model = Baseline(_backbone_from(cfg), reduce_dim=reduce_dim, aux_loss_weight=aux)
     else:
         model = PFENet(_backbone_from(cfg), reduce_dim=reduce_dim, aux_loss_weight=aux,
-                       pyramid_bins=tuple(cfg_value(cfg, "pyramid_bins")))
+                       pyramid_bins=tuple(cfg.pyramid_bins))
     return _set_backbone_training(model, cfg)
 
 
@@ -170,21 +150,21 @@ def param_groups(model, cfg):
     - ``backbone`` (pspnet without SVF): lr_mult cfg.backbone_lr_mult, weight decay cfg.weight_decay.
     Empty groups are left out."""
     model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
-    weight_decay = float(cfg_value(cfg, "weight_decay"))
+    weight_decay = float(cfg.weight_decay)
     in_backbone = {id(p) for p in model.backbone.parameters()}
     heads = [p for p in model.parameters() if p.requires_grad and id(p) not in in_backbone]
     backbone = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
-    groups = [{"name": "heads", "params": heads, "lr_mult": float(cfg_value(cfg, "head_lr_mult")),
+    groups = [{"name": "heads", "params": heads, "lr_mult": float(cfg.head_lr_mult),
                "weight_decay": weight_decay}]
-    if cfg_value(cfg, "svf"):
+    if cfg.svf:
         other = [n for n, _ in backbone if "vector_S" not in n]
         if other:
             raise ValueError(f"SVF is on but these backbone tensors are trainable too: {other[:5]} "
                              f"({len(other)} in all); build the model with build_model")
         groups.append({"name": "singular_values", "params": [p for _, p in backbone],
-                       "lr_mult": float(cfg_value(cfg, "svf_lr_mult")),
-                       "weight_decay": weight_decay if cfg_value(cfg, "svf_weight_decay") else 0.0})
+                       "lr_mult": float(cfg.svf_lr_mult),
+                       "weight_decay": weight_decay if cfg.svf_weight_decay else 0.0})
     else:
         groups.append({"name": "backbone", "params": [p for _, p in backbone],
-                       "lr_mult": float(cfg_value(cfg, "backbone_lr_mult")), "weight_decay": weight_decay})
+                       "lr_mult": float(cfg.backbone_lr_mult), "weight_decay": weight_decay})
     return [g for g in groups if g["params"]]

@@ -13,7 +13,7 @@ import warnings
 import svf
 
 from .backbones import STAGES
-from .build import build_model, cfg_value
+from .build import build_model
 
 __all__ = ["summarize", "main"]
 
@@ -26,17 +26,16 @@ def _count_line(name, module):
 def summarize(cfg, file=None):
     """Build the model for ``cfg`` and print its trainable line and per-stage counts; returns the model."""
     file = file or sys.stdout
-    keys = ("base_learner", "pretrained") if cfg_value(cfg, "arch") == "bam" else ("pretrained",)
+    keys = ("base_learner", "pretrained") if cfg.arch == "bam" else ("pretrained",)
     for key in keys:
-        path = cfg_value(cfg, key)
+        path = getattr(cfg, key)
         if path and not os.path.isfile(path):
             print(f"note: {key} file {path!r} not found: using random initialisation for this summary", file=file)
             setattr(cfg, key, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-init notes were printed above
         model = build_model(cfg)
-    print(f"arch={cfg_value(cfg, 'arch')} backbone={cfg_value(cfg, 'backbone')} svf={bool(cfg_value(cfg, 'svf'))}",
-          file=file)
+    print(f"arch={cfg.arch} backbone={cfg.backbone} svf={bool(cfg.svf)}", file=file)
     svf.print_trainable_parameters(model, file=file)
     for stage in STAGES:
         print(_count_line(stage, getattr(model.backbone, stage)), file=file)
@@ -57,7 +56,7 @@ def main(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set svf=true")
     args = parser.parse_args(argv)
-    from engine.config import load_config  # the project's one config loader (defaults, checks, templates)
+    from common.config import load_config  # the project's one config loader (defaults, checks, templates)
     summarize(load_config(args.config, args.overrides))
 
 

@@ -11,10 +11,11 @@
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
+
+from common.config import defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,13 +43,14 @@ def single_thread():
 
 
 def tiny_cfg(**overrides):
-    """A flat config for fast models: resnet18_deep, 16-channel heads, PASCAL fold 0, SVF off."""
+    """A complete config (the schema's defaults) for fast models: resnet18_deep, 16-channel heads, PASCAL
+    fold 0, SVF off, no weights files."""
     values = dict(arch="baseline", backbone="resnet18_deep", pretrained=None, svf=False, svf_lr_mult=0.1,
                   svf_weight_decay=False, backbone_lr_mult=0.1, weight_decay=1e-4, reduce_dim=16,
                   ppm_bins=[1, 2, 3, 6], pyramid_bins=[60, 30, 15, 8], aux_loss_weight=1.0, base_learner=None,
                   num_base_classes=16, shot=1, benchmark="pascal", fold=0, coco_split="interleaved")
     values.update(overrides)
-    return types.SimpleNamespace(**values)
+    return defaults(**values)
 
 
 def random_episode(batch=2, shot=1, size=33, seed=0):

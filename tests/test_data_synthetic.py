@@ -2,7 +2,6 @@
 import contextlib
 import io
 import os
-import types
 import warnings
 
 import cv2
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.config import defaults
 from dataset import build_test_dataset, pad_label_to_square
 from dataset.make_lists import main as make_lists_main
 from dataset.synthetic import TEXTURES, class_appearance, main as synthetic_main, write_dataset
@@ -74,8 +74,8 @@ def test_novel_classes_recognisable_from_one_support(tmp_path):
         warnings.simplefilter("ignore")
         make_lists_main(["pascal", "--data-root", root, "--list-dir", root + "/lists", "--min-class-pixels", "32",
                          "--workers", "1"])
-    cfg = types.SimpleNamespace(benchmark="pascal", data_root=root, list_dir=root + "/lists", fold=0, shot=1,
-                                min_class_pixels=32, test_size=96, seed=0, workers=0)
+    cfg = defaults(benchmark="pascal", data_root=root, list_dir=root + "/lists", fold=0, shot=1,
+                   min_class_pixels=32, test_size=96, seed=0, workers=0)
     items = [item for item in build_test_dataset(cfg, seed=0, num_episodes=30)]
 
     def prototype(item):

@@ -133,18 +133,66 @@ def test_paper_settings_in_configs():
 
 
 def test_every_config_key_read_by_the_code_exists():
-    """cfg.X, _get(cfg, "X") and cfg_value(cfg, "X") anywhere in the code name a schema key."""
+    """cfg.X anywhere in the code names a schema key."""
     files = glob.glob(os.path.join(ROOT, "dataset", "*.py")) + glob.glob(os.path.join(ROOT, "model", "*.py")) + \
         glob.glob(os.path.join(ROOT, "engine", "*.py")) + [os.path.join(ROOT, f) for f in ("train.py", "test.py")]
-    pattern = re.compile(r"\bcfg\.([a-z_0-9]+)\b|(?:_get|cfg_value)\(cfg, \"([a-z_0-9]+)\"")
-    methods = {"replace", "to_dict", "get", "key"}  # methods, and "cfg.key" in docstrings
+    pattern = re.compile(r"\bcfg\.([a-z_0-9]+)\b")
+    methods = {"replace", "to_dict", "key"}  # methods, and "cfg.key" in docstrings
     used = set()
     for path in files:
         with open(path) as fh:
-            for a, b in pattern.findall(fh.read()):
-                used.add(a or b)
+            used.update(pattern.findall(fh.read()))
     unknown = sorted(used - set(FIELDS) - methods)
-    assert not unknown, f"keys read by the code but missing from engine/config.py FIELDS: {unknown}"
+    assert not unknown, f"keys read by the code but missing from common/config.py FIELDS: {unknown}"
+
+
+def test_the_schema_is_the_bottom_layer_and_the_only_defaults():
+    """common/ imports nothing of the project; model/ and dataset/ import no config code (they read cfg.key)."""
+    project = ("common", "engine", "model", "dataset", "svf", "lrcc", "train", "test", "tools")
+    imports = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_][\w.]*)", re.M)
+    for path in glob.glob(os.path.join(ROOT, "common", "*.py")):
+        with open(path) as fh:
+            assert not [m for m in imports.findall(fh.read()) if m.split(".")[0] in project], path
+    for path in glob.glob(os.path.join(ROOT, "model", "*.py")) + glob.glob(os.path.join(ROOT, "dataset", "*.py")):
+        with open(path) as fh:
+            text = fh.read()
+        assert not [m for m in imports.findall(text) if m in ("engine.config", "common.config", "common")
+                    and not path.endswith("summary.py")], path   # model.summary's command line loads a file
+        assert "cfg_value" not in text and "_get(cfg" not in text, path
+
+
+def test_defaults_is_a_complete_checked_config():
+    from common.config import Config, defaults
+    cfg = defaults(arch="pspnet", fold=2, shot=5)
+    assert isinstance(cfg, Config) and set(cfg.to_dict()) == set(FIELDS)
+    assert (cfg.arch, cfg.fold, cfg.shot, cfg.scale_min, cfg.workers) == ("pspnet", 2, 5, 0.9, 4)
+    assert cfg.exp_dir == "exp/pascal/pspnet_svf/resnet50/split2/5shot"        # templates filled after
+    assert defaults().to_dict() == load_config(None).to_dict()
+    with pytest.raises(ConfigKeyError, match=r"unknown config key 'shoot' \(from defaults\(\)\); did you mean 'shot'"):
+        defaults(shoot=5)
+    with pytest.raises(ValueError, match=r"'fold' \(from defaults\(\)\) must be one of"):
+        defaults(fold=7)
+    with pytest.raises(ValueError, match="scale_min <= scale_max"):
+        defaults(scale_min=2.0)
+
+
+def test_a_config_missing_a_key_is_an_error_naming_it(tiny_voc):
+    """No code supplies a default of its own: a config object without a key fails on that key."""
+    import types
+
+    from dataset import build_test_dataset
+    from model import build_model
+    full = load_config(None, ["backbone=resnet18_deep", "pretrained=null", "base_learner=null"])
+    values = full.to_dict()
+    del values["reduce_dim"]
+    with pytest.raises(AttributeError, match="reduce_dim"):
+        build_model(types.SimpleNamespace(**values))
+    data_root, list_dir = tiny_voc
+    values = dict(full.to_dict(), data_root=data_root, list_dir=list_dir, min_class_pixels=16, test_size=48,
+                  workers=0)
+    del values["test_resize_smaller"]
+    with pytest.raises(AttributeError, match="test_resize_smaller"):
+        build_test_dataset(types.SimpleNamespace(**values), seed=0, num_episodes=2)
 
 
 def run_sh(*args, **env):
