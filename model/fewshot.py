@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset.splits import IGNORE_LABEL
+
 from .backbones import STAGES
 from .layers import ASPP, capped_bin, gram_matrix, masked_average_pooling, prior_mask, resize
-from .pspnet import IGNORE_INDEX
 
 __all__ = ["FewShotModel", "MetaLearner", "Baseline", "PFENet", "BAM"]
 
@@ -37,7 +38,7 @@ def _classifier(dim, classes=2):
 
 
 def _ce(logits, target):
-    return F.cross_entropy(logits, target.long(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, target.long(), ignore_index=IGNORE_LABEL)
 
 
 class FewShotModel(nn.Module):

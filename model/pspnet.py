@@ -7,11 +7,11 @@ The head is its own module (``PSPHead``) because BAM reuses it, frozen, as its b
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset.splits import IGNORE_LABEL
+
 from .layers import PPM, resize
 
-__all__ = ["PSPNet", "PSPHead", "IGNORE_INDEX"]
-
-IGNORE_INDEX = 255
+__all__ = ["PSPNet", "PSPHead"]
 
 
 class PSPHead(nn.Module):
@@ -49,5 +49,5 @@ class PSPNet(nn.Module):
     def forward(self, img, label=None):
         logits = resize(self.head(self.backbone(img)[4]), img.shape[-2:])
         if self.training and label is not None:
-            return logits, F.cross_entropy(logits, label.long(), ignore_index=IGNORE_INDEX)
+            return logits, F.cross_entropy(logits, label.long(), ignore_index=IGNORE_LABEL)
         return logits
