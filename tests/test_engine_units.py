@@ -67,7 +67,7 @@ def test_load_model_weights_is_strict(tmp_path):
     load_model_weights(net, path)                               # DDP prefix removed
     assert torch.count_nonzero(net[0].weight) == 0
     atomic_save({"model": {"0.weight": torch.zeros(3, 2), "0.extra": torch.zeros(1)}}, path)
-    with pytest.raises(ValueError, match=r"missing \['0.bias'\].*unexpected \['0.extra'\]"):
+    with pytest.raises(ValueError, match=r"missing keys \['0.bias'\].*unexpected keys \['0.extra'\]"):
         load_model_weights(net, path)
 
 
