@@ -41,7 +41,7 @@ import svf
 
 from dataset.files import atomic_write_text, remove_stale_temporaries
 from engine.checkpoint import (BEST, LAST, NonFiniteWeights, atomic_save, config_differences, describe_differences,
-                               load_model_weights, load_resume_checkpoint, unwrap)
+                               evaluation_checkpoint, load_model_weights, load_resume_checkpoint, unwrap)
 from engine.config import Config, dump_config, load_config, split_overrides
 from engine.faults import (fault_point, hold_interrupts, install_interrupt_handlers, interrupts_deferred,
                            release_interrupts, restore_handlers)
@@ -338,7 +338,7 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         if writer:
             writer.close()
     print0(f"done: best validation mIoU {100 * best_miou:.2f} at epoch {best_epoch}; "
-           f"test.py evaluates {best_path if cfg.checkpoint_select == 'best' else last_path}")
+           f"test.py evaluates {evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)}")
     return 0
 
 

@@ -8,7 +8,6 @@ synthetic dataset in the VOC layout with ``python -m dataset.synthetic``.
 from .build import build_base_dataset, build_test_dataset, build_train_dataset
 from .episodes import Episode, shard_indices
 from .splits import base_classes, novel_classes, num_classes
-from .transforms import pad_label_to_square
 
 __all__ = ["build_train_dataset", "build_test_dataset", "build_base_dataset", "Episode", "shard_indices",
-           "novel_classes", "base_classes", "num_classes", "pad_label_to_square"]
+           "novel_classes", "base_classes", "num_classes"]

@@ -15,8 +15,8 @@ to a multiple of 8 (``resized_test_shape``); the result sits at the TOP-LEFT of 
 the image padded with zeros before normalisation and the mask with 255 (nearest-neighbour resize
 with OpenCV's INTER_NEAREST, as BAM). The released configs resize smaller images up too
 (``resized_val: True``); ``resize_smaller=False`` keeps them at their size (BAM's test_Resize).
-The evaluation compares the logits, upsampled to L×L (L = the label's long side), with the
-original-resolution label padded with 255 to L×L: ``pad_label_to_square`` is that rule.
+The evaluation upsamples the logits to L×L (L = the label's long side) and keeps the top-left block of
+the original label's size: ``engine.metric.logits_at_label_resolution`` is that rule.
 """
 from dataclasses import dataclass
 
@@ -140,14 +140,3 @@ def resized_test_shape(h, w, size, resize_smaller=True):
         raise ValueError(f"a {h}x{w} image becomes empty at test_size {size} (sides are rounded down to a "
                          "multiple of 8): raise test_size")
     return new_h, new_w
-
-
-def pad_label_to_square(label):
-    """Pad a (..., H, W) label tensor with 255 at the bottom/right to (..., L, L), L = max(H, W).
-
-    The evaluation upsamples the (B, 2, S, S) logits of a test item to L×L and compares them with
-    this: the content sits at the top-left in both, as TestTransform places it.
-    """
-    h, w = label.shape[-2:]
-    side = max(h, w)
-    return torch.nn.functional.pad(label, (0, side - w, 0, side - h), value=IGNORE_LABEL)

@@ -110,39 +110,61 @@ def describe_differences(changed: dict) -> str:
     return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
 
 
-def model_state_from(obj: dict, path: str) -> dict:
-    """The model state dict inside a checkpoint of ours (`model` key) or a bare state dict."""
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        return obj["model"]
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise ValueError(f"'{path}' is neither a checkpoint of this project (with a 'model' entry) "
-                     f"nor a state dict of tensors; keys: {list(obj)[:10] if isinstance(obj, dict) else type(obj)}")
+def state_dict_from(obj, path: str, what: str = "weights") -> dict:
+    """The tensor dict stored in a loaded file: a raw state dict, or the ``model``/``state_dict`` entry of a
+    checkpoint dict; a DistributedDataParallel ``module.`` prefix on every key is removed."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{what} file {path!r} holds no state dict (expected a dict of tensors, or a "
+                         "checkpoint dict with a 'model' or 'state_dict' entry)")
+    if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _listed(keys: list, label: str) -> str:
+    return f"{len(keys)} {label} {keys[:20]}" + (" ..." if len(keys) > 20 else "")
+
+
+def load_state_dict_strict(module: nn.Module, state: dict, path: str, what: str = "weights",
+                           hint: str = "check that the file is for this architecture/backbone (and was saved "
+                                       "without SVF)") -> nn.Module:
+    """``module.load_state_dict(state)`` where every key must match in name and shape; BatchNorm's
+    ``num_batches_tracked`` may be absent (old files predate it). Checked before loading, so a mismatch leaves
+    the module untouched; the error lists the keys, names ``path`` and ends with ``hint``."""
+    own = module.state_dict()
+    optional = {k for k in own if k.endswith("num_batches_tracked")}
+    missing = sorted(set(own) - set(state) - optional)
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in sorted(state) if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        found = [_listed(keys, label) for keys, label in
+                 ((missing, "missing keys"), (unexpected, "unexpected keys"), (wrong_shape, "of another shape"))
+                 if keys]
+        raise ValueError(f"{what} file {path!r} does not match the model: {'; '.join(found)}; {hint}")
+    full = dict(state)
+    for k in optional - set(state):
+        full[k] = own[k]
+    module.load_state_dict(full, strict=True)
+    return module
 
 
 def load_model_weights(model: nn.Module, path: str, hint: str = "", config: dict = None) -> dict:
     """Strictly load a checkpoint's model weights; return the whole checkpoint dict. With `config` (the
     config the model was built from), a mismatch names the keys that differ from the checkpoint's config."""
     obj = load_checkpoint(path, hint)
-    state = model_state_from(obj, path)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    net = unwrap(model)
-    expected = net.state_dict().keys()
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    own = net.state_dict()
-    wrong_shape = sorted(k for k in expected if k in state and state[k].shape != own[k].shape)
-    if missing or unexpected or wrong_shape:  # checked before loading, so a mismatch leaves the model untouched
-        saved = obj.get("config") if isinstance(obj, dict) else None
-        if config is not None and isinstance(saved, dict) and config_differences(saved, config):
-            why = ("the config differs from the one saved in the checkpoint in " +
-                   describe_differences(config_differences(saved, config)))
-        else:
-            why = "check arch/backbone/svf/reduce_dim/shot against the run that wrote it"
-        raise ValueError(f"weights in '{path}' do not match the model built from the config: "
-                         f"missing {missing[:20]} (of {len(missing)}), unexpected {unexpected[:20]} (of "
-                         f"{len(unexpected)}), another shape {wrong_shape[:20]} (of {len(wrong_shape)}); {why}")
-    net.load_state_dict(state)
+    saved = obj.get("config") if isinstance(obj, dict) else None
+    if config is not None and isinstance(saved, dict) and config_differences(saved, config):
+        why = ("the config differs from the one saved in the checkpoint in " +
+               describe_differences(config_differences(saved, config)))
+    else:
+        why = "check arch/backbone/svf/reduce_dim/shot against the run that wrote it"
+    load_state_dict_strict(unwrap(model), state_dict_from(obj, path, "checkpoint"), path, "checkpoint", why)
     return obj if isinstance(obj, dict) else {}
 
 

@@ -22,10 +22,11 @@ __all__ = [*_schema_names, "stage1_checkpoint_missing", "main"]
 def stage1_checkpoint_missing(cfg: Config) -> Optional[str]:
     """The stage-1 PSPNet checkpoint path when the run needs it (bam, or a backbone pretrained by stage 1,
     as in the demo) and it does not exist yet; else None."""
+    from engine.preflight import pretrained_is_stage1_checkpoint
     path = cfg.base_learner
     if not path or os.path.isfile(path):
         return None
-    needed = cfg.arch == "bam" or (cfg.pretrained and os.path.abspath(cfg.pretrained) == os.path.abspath(path))
+    needed = cfg.arch == "bam" or pretrained_is_stage1_checkpoint(cfg)
     return path if needed else None
 
 

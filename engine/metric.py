@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE_LABEL = 255
+from dataset.splits import IGNORE_LABEL
 
 
 def logits_at_label_resolution(logits: torch.Tensor, label_hw: Sequence[int]) -> torch.Tensor:

@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 
 
+def pretrained_is_stage1_checkpoint(cfg) -> bool:
+    """Whether the backbone weights `pretrained` are the stage-1 PSPNet checkpoint `base_learner` (as in the
+    demo, which starts few-shot training from the backbone stage 1 trained)."""
+    return bool(cfg.pretrained and cfg.base_learner
+                and os.path.abspath(cfg.pretrained) == os.path.abspath(cfg.base_learner))
+
+
 def check_data(cfg, config_path: str = "CONFIG"):
     """The data root and the train/val lists must exist; the message says which command builds them."""
     if not os.path.isdir(cfg.data_root):
@@ -43,7 +50,7 @@ def check_pretrained(cfg, config_path: str = "CONFIG"):
     """Backbone weights named by `pretrained` must exist; a stage-1 checkpoint says how it is made."""
     if not cfg.pretrained or os.path.isfile(cfg.pretrained):
         return
-    if cfg.base_learner and os.path.abspath(cfg.pretrained) == os.path.abspath(cfg.base_learner):
+    if pretrained_is_stage1_checkpoint(cfg):
         raise FileNotFoundError(
             f"backbone weights '{cfg.pretrained}' (config key pretrained) are the stage-1 PSPNet checkpoint, which "
             f"is not there yet; make it with: python train.py --config {config_path} --stage1")

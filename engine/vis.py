@@ -19,6 +19,8 @@ import os
 import cv2
 import numpy as np
 
+from dataset.splits import IGNORE_LABEL
+
 PANEL = 360          # long side of every image panel, px
 TITLE_HEIGHT = 34    # the strip above each panel
 GAP = 6              # between panels
@@ -41,7 +43,7 @@ def panel_titles(class_name: str, shot: int, iou: float) -> list[str]:
 def tint(rgb: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
     """uint8 RGB with mask == 1 tinted and outlined in `colour` and mask == 255 greyed, at rgb's size."""
     out = rgb.astype(np.float32)
-    fg, ignore = mask == 1, mask == 255
+    fg, ignore = mask == 1, mask == IGNORE_LABEL
     out[fg] = 0.5 * out[fg] + 0.5 * np.asarray(colour, np.float32)
     out[ignore] = 0.5 * out[ignore] + 0.5 * IGNORE_GREY
     out = np.clip(out, 0, 255).astype(np.uint8)

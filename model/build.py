@@ -84,16 +84,13 @@ def _set_backbone_training(model, cfg):
         plain = model.backbone
         model.backbone = svf.resolver(plain)  # a converted copy; exact at ratio 1.0
         if isinstance(model, BAM):  # the base learner keeps reading the original stage-1 backbone
-            model.set_base_backbone(plain)
-            svf.freeze_batchnorm(model.base_backbone)
+            model.set_base_backbone(plain)  # frozen, and kept in eval mode by train()
         svf.apply_paper_freezing(model.backbone)
-        svf.freeze_batchnorm(model.backbone)  # every backbone BN, layer0/1 included
         model.eval_modules = tuple(dict.fromkeys(model.eval_modules + ("backbone",)))
     elif isinstance(model, PSPNet):
         model.backbone.requires_grad_(True)
     else:
-        model.backbone.requires_grad_(False)
-        svf.freeze_batchnorm(model.backbone)
+        model.backbone.requires_grad_(False)  # kept in eval mode by train() (FewShotModel.eval_modules)
     model.train()
     return model
 

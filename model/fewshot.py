@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset.splits import IGNORE_LABEL
+
 from .backbones import STAGES
-from .layers import ASPP, capped_bin, gram_matrix, masked_average_pooling, prior_mask, resize
-from .pspnet import IGNORE_INDEX
+from .layers import ASPP, FrozenInEval, capped_bin, gram_matrix, masked_average_pooling, prior_mask, resize
 
 __all__ = ["FewShotModel", "MetaLearner", "Baseline", "PFENet", "BAM"]
 
@@ -37,10 +38,10 @@ def _classifier(dim, classes=2):
 
 
 def _ce(logits, target):
-    return F.cross_entropy(logits, target.long(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, target.long(), ignore_index=IGNORE_LABEL)
 
 
-class FewShotModel(nn.Module):
+class FewShotModel(FrozenInEval):
     """Backbone + the shared query/support encoder. The backbone is never trained here except its singular
     values under SVF; its BatchNorm stays in eval mode through ``train()``."""
 
@@ -54,13 +55,7 @@ class FewShotModel(nn.Module):
                                        nn.Dropout2d(p=0.5))
         self.reduce_dim = reduce_dim
         self.aux_loss_weight = float(aux_loss_weight)
-        self.eval_modules = ("backbone",)  # names of submodules kept in eval mode by train()
-
-    def train(self, mode=True):
-        super().train(mode)
-        for name in self.eval_modules:
-            getattr(self, name).eval()
-        return self
+        self.eval_modules = ("backbone",)  # kept in eval mode by train() (FrozenInEval)
 
     @staticmethod
     def _mid_level(f2, f3):

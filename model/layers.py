@@ -1,12 +1,27 @@
 """Building blocks shared by the segmentation heads: PPM, ASPP, masked average pooling, the PFENet prior
-mask and BAM's Gram-matrix distance. Formulas follow PFENet's and BAM's released code."""
+mask and BAM's Gram-matrix distance. Formulas follow PFENet's and BAM's released code. ``FrozenInEval``
+is how every model here keeps its frozen parts (BatchNorm statistics, Dropout) in eval mode."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PPM", "ASPP", "masked_average_pooling", "prior_mask", "gram_matrix", "resize", "capped_bin"]
+__all__ = ["FrozenInEval", "PPM", "ASPP", "masked_average_pooling", "prior_mask", "gram_matrix", "resize", "capped_bin"]
 
 COSINE_EPS = 1e-7
+
+
+class FrozenInEval(nn.Module):
+    """A module whose ``train()`` leaves the submodules named in ``eval_modules`` in eval mode: a frozen
+    network keeps its BatchNorm running statistics (never updated, used in training too) and its Dropout off.
+    The one BatchNorm-freezing mechanism of the models here; ``svf.freeze_batchnorm`` is the library's own."""
+
+    eval_modules = ()
+
+    def train(self, mode=True):
+        super().train(mode)
+        for name in self.eval_modules:
+            getattr(self, name).eval()
+        return self
 
 
 def resize(x, size):

@@ -7,11 +7,11 @@ The head is its own module (``PSPHead``) because BAM reuses it, frozen, as its b
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import PPM, resize
+from dataset.splits import IGNORE_LABEL
 
-__all__ = ["PSPNet", "PSPHead", "IGNORE_INDEX"]
+from .layers import PPM, FrozenInEval, resize
 
-IGNORE_INDEX = 255
+__all__ = ["PSPNet", "PSPHead"]
 
 
 class PSPHead(nn.Module):
@@ -29,7 +29,7 @@ class PSPHead(nn.Module):
         return self.cls(self.ppm(feat))
 
 
-class PSPNet(nn.Module):
+class PSPNet(FrozenInEval):
     """``model(img, label=None)``: training with a label returns ``(logits, loss)`` (cross-entropy, ignore 255);
     otherwise logits (B, num_classes, H, W) at the input resolution."""
 
@@ -38,16 +38,10 @@ class PSPNet(nn.Module):
         self.backbone = backbone
         self.head = PSPHead(backbone.channels["layer4"], num_classes, bins)
         self.num_classes = num_classes
-        self.eval_modules = ()  # names of submodules kept in eval mode by train() (set by build_model)
-
-    def train(self, mode=True):
-        super().train(mode)
-        for name in self.eval_modules:  # a frozen backbone keeps its BatchNorm statistics
-            getattr(self, name).eval()
-        return self
+        self.eval_modules = ()  # kept in eval mode by train() (FrozenInEval); build_model adds a frozen backbone
 
     def forward(self, img, label=None):
         logits = resize(self.head(self.backbone(img)[4]), img.shape[-2:])
         if self.training and label is not None:
-            return logits, F.cross_entropy(logits, label.long(), ignore_index=IGNORE_INDEX)
+            return logits, F.cross_entropy(logits, label.long(), ignore_index=IGNORE_LABEL)
         return logits

@@ -1,5 +1,9 @@
 """Strict loading of pretrained weights into a backbone, and of this project's checkpoints into a model.
 
+The strict check itself (every key and shape must match) and the reading of a file's state dict (the DDP
+``module.`` prefix rule included) are ``engine.checkpoint``'s, shared with the training and test checkpoints;
+this module adds the renaming of ImageNet backbone files.
+
 Accepted files (all read with ``torch.load(..., weights_only=True)``):
 
 - PSPNet/PFENet's ``resnet50_v2.pth`` / ``resnet101_v2.pth`` (deep stem: keys ``conv1 bn1 conv2 bn2 conv3 bn3``,
@@ -18,7 +22,7 @@ import os
 
 import torch
 
-from engine.checkpoint import torch_load
+from engine.checkpoint import load_state_dict_strict, state_dict_from, torch_load
 
 from .backbones import _VGG_SPLIT
 
@@ -43,40 +47,7 @@ def read_state_dict(path, what="weights", hint=WEIGHTS_HELP):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path!r}. {hint}")
-    obj = torch_load(path, what)  # a clear error for empty, truncated and non-checkpoint files
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{what} file {path!r} holds no state dict (expected a dict of tensors, or a "
-                         "checkpoint dict with a 'model' or 'state_dict' entry)")
-    if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
-def load_state_dict_strict(module, state, path, what="weights"):
-    """``module.load_state_dict(state)`` where every key must match in name and shape; BatchNorm's
-    ``num_batches_tracked`` may be absent (old files predate it). Errors list the keys and name ``path``."""
-    own = module.state_dict()
-    optional = {k for k in own if k.endswith("num_batches_tracked")}
-    missing = sorted(set(own) - set(state) - optional)
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{what} file {path!r} does not match the model: "
-                         f"{len(missing)} missing keys {missing}; {len(unexpected)} unexpected keys {unexpected}. "
-                         "Check that the file is for this architecture/backbone (and was saved without SVF).")
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in state if state[k].shape != own[k].shape]
-    if bad:
-        raise ValueError(f"{what} file {path!r} has tensors of the wrong shape: {bad}")
-    full = dict(state)
-    for k in optional - set(state):
-        full[k] = own[k]
-    module.load_state_dict(full, strict=True)
-    return module
+    return state_dict_from(torch_load(path, what), path, what)  # torch_load: a clear error for unreadable files
 
 
 def _to_backbone_keys(state, backbone):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import defaults
-from dataset import build_test_dataset, pad_label_to_square
+from dataset import build_test_dataset
 from dataset.make_lists import main as make_lists_main
 from dataset.synthetic import TEXTURES, class_appearance, main as synthetic_main, write_dataset
 
@@ -89,8 +89,10 @@ def test_novel_classes_recognisable_from_one_support(tmp_path):
             query = F.avg_pool2d(item["query_img"][None], 5, 1, 2)[0]
             proto = prototype(pick_support(k))
             pred = (((query - proto[:, None, None]) ** 2).sum(0) < 0.6).float()
-            label = pad_label_to_square(item["query_label"])
-            pred = F.interpolate(pred[None, None], size=label.shape, mode="nearest")[0, 0].bool()
+            label = item["query_label"]  # the original resolution: the prediction's top-left L x L block
+            side = max(label.shape)
+            pred = F.interpolate(pred[None, None], size=(side, side), mode="nearest")[0, 0, :label.shape[0],
+                                                                                      :label.shape[1]].bool()
             valid, target = label != 255, label == 1
             inter[item["class_id"]] += (pred & target & valid).sum().item()
             union[item["class_id"]] += ((pred | target) & valid).sum().item()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset.transforms import (IMAGENET_MEAN, TestTransform, TrainTransform, denormalize, pad_label_to_square,
+from dataset.transforms import (IMAGENET_MEAN, TestTransform, TrainTransform, denormalize,
                                 resized_test_shape)
 
 COLOURS = np.array([[20, 200, 40], [230, 30, 30], [30, 30, 230], [240, 240, 20], [200, 20, 220]], np.float32)
@@ -121,10 +121,3 @@ def test_test_transform_is_bams():
     assert np.array_equal(mask[:35, :45].numpy(), label) and (mask[35:] == 255).all() and (mask[:, 45:] == 255).all()
     assert np.allclose(denormalize(img)[:35, :45], image, atol=1e-3)
 
-
-def test_pad_label_to_square():
-    label = torch.tensor([[0, 1, 1], [1, 0, 255]])
-    padded = pad_label_to_square(label)
-    assert padded.tolist() == [[0, 1, 1], [1, 0, 255], [255, 255, 255]]
-    assert padded.dtype == torch.int64
-    assert pad_label_to_square(torch.zeros(2, 5, 3, dtype=torch.long)).shape == (2, 5, 5)

@@ -67,8 +67,30 @@ def test_load_model_weights_is_strict(tmp_path):
     load_model_weights(net, path)                               # DDP prefix removed
     assert torch.count_nonzero(net[0].weight) == 0
     atomic_save({"model": {"0.weight": torch.zeros(3, 2), "0.extra": torch.zeros(1)}}, path)
-    with pytest.raises(ValueError, match=r"missing \['0.bias'\].*unexpected \['0.extra'\]"):
+    with pytest.raises(ValueError, match=r"missing keys \['0.bias'\].*unexpected keys \['0.extra'\]"):
         load_model_weights(net, path)
+    atomic_save({"model": {"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(3)}}, path)
+    with pytest.raises(ValueError, match=r"1 of another shape \['0.weight: file \(2, 2\) vs model \(3, 2\)'\]"):
+        load_model_weights(net, path)
+
+
+def test_stage1_checkpoint_as_pretrained(tmp_path):
+    """`pretrained` naming the stage-1 checkpoint (the demo's setup) is recognised in one place, by path."""
+    import types
+
+    from engine.config import stage1_checkpoint_missing
+    from engine.preflight import pretrained_is_stage1_checkpoint
+    stage1 = str(tmp_path / "stage1" / "best.pth")
+    cfg = types.SimpleNamespace(arch="pfenet", base_learner=stage1,
+                                pretrained=str(tmp_path / "stage1" / ".." / "stage1" / "best.pth"))
+    assert pretrained_is_stage1_checkpoint(cfg) and stage1_checkpoint_missing(cfg) == stage1
+    cfg.pretrained = str(tmp_path / "resnet50_v2.pth")
+    assert not pretrained_is_stage1_checkpoint(cfg) and stage1_checkpoint_missing(cfg) is None
+    cfg.arch = "bam"                                            # BAM needs it whatever `pretrained` is
+    assert stage1_checkpoint_missing(cfg) == stage1
+    os.makedirs(os.path.dirname(stage1))
+    open(stage1, "wb").close()
+    assert stage1_checkpoint_missing(cfg) is None              # there already
 
 
 def test_derived_seeds_are_stable_and_distinct():
