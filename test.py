@@ -32,7 +32,7 @@ import time
 import warnings
 
 from dataset.files import atomic_write_text
-from engine.checkpoint import evaluation_checkpoint, load_checkpoint, load_model_weights
+from engine.checkpoint import evaluation_checkpoint, load_checkpoint, load_model_state
 from engine.config import Config, load_config, split_overrides
 from engine.distributed import DistInfo, cleanup_distributed, init_distributed, print0, seed_everything
 from engine.loop import evaluate_episodes
@@ -160,7 +160,7 @@ def load_weights(net, path: str, hint: str) -> dict:
     obj = load_checkpoint(path, hint)
     state = released_state(obj)
     if state is None or detect_format(state) is None:
-        return load_model_weights(net, path, hint)
+        return load_model_state(net, obj, path)
     _, report = load_released(net, obj, path)
     for line in report:
         print0(line)

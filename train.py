@@ -41,7 +41,7 @@ import svf
 
 from dataset.files import atomic_write_text, remove_stale_temporaries
 from engine.checkpoint import (BEST, LAST, NonFiniteWeights, atomic_save, config_differences, describe_differences,
-                               evaluation_checkpoint, load_model_weights, load_resume_checkpoint, unwrap)
+                               evaluation_checkpoint, load_model_state, load_resume_checkpoint, unwrap)
 from engine.config import Config, dump_config, load_config, split_overrides
 from engine.faults import (fault_point, hold_interrupts, install_interrupt_handlers, interrupts_deferred,
                            release_interrupts, restore_handlers)
@@ -189,7 +189,7 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
     epoch_loss = (0.0, 0)  # (sum, steps) of the epoch's losses before the resumed position
     if args.resume:
         ckpt = load_resume_checkpoint(last_path)
-        load_model_weights(net, last_path, config=cfg.to_dict())
+        load_model_state(net, ckpt, last_path, config=cfg.to_dict())
         changed = config_differences(ckpt["config"], cfg.to_dict())
         try:
             optimizer.load_state_dict(ckpt["optimizer"])

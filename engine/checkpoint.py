@@ -157,11 +157,15 @@ def load_state_dict_strict(module: nn.Module, state: dict, path: str, what: str 
 def load_model_weights(model: nn.Module, path: str, hint: str = "", config: dict = None) -> dict:
     """Strictly load a checkpoint's model weights; return the whole checkpoint dict. With `config` (the
     config the model was built from), a mismatch names the keys that differ from the checkpoint's config."""
-    obj = load_checkpoint(path, hint)
+    return load_model_state(model, load_checkpoint(path, hint), path, config)
+
+
+def load_model_state(model: nn.Module, obj, path: str, config: dict = None) -> dict:
+    """load_model_weights for a checkpoint already read from `path` (the file is not read again)."""
     saved = obj.get("config") if isinstance(obj, dict) else None
-    if config is not None and isinstance(saved, dict) and config_differences(saved, config):
-        why = ("the config differs from the one saved in the checkpoint in " +
-               describe_differences(config_differences(saved, config)))
+    changed = config_differences(saved, config) if config is not None and isinstance(saved, dict) else {}
+    if changed:
+        why = "the config differs from the one saved in the checkpoint in " + describe_differences(changed)
     else:
         why = "check arch/backbone/svf/reduce_dim/shot against the run that wrote it"
     load_state_dict_strict(unwrap(model), state_dict_from(obj, path, "checkpoint"), path, "checkpoint", why)
