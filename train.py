@@ -33,9 +33,11 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 import svf
 
@@ -56,57 +58,57 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class EpochSampler(Sampler):
-    """This rank's part of a DistributedSampler permutation, minus the batches already done."""
-
-    def __init__(self, dataset, dist_info: DistInfo, seed: int, batch_per_rank: int):
-        self.inner = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                        shuffle=True, seed=seed, drop_last=True)
-        self.batch_per_rank = batch_per_rank
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0):
-        self.inner.set_epoch(epoch)
-        self.skip = skip_batches * self.batch_per_rank
-
-    def batches_per_epoch(self) -> int:
-        return len(self.inner) // self.batch_per_rank
-
-    def __iter__(self):
-        return iter(list(self.inner)[self.skip:])
-
-    def __len__(self):
-        return len(self.inner) - self.skip
+@dataclass
+class Stage:
+    """What differs between stage 1 (the PSPNet base learner, arch pspnet) and few-shot training."""
+    name: str                                             # in the run's first log line
+    train_set: Dataset                                    # items for `loss`, with set_epoch(epoch)
+    val_set: Dataset
+    loss: Callable[[torch.nn.Module, dict], torch.Tensor]  # (model, batch) -> training loss
+    validate: Callable[[torch.nn.Module], tuple]           # model -> (mIoU, FB-IoU, NaN in stage 1)
+    has_fbiou: bool                                       # whether validation reports FB-IoU
+    checkpoint_rule: str                                  # which checkpoint test.py evaluates, and why
 
 
-def stage1_config(cfg: Config) -> Config:
-    """The PSPNet base-learner run of a config: stage1_* settings, written beside cfg.base_learner.
+@dataclass
+class RunState:
+    """Where the run stands; last.pth records it (checkpoint_state) and --resume restores it."""
+    epoch: int = 0              # the epoch in progress, from 0
+    iteration: int = 0          # steps done in it
+    loss_sum: float = 0.0       # of those steps' losses (mean over ranks)
+    loss_steps: int = 0         # steps in loss_sum
+    best_miou: float = -math.inf
+    best_epoch: float = 0       # x.5 for a validation halfway through epoch x+1
 
-    As BAM's train_base.py: poly decay, the heads at stage1_base_lr and the backbone at
-    backbone_lr_mult of it, validation at the crop size (its val_size = train_h) and only at epoch ends."""
-    if not cfg.base_learner:
-        raise ValueError("--stage1 needs base_learner (where the stage-1 checkpoint goes) in the config")
-    return cfg.replace(arch="pspnet", svf=False, pretrained=cfg.stage1_pretrained, epochs=cfg.stage1_epochs, batch_size=cfg.stage1_batch_size,
-                       base_lr=cfg.stage1_base_lr, lr_schedule="poly", head_lr_mult=1.0,
-                       train_size=cfg.stage1_train_size, test_size=cfg.stage1_train_size,
-                       scale_min=cfg.stage1_scale_min, scale_max=cfg.stage1_scale_max, val_mid_epoch=False,
-                       exp_dir=os.path.dirname(cfg.base_learner) or ".")
-
-
-def trained_batchnorm(net: torch.nn.Module) -> list:
-    """(parent module, child name) of every BatchNorm whose parameters train."""
-    return [(parent, name) for parent in net.modules() for name, child in parent.named_children()
-            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm)
-            and any(p.requires_grad for p in child.parameters(recurse=False))]
+    def epoch_loss(self) -> float:
+        return self.loss_sum / self.loss_steps if self.loss_steps else math.nan
 
 
-def sync_trained_batchnorm(net: torch.nn.Module) -> int:
-    """Replace every BatchNorm whose parameters train by a SyncBatchNorm (statistics over all processes,
-    as BAM's stage 1); frozen ones (eval mode, hooks) stay as they are. Returns how many were replaced."""
-    targets = trained_batchnorm(net)
-    for parent, name in targets:
-        setattr(parent, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(parent, name)))
-    return len(targets)
+@dataclass
+class Run:
+    """What the epochs work with, built once by train(): the model (DDP-wrapped under torchrun), its optimizer
+    and AMP scaler, the training sampler and the tensorboard writer."""
+    cfg: Config
+    dist_info: DistInfo
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    sampler: EpochSampler
+    writer: Optional[object]      # a tensorboard SummaryWriter on rank 0, else None
+    s_start: Optional[dict]       # SVF's singular values before training (None without SVF)
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch()
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.cfg.exp_dir, LAST)
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.cfg.exp_dir, BEST)
 
 
 def parse_args(argv=None):
@@ -141,14 +143,12 @@ def main(argv=None) -> int:
 
 
 def train(cfg: Config, args, dist_info: DistInfo) -> int:
-    import dataset
+    """Build the stage, the model and its optimizer; resume from last.pth (--resume); fit."""
     import model as models
 
-    stage1 = cfg.arch == "pspnet"
     device, world = dist_info.device, dist_info.world_size
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} is the total over {world} processes and must divide by it")
-    batch_per_rank = cfg.batch_size // world
     use_amp = cfg.amp and device.type == "cuda"
     if cfg.amp and not use_amp:
         print0("note: amp=true applies to CUDA only; this CPU run uses float32")
@@ -156,7 +156,7 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         torch.use_deterministic_algorithms(True)
     seed_everything(derive_seed(cfg.seed, dist_info.rank))
 
-    last_path, best_path = os.path.join(cfg.exp_dir, LAST), os.path.join(cfg.exp_dir, BEST)
+    last_path = os.path.join(cfg.exp_dir, LAST)
     if not args.resume and os.path.exists(last_path):
         raise FileExistsError(f"'{last_path}' exists: continue that run with --resume, or choose another "
                               f"exp_dir=... (or delete the folder) to start afresh")
@@ -164,13 +164,8 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         for path in remove_stale_temporaries(cfg.exp_dir, [LAST, BEST, "config.yaml"]):
             print0(f"removed {path}, left by an interrupted save")
 
-    train_set = dataset.build_base_dataset(cfg, "train") if stage1 else dataset.build_train_dataset(cfg)
-    if stage1:
-        val_set = dataset.build_base_dataset(cfg, "val")
-    else:
-        val_set = dataset.build_test_dataset(cfg, cfg.seed, cfg.val_episodes)
-        class_ids = dataset.novel_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
-
+    # build: what the stage trains on and validates with, the model, its optimizer
+    stage = build_stage(cfg, dist_info, use_amp)
     net = models.build_model(cfg).to(device)
     if cfg.sync_bn and world > 1 and trained_batchnorm(net):
         if device.type == "cuda":
@@ -185,161 +180,123 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         s_start = svf.state_dict(net.backbone)["singular_values"]
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    start_epoch, start_iter, best_miou, best_epoch = 0, 0, -math.inf, 0
-    epoch_loss = (0.0, 0)  # (sum, steps) of the epoch's losses before the resumed position
-    if args.resume:
-        ckpt = load_resume_checkpoint(last_path)
-        load_model_state(net, ckpt, last_path, config=cfg.to_dict())
-        changed = config_differences(ckpt["config"], cfg.to_dict())
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError as exc:
-            raise ValueError(f"the optimizer state in '{last_path}' does not fit this config's parameter groups "
-                             f"({exc}); config changes: {describe_differences(changed) or 'none'}") from None
-        if use_amp and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_iter = ckpt["epoch"], resume_iteration(ckpt, cfg.batch_size, last_path)
-        epoch_loss = (ckpt.get("epoch_loss_sum", 0.0), ckpt.get("epoch_loss_steps", 0))
-        best_miou, best_epoch = ckpt["best_miou"], ckpt["best_epoch"]
-        if changed:
-            print0("resume: config differs from the checkpoint's in " + describe_differences(changed))
-        print0(f"resume: {last_path} at epoch {start_epoch}, iteration {start_iter}")
+    # resume: the weights, optimizer and position of last.pth, or a fresh start
+    state = resume(last_path, cfg, net, optimizer, scaler, use_amp) if args.resume else RunState()
 
+    # fit: wrap for DDP, shard the episodes, open the log, then the epochs
     if dist_info.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    sampler = EpochSampler(train_set, dist_info, cfg.seed, batch_per_rank)
-    iters_per_epoch = sampler.batches_per_epoch()
-    if iters_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training items are fewer than one batch of {cfg.batch_size}; "
+    sampler = EpochSampler(stage.train_set, dist_info, cfg.seed, cfg.batch_size // world)
+    if sampler.batches_per_epoch() == 0:
+        raise ValueError(f"{len(stage.train_set)} training items are fewer than one batch of {cfg.batch_size}; "
                          "lower batch_size")
-    total_steps = cfg.epochs * iters_per_epoch
-
     writer = None
     if dist_info.is_main:
         os.makedirs(cfg.exp_dir, exist_ok=True)
         atomic_write_text(os.path.join(cfg.exp_dir, "config.yaml"), dump_config(cfg))
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(cfg.exp_dir, "tb"))
-        svf.print_trainable_parameters(unwrap(net))
-        print0(f"{'stage-1 PSPNet' if stage1 else cfg.arch} | backbone {cfg.backbone} | svf {cfg.svf} | "
-               f"fold {cfg.fold} | shot {cfg.shot} | {world} process(es) on {device.type} | "
-               f"{len(train_set)} training items, {iters_per_epoch} steps/epoch x {cfg.epochs} epochs")
-        print0("optimizer: SGD momentum {} | base_lr {} | lr_schedule {}{}\n{}".format(
-            cfg.momentum, cfg.base_lr, cfg.lr_schedule, f" (power {cfg.power})" if cfg.lr_schedule == "poly" else "",
-            describe_groups(optimizer)))
-        if stage1:
-            print0("checkpoint rule: best.pth = highest base-class mIoU on the val images (no novel class involved)")
-        elif cfg.checkpoint_select == "best":
-            print0(f"checkpoint rule: best — test.py evaluates best.pth, the epoch with the highest mIoU on "
-                   f"{cfg.val_episodes} validation episodes of the TEST fold's novel classes (as in PFENet/BAM/SVF); "
-                   f"use checkpoint_select=last for a choice that does not look at the test classes")
-        else:
-            print0("checkpoint rule: last — test.py evaluates last.pth, the final epoch (no selection on the test fold)")
-        print0(f"output: {cfg.exp_dir}")
+    run = Run(cfg, dist_info, net, optimizer, scaler, use_amp, sampler, writer, s_start)
+    if dist_info.is_main:
+        log_run(run, stage)
+    return fit(run, stage, state, args.stop_after)
 
-    progress = {"epoch": start_epoch, "iteration": start_iter, "loss_sum": epoch_loss[0], "loss_steps": epoch_loss[1]}
 
-    def checkpoint_state():
-        return {"model": unwrap(net).state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if use_amp else {}, "epoch": progress["epoch"],
-                "iteration": progress["iteration"], "samples": progress["iteration"] * cfg.batch_size,
-                "epoch_loss_sum": progress["loss_sum"], "epoch_loss_steps": progress["loss_steps"],
-                "best_miou": best_miou, "best_epoch": best_epoch, "config": cfg.to_dict()}
+def log_run(run: Run, stage: Stage):
+    """The head of the log: trainable parameters, model and data, optimizer, checkpoint rule, output."""
+    cfg, optimizer = run.cfg, run.optimizer
+    svf.print_trainable_parameters(unwrap(run.net))
+    print0(f"{stage.name} | backbone {cfg.backbone} | svf {cfg.svf} | fold {cfg.fold} | shot {cfg.shot} | "
+           f"{run.dist_info.world_size} process(es) on {run.dist_info.device.type} | "
+           f"{len(stage.train_set)} training items, {run.iters_per_epoch} steps/epoch x {cfg.epochs} epochs")
+    print0("optimizer: SGD momentum {} | base_lr {} | lr_schedule {}{}\n{}".format(
+        cfg.momentum, cfg.base_lr, cfg.lr_schedule, f" (power {cfg.power})" if cfg.lr_schedule == "poly" else "",
+        describe_groups(optimizer)))
+    print0("checkpoint rule: " + stage.checkpoint_rule)
+    print0(f"output: {cfg.exp_dir}")
 
-    def save(obj, path):
-        with interrupts_deferred():  # a Ctrl-C during the write lets it finish first
-            atomic_save(obj, path)
 
-    def validate(epochs_done) -> str:
-        """Validate, keep best.pth; epochs_done is an int at an epoch's end, x.5 halfway through one."""
-        nonlocal best_miou, best_epoch
-        fault_point("validation", math.floor(epochs_done - 0.5), iters_per_epoch if isinstance(epochs_done, int)
-                    else mid_epoch_step + 1)
-        if stage1:
+def build_stage(cfg: Config, dist_info: DistInfo, use_amp: bool) -> Stage:
+    """Stage 1 (arch pspnet): base-class images with their semantic labels, validated by the mIoU over
+    background + base classes. Otherwise: training episodes, validated on `val_episodes` episodes of
+    the fold's novel classes."""
+    import dataset
+
+    device = dist_info.device
+    if cfg.arch == "pspnet":
+        train_set, val_set = dataset.build_base_dataset(cfg, "train"), dataset.build_base_dataset(cfg, "val")
+
+        def stage1_loss(net, batch):
+            _, loss = net(batch["img"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
+            return loss
+
+        def validate_semantic(net):
             metric = evaluate_semantic(net, val_set, cfg.num_base_classes, dist_info, cfg.workers, use_amp)
-            miou, fbiou = metric.miou(), float("nan")
-        else:
-            metric = evaluate_episodes(net, val_set, class_ids, dist_info, cfg.workers, use_amp)
-            miou, fbiou = metric.miou(), metric.fbiou()
-        text = f" | val mIoU {100 * miou:.2f}" + ("" if stage1 else f" FB-IoU {100 * fbiou:.2f}")
-        if writer:
-            tag = "" if isinstance(epochs_done, int) else "_mid_epoch"
-            writer.add_scalar("val/miou" + tag, miou, math.ceil(epochs_done))
-            if not stage1:
-                writer.add_scalar("val/fbiou" + tag, fbiou, math.ceil(epochs_done))
-        if math.isfinite(miou) and miou > best_miou:  # a NaN validation is never "best"
-            if dist_info.is_main:
-                save({"model": unwrap(net).state_dict(), "epoch": epochs_done, "miou": miou,
-                      "fbiou": fbiou, "config": cfg.to_dict()}, best_path)
-            best_miou, best_epoch = miou, epochs_done
-            text += " (best)"
-        return text
+            return metric.miou(), math.nan
 
-    # the released code validates after iteration round(n/2) (0-based) of every epoch but the first
-    mid_epoch_step = round(iters_per_epoch / 2) if cfg.val_mid_epoch and iters_per_epoch > 1 else None
+        return Stage("stage-1 PSPNet", train_set, val_set, stage1_loss, validate_semantic, has_fbiou=False,
+                     checkpoint_rule="best.pth = highest base-class mIoU on the val images (no novel class involved)")
 
-    previous_handlers = install_interrupt_handlers()
+    train_set = dataset.build_train_dataset(cfg)
+    val_set = dataset.build_test_dataset(cfg, cfg.seed, cfg.val_episodes)
+    class_ids = dataset.novel_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
+
+    def episode_loss(net, batch):
+        # BAM removes the episode's class from its base learner's output in training
+        extra = {"class_id": batch["class_id"].to(device)} if cfg.arch == "bam" else {}
+        _, loss = net(batch["query_img"].to(device, non_blocking=True),
+                      batch["support_imgs"].to(device, non_blocking=True),
+                      batch["support_masks"].to(device, non_blocking=True),
+                      batch["query_mask"].to(device, non_blocking=True), **extra)
+        return loss
+
+    def validate_episodes(net):
+        metric = evaluate_episodes(net, val_set, class_ids, dist_info, cfg.workers, use_amp)
+        return metric.miou(), metric.fbiou()
+
+    if cfg.checkpoint_select == "best":
+        rule = (f"best — test.py evaluates best.pth, the epoch with the highest mIoU on {cfg.val_episodes} "
+                f"validation episodes of the TEST fold's novel classes (as in PFENet/BAM/SVF); use "
+                f"checkpoint_select=last for a choice that does not look at the test classes")
+    else:
+        rule = "last — test.py evaluates last.pth, the final epoch (no selection on the test fold)"
+    return Stage(cfg.arch, train_set, val_set, episode_loss, validate_episodes, has_fbiou=True, checkpoint_rule=rule)
+
+
+def stage1_config(cfg: Config) -> Config:
+    """The PSPNet base-learner run of a config: stage1_* settings, written beside cfg.base_learner.
+
+    As BAM's train_base.py: poly decay, the heads at stage1_base_lr and the backbone at
+    backbone_lr_mult of it, validation at the crop size (its val_size = train_h) and only at epoch ends."""
+    if not cfg.base_learner:
+        raise ValueError("--stage1 needs base_learner (where the stage-1 checkpoint goes) in the config")
+    return cfg.replace(arch="pspnet", svf=False, pretrained=cfg.stage1_pretrained, epochs=cfg.stage1_epochs, batch_size=cfg.stage1_batch_size,
+                       base_lr=cfg.stage1_base_lr, lr_schedule="poly", head_lr_mult=1.0,
+                       train_size=cfg.stage1_train_size, test_size=cfg.stage1_train_size,
+                       scale_min=cfg.stage1_scale_min, scale_max=cfg.stage1_scale_max, val_mid_epoch=False,
+                       exp_dir=os.path.dirname(cfg.base_learner) or ".")
+
+
+def resume(path: str, cfg: Config, net, optimizer, scaler, use_amp: bool) -> RunState:
+    """Load last.pth's model, optimizer and scaler state; return the position and best result it recorded."""
+    ckpt = load_resume_checkpoint(path)
+    load_model_state(net, ckpt, path, config=cfg.to_dict())
+    changed = config_differences(ckpt["config"], cfg.to_dict())
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            skip = start_iter if epoch == start_epoch else 0
-            t0 = time.time()
-            mid_validate = None
-            if mid_epoch_step is not None and epoch > 0:
-                mid_validate = (mid_epoch_step, lambda: print0(f"epoch {epoch + 0.5}/{cfg.epochs}" + validate(epoch + 0.5)))
-            mean_loss = train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, epoch, skip,
-                                        iters_per_epoch, total_steps, use_amp, writer, progress, stage1, mid_validate)
-            progress.update(epoch=epoch, iteration=iters_per_epoch)
-            loss_text = f"{mean_loss:.4f}" if progress["loss_steps"] else "n/a (no step of it was logged)"
-            line = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_text} ({time.time() - t0:.0f}s)"
-            validate_now = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-            if s_start is not None:  # relative change of S per stage since the start: 0 means SVF trains nothing
-                s_change = svf.singular_value_change(unwrap(net).backbone, s_start)
-                line += " | S change " + " ".join(f"{stage} {v:.1e}" for stage, v in s_change.items())
-                for stage, v in s_change.items() if writer else ():
-                    writer.add_scalar(f"svf/relative_change_{stage}", v, epoch + 1)
-            if validate_now:
-                line += validate(epoch + 1)
-            progress.update(epoch=epoch + 1, iteration=0, loss_sum=0.0, loss_steps=0)
-            if dist_info.is_main:
-                save(checkpoint_state(), last_path)
-                if math.isfinite(mean_loss):
-                    writer.add_scalar("train/epoch_loss", mean_loss, epoch + 1)
-                writer.flush()
-            print0(line)
-            if cfg.early_stop_epochs and epoch + 1 - math.ceil(best_epoch) >= cfg.early_stop_epochs:
-                print0(f"early stop: no better validation mIoU in the {epoch + 1 - math.ceil(best_epoch)} epochs since "
-                       f"epoch {best_epoch} (early_stop_epochs={cfg.early_stop_epochs})")
-                break
-            if args.stop_after and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < cfg.epochs:
-                print0(f"stopping after {args.stop_after} epoch(s) as asked (--stop-after); continue with --resume")
-                return 0
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the save short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if dist_info.is_main:
-            try:
-                atomic_save(checkpoint_state(), last_path)
-            except NonFiniteWeights as exc:
-                print(f"\ninterrupted: {exc}; the last good checkpoint is kept: {last_path}", flush=True)
-                return 1
-            print(f"\ninterrupted: saved {last_path} at epoch {progress['epoch']}, iteration "
-                  f"{progress['iteration']}; continue with: python train.py --config ... --resume", flush=True)
-        return 130
-    except (NonFiniteLoss, NonFiniteWeights) as exc:
-        done = "stopped before applying that update" if isinstance(exc, NonFiniteLoss) else "stopped"
-        print0(f"error: {exc}; {done}. The last good checkpoint is kept: "
-               f"{last_path if os.path.exists(last_path) else '(none yet)'}. Lower base_lr, or set amp=false, "
-               f"and resume with --resume")
-        return 1
-    finally:
-        restore_handlers(previous_handlers)
-        if writer:
-            writer.close()
-    print0(f"done: best validation mIoU {100 * best_miou:.2f} at epoch {best_epoch}; "
-           f"test.py evaluates {evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)}")
-    return 0
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as exc:
+        raise ValueError(f"the optimizer state in '{path}' does not fit this config's parameter groups "
+                         f"({exc}); config changes: {describe_differences(changed) or 'none'}") from None
+    if use_amp and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state = RunState(epoch=ckpt["epoch"], iteration=resume_iteration(ckpt, cfg.batch_size, path),
+                     loss_sum=ckpt.get("epoch_loss_sum", 0.0), loss_steps=ckpt.get("epoch_loss_steps", 0),
+                     best_miou=ckpt["best_miou"], best_epoch=ckpt["best_epoch"])
+    if changed:
+        print0("resume: config differs from the checkpoint's in " + describe_differences(changed))
+    print0(f"resume: {path} at epoch {state.epoch}, iteration {state.iteration}")
+    return state
 
 
 def resume_iteration(ckpt: dict, batch_size: int, path: str) -> int:
@@ -352,40 +309,94 @@ def resume_iteration(ckpt: dict, batch_size: int, path: str) -> int:
     return samples // batch_size
 
 
-def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, epoch, skip, iters_per_epoch,
-                    total_steps, use_amp, writer, progress, stage1, mid_validate=None) -> float:
-    """One pass over this rank's batches (from batch `skip` on); returns the mean loss over ranks of the
-    epoch's steps (those before `skip` from progress["loss_sum"/"loss_steps"]), NaN if it has none.
-    mid_validate = (iteration, function): call the function after that iteration (0-based)."""
-    device = dist_info.device
-    sampler.set_epoch(epoch, skip)
-    train_set.set_epoch(epoch)
-    loader = DataLoader(train_set, batch_size=sampler.batch_per_rank, sampler=sampler, num_workers=cfg.workers,
-                        drop_last=True, worker_init_fn=worker_init_fn, pin_memory=device.type == "cuda",
-                        generator=loader_generator(cfg.seed, epoch, dist_info.rank))
-    net.train()
+def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = None) -> int:
+    """Train from state's position to cfg.epochs; after each epoch log, validate (every val_every epochs and
+    at the last) and save last.pth. Returns the exit code: 0, 130 after Ctrl-C/SIGTERM (last.pth saved at
+    the step reached), 1 after a non-finite loss or diverged weights (nothing saved from them)."""
+    cfg, is_main, writer = run.cfg, run.dist_info.is_main, run.writer
+    start_epoch = state.epoch
+    # the released code validates after iteration round(n/2) (0-based) of every epoch but the first
+    mid_epoch_step = round(run.iters_per_epoch / 2) if cfg.val_mid_epoch and run.iters_per_epoch > 1 else None
+    previous_handlers = install_interrupt_handlers()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.time()
+            train_one_epoch(run, stage, state, epoch, mid_epoch_step if epoch > 0 else None)
+            mean_loss = state.epoch_loss()
+            loss_text = f"{mean_loss:.4f}" if state.loss_steps else "n/a (no step of it was logged)"
+            line = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_text} ({time.time() - t0:.0f}s)"
+            if run.s_start is not None:  # relative change of S per layer since the start: 0 means SVF trains nothing
+                s_change = svf.singular_value_change(unwrap(run.net).backbone, run.s_start)
+                line += " | S change " + " ".join(f"{layer} {v:.1e}" for layer, v in s_change.items())
+                for layer, v in s_change.items() if writer else ():
+                    writer.add_scalar(f"svf/relative_change_{layer}", v, epoch + 1)
+            if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+                line += validate(run, stage, state, epoch + 1)
+            state.epoch, state.iteration, state.loss_sum, state.loss_steps = epoch + 1, 0, 0.0, 0
+            if is_main:
+                save(checkpoint_state(run, state), run.last_path)
+                if math.isfinite(mean_loss):
+                    writer.add_scalar("train/epoch_loss", mean_loss, epoch + 1)
+                writer.flush()
+            print0(line)
+            if cfg.early_stop_epochs and epoch + 1 - math.ceil(state.best_epoch) >= cfg.early_stop_epochs:
+                print0(f"early stop: no better validation mIoU in the {epoch + 1 - math.ceil(state.best_epoch)} epochs "
+                       f"since epoch {state.best_epoch} (early_stop_epochs={cfg.early_stop_epochs})")
+                break
+            if stop_after and epoch + 1 - start_epoch >= stop_after and epoch + 1 < cfg.epochs:
+                print0(f"stopping after {stop_after} epoch(s) as asked (--stop-after); continue with --resume")
+                return 0
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the save short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if is_main:
+            try:
+                atomic_save(checkpoint_state(run, state), run.last_path)
+            except NonFiniteWeights as exc:
+                print(f"\ninterrupted: {exc}; the last good checkpoint is kept: {run.last_path}", flush=True)
+                return 1
+            print(f"\ninterrupted: saved {run.last_path} at epoch {state.epoch}, iteration "
+                  f"{state.iteration}; continue with: python train.py --config ... --resume", flush=True)
+        return 130
+    except (NonFiniteLoss, NonFiniteWeights) as exc:
+        done = "stopped before applying that update" if isinstance(exc, NonFiniteLoss) else "stopped"
+        print0(f"error: {exc}; {done}. The last good checkpoint is kept: "
+               f"{run.last_path if os.path.exists(run.last_path) else '(none yet)'}. Lower base_lr, or set amp=false, "
+               f"and resume with --resume")
+        return 1
+    finally:
+        restore_handlers(previous_handlers)
+        if writer:
+            writer.close()
+    print0(f"done: best validation mIoU {100 * state.best_miou:.2f} at epoch {state.best_epoch}; "
+           f"test.py evaluates {evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)}")
+    return 0
+
+
+def train_one_epoch(run: Run, stage: Stage, state: RunState, epoch: int, mid_epoch_step: Optional[int] = None):
+    """This rank's batches of `epoch` from step state.iteration on (a resumed epoch skips the steps done);
+    state follows every step. With mid_epoch_step, validate after that step (0-based)."""
+    cfg, dist_info, optimizer, scaler = run.cfg, run.dist_info, run.optimizer, run.scaler
+    device, skip, iters_per_epoch = dist_info.device, state.iteration, run.iters_per_epoch
+    run.sampler.set_epoch(epoch, skip)
+    stage.train_set.set_epoch(epoch)
+    loader = DataLoader(stage.train_set, batch_size=run.sampler.batch_per_rank, sampler=run.sampler,
+                        num_workers=cfg.workers, drop_last=True, worker_init_fn=worker_init_fn,
+                        pin_memory=device.type == "cuda", generator=loader_generator(cfg.seed, epoch, dist_info.rank))
+    run.net.train()
     bar = None
     if dist_info.is_main:
         from tqdm import tqdm
         bar = tqdm(total=iters_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    dynamic_ncols=True, leave=False, disable=None)
-    loss_sum, count = (progress["loss_sum"], progress["loss_steps"]) if skip else (0.0, 0)
     for it, batch in enumerate(loader, start=skip):
         hold_interrupts()  # Ctrl-C / SIGTERM take effect after the whole step (release_interrupts)
         step = epoch * iters_per_epoch + it
-        lr = scheduled_lr(cfg.lr_schedule, cfg.base_lr, step, total_steps, cfg.power)
+        lr = scheduled_lr(cfg.lr_schedule, cfg.base_lr, step, cfg.epochs * iters_per_epoch, cfg.power)
         set_lr(optimizer, lr)
         torch.manual_seed(derive_seed(cfg.seed, epoch, it, dist_info.rank))
-        with autocast(device, use_amp):
-            if stage1:
-                _, loss = net(batch["img"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
-            else:
-                # BAM removes the episode's class from its base learner's output in training
-                extra = {"class_id": batch["class_id"].to(device)} if cfg.arch == "bam" else {}
-                _, loss = net(batch["query_img"].to(device, non_blocking=True),
-                              batch["support_imgs"].to(device, non_blocking=True),
-                              batch["support_masks"].to(device, non_blocking=True),
-                              batch["query_mask"].to(device, non_blocking=True), **extra)
+        with autocast(device, run.use_amp):
+            loss = stage.loss(run.net, batch)
         stats = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()])
         stats = all_reduce_sum_(stats).cpu()
         if stats[1] > 0:
@@ -396,20 +407,92 @@ def train_one_epoch(net, optimizer, scaler, train_set, sampler, cfg, dist_info, 
         scaler.step(optimizer)
         scaler.update()
         mean = float(stats[0]) / dist_info.world_size
-        loss_sum, count = loss_sum + mean, count + 1
-        progress.update(epoch=epoch, iteration=it + 1, loss_sum=loss_sum, loss_steps=count)
+        state.epoch, state.iteration = epoch, it + 1
+        state.loss_sum, state.loss_steps = state.loss_sum + mean, state.loss_steps + 1
         release_interrupts()
-        if writer:
-            writer.add_scalar("train/loss", mean, step + 1)
-            writer.add_scalar("train/lr", lr, step + 1)
+        if run.writer:
+            run.writer.add_scalar("train/loss", mean, step + 1)
+            run.writer.add_scalar("train/lr", lr, step + 1)
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-        if mid_validate is not None and it == mid_validate[0]:
-            mid_validate[1]()
+        if it == mid_epoch_step:
+            print0(f"epoch {epoch + 0.5}/{cfg.epochs}" + validate(run, stage, state, epoch + 0.5))
     if bar:
         bar.close()
-    return loss_sum / count if count else math.nan
+
+
+def validate(run: Run, stage: Stage, state: RunState, epochs_done) -> str:
+    """Validate and keep best.pth; epochs_done is an int at an epoch's end, x.5 halfway through one.
+    Returns the text for the log line."""
+    fault_point("validation", state.epoch, state.iteration)
+    miou, fbiou = stage.validate(run.net)
+    text = f" | val mIoU {100 * miou:.2f}" + (f" FB-IoU {100 * fbiou:.2f}" if stage.has_fbiou else "")
+    if run.writer:
+        tag = "" if isinstance(epochs_done, int) else "_mid_epoch"
+        run.writer.add_scalar("val/miou" + tag, miou, math.ceil(epochs_done))
+        if stage.has_fbiou:
+            run.writer.add_scalar("val/fbiou" + tag, fbiou, math.ceil(epochs_done))
+    if math.isfinite(miou) and miou > state.best_miou:  # a NaN validation is never "best"
+        if run.dist_info.is_main:
+            save({"model": unwrap(run.net).state_dict(), "epoch": epochs_done, "miou": miou,
+                  "fbiou": fbiou, "config": run.cfg.to_dict()}, run.best_path)
+        state.best_miou, state.best_epoch = miou, epochs_done
+        text += " (best)"
+    return text
+
+
+def checkpoint_state(run: Run, state: RunState) -> dict:
+    """last.pth: what --resume needs to continue exactly where `state` stands."""
+    return {"model": unwrap(run.net).state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.use_amp else {}, "epoch": state.epoch,
+            "iteration": state.iteration, "samples": state.iteration * run.cfg.batch_size,
+            "epoch_loss_sum": state.loss_sum, "epoch_loss_steps": state.loss_steps,
+            "best_miou": state.best_miou, "best_epoch": state.best_epoch, "config": run.cfg.to_dict()}
+
+
+def save(obj: dict, path: str):
+    with interrupts_deferred():  # a Ctrl-C during the write lets it finish first
+        atomic_save(obj, path)
+
+
+class EpochSampler(Sampler):
+    """This rank's part of a DistributedSampler permutation, minus the batches already done."""
+
+    def __init__(self, dataset, dist_info: DistInfo, seed: int, batch_per_rank: int):
+        self.inner = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                        shuffle=True, seed=seed, drop_last=True)
+        self.batch_per_rank = batch_per_rank
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0):
+        self.inner.set_epoch(epoch)
+        self.skip = skip_batches * self.batch_per_rank
+
+    def batches_per_epoch(self) -> int:
+        return len(self.inner) // self.batch_per_rank
+
+    def __iter__(self):
+        return iter(list(self.inner)[self.skip:])
+
+    def __len__(self):
+        return len(self.inner) - self.skip
+
+
+def trained_batchnorm(net: torch.nn.Module) -> list:
+    """(parent module, child name) of every BatchNorm whose parameters train."""
+    return [(parent, name) for parent in net.modules() for name, child in parent.named_children()
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm)
+            and any(p.requires_grad for p in child.parameters(recurse=False))]
+
+
+def sync_trained_batchnorm(net: torch.nn.Module) -> int:
+    """Replace every BatchNorm whose parameters train by a SyncBatchNorm (statistics over all processes,
+    as BAM's stage 1); frozen ones (eval mode, hooks) stay as they are. Returns how many were replaced."""
+    targets = trained_batchnorm(net)
+    for parent, name in targets:
+        setattr(parent, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(parent, name)))
+    return len(targets)
 
 
 if __name__ == "__main__":
