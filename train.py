@@ -8,7 +8,8 @@ One process per GPU (NCCL) or CPU processes (gloo) under torchrun; `batch_size` 
 all processes. SGD with the `lr_schedule` of engine/optim.py and the explicit per-group LR
 multipliers of `model.param_groups`. After every `val_every` epochs (and, with `val_mid_epoch`,
 halfway through every epoch but the first, as the released code does on COCO) the model is validated
-on `val_episodes` episodes of the fold's novel classes (sharded over ranks, buffers all-reduced) and
+on `val_episodes` episodes of the fold's novel classes (stage 1: the base classes' mIoU on the val
+images; sharded over ranks, buffers all-reduced) and
 `last.pth` is written; `best.pth` keeps the highest validation mIoU, and training stops after
 `early_stop_epochs` epochs without a better one (the released code's stop_interval). Because that
 validation uses the test fold (as PFENet, BAM and SVF do), `checkpoint_select: last` is offered for
@@ -24,6 +25,12 @@ validation is never "best". Ctrl-C or
 SIGTERM finishes the current step (or checkpoint write), saves `last.pth` there and exits.
 `last.pth` records the position in the epoch in samples, so a run may resume with another
 batch_size when that position is a whole number of its batches (else a clear error).
+
+The script reads top to bottom: `train` builds the `Stage` (what differs between stage 1 and few-shot
+training: datasets, loss, validation, checkpoint rule), the model and its optimizer; `resume` loads
+last.pth into them and returns its `RunState` (epoch, iteration, the epoch's running loss, best
+result); `fit` runs the epochs (`train_one_epoch`, `validate`) and writes `checkpoint_state`, the same
+state the Ctrl-C handler saves.
 """
 from __future__ import annotations
 
@@ -55,7 +62,7 @@ from engine.preflight import check_base_learner, check_data, check_pretrained
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A step's loss was NaN/inf on some rank; raised before that step's update."""
 
 
 @dataclass
@@ -65,7 +72,7 @@ class Stage:
     train_set: Dataset                                    # items for `loss`, with set_epoch(epoch)
     val_set: Dataset
     loss: Callable[[torch.nn.Module, dict], torch.Tensor]  # (model, batch) -> training loss
-    validate: Callable[[torch.nn.Module], tuple]           # model -> (mIoU, FB-IoU, NaN in stage 1)
+    validate: Callable[[torch.nn.Module], tuple]           # model -> (mIoU, FB-IoU or NaN)
     has_fbiou: bool                                       # whether validation reports FB-IoU
     checkpoint_rule: str                                  # which checkpoint test.py evaluates, and why
 
