@@ -190,7 +190,7 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
     # resume: the weights, optimizer and position of last.pth, or a fresh start
     state = resume(last_path, cfg, net, optimizer, scaler, use_amp) if args.resume else RunState()
 
-    # fit: wrap for DDP, shard the episodes, open the log, then the epochs
+    # fit: wrap for DDP, shard the training items, open the log, then the epochs
     if dist_info.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
