@@ -112,6 +112,8 @@ FIELDS: dict[str, Field] = {
     "pretrained": _f("str", None, "ImageNet (or stage-1) backbone weights file; null = random init",
                      optional=True),
     "svf": _f("bool", True, "singular value fine-tuning of backbone layer2-4"),
+    "fold_batchnorm": _f("bool", True, "fold each frozen BatchNorm into the conv before it at run time (svf.fold_batchnorm: "
+                         "exact, same state dict, faster); false runs the BatchNorm passes"),
     "svf_lr_mult": _f("float", 0.1, "LR multiplier of the singular values relative to base_lr", valid="[0, inf)"),
     "svf_weight_decay": _f("bool", True, "apply weight decay to the singular values (the released SVF code does)"),
     "backbone_lr_mult": _f("float", 0.1, "LR multiplier of a fully trained backbone (stage-1 PSPNet; BAM: heads x10)",

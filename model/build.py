@@ -91,6 +91,8 @@ def _set_backbone_training(model, cfg):
         model.backbone.requires_grad_(True)
     else:
         model.backbone.requires_grad_(False)  # kept in eval mode by train() (FewShotModel.eval_modules)
+    if cfg.fold_batchnorm and not isinstance(model, PSPNet):  # exact, and only while a BatchNorm stays frozen
+        svf.fold_batchnorm(model)
     model.train()
     return model
 

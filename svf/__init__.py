@@ -9,6 +9,7 @@ Copy this folder into any project (it imports nothing but torch and the standard
     svf.save_adapter(model, "s.pt")                   # S + resolver options + base fingerprint, kilobytes
     model = svf.load_adapter(pretrained_plain_or_resolved, "s.pt")   # no options to repeat
     plain = svf.merge(model)                          # back to the original architecture, exactly
+    svf.fold_batchnorm(model)                         # frozen BatchNorm folded into the conv before it (run time)
 
 ``svf.state_dict`` / ``svf.load_state_dict`` are the same adapter as a dict. The low-rank conv converter
 is the sibling package ``lrcc`` (``import lrcc``); ``svf.lrcc`` still finds it, with a DeprecationWarning.
@@ -16,6 +17,7 @@ is the sibling package ``lrcc`` (``import lrcc``); ``svf.lrcc`` still finds it, 
 from .adapter import load_adapter, load_state_dict, resolver_options, save_adapter, state_dict
 from .attention import SVD_MultiheadAttention
 from .common import count_parameters, print_trainable_parameters, weight_fingerprint
+from .fold import fold_batchnorm, folded_pairs, unfold_batchnorm
 from .layers import SVD_Conv1d, SVD_Conv2d, SVD_Conv3d, SVD_Linear, SVDLayer
 from .resolver import merge, resolver
 from .tuning import (apply_paper_freezing, freeze_batchnorm, keep_small_updates,
@@ -26,4 +28,5 @@ __all__ = ["SVD_Conv1d", "SVD_Conv2d", "SVD_Conv3d", "SVD_Linear", "SVDLayer", "
            "mark_only_singular_values_as_trainable", "singular_value_parameters", "state_dict",
            "save_adapter", "load_adapter", "resolver_options",
            "keep_small_updates", "singular_value_change",
+           "fold_batchnorm", "unfold_batchnorm", "folded_pairs",
            "count_parameters", "print_trainable_parameters"]

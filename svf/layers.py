@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fold import active_bn, folded, mark
+
 __all__ = ["SVDLayer", "SVD_Conv1d", "SVD_Conv2d", "SVD_Conv3d", "SVD_Linear"]
 
 
@@ -24,23 +26,21 @@ class _TrainSingularValues(torch.autograd.Function):
 
     Plain autograd would also keep ``x`` (for conv_V) and ``h * S`` (for conv_U), because a convolution saves
     its input even when its weight is frozen. The backward pass needs only ``h`` (for dL/dS) and the frozen
-    weights: ``g_hS = Uᵀ g``, ``dS = Σ h ⊙ g_hS``, ``dx = Vᵀ ⋆ (g_hS * S)``.
+    weights: ``g_hS = Uᵀ g``, ``dS = Σ h ⊙ g_hS``, ``dx = (S·V)ᵀ ⋆ g_hS``. S never scales an activation: it
+    scales U's columns in the forward pass and V's rows in the backward pass (tiny weight-sized products).
     ``conv`` = (stride, padding, dilation, groups) with numeric padding, or None for a Linear layer.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, v, s, u, b, conv):
-        # S scales U's columns (a tiny out x r product) instead of the r-channel activation h
         if conv is None:
             h = F.linear(x, v)
             y = F.linear(h, u * s, b)
         else:
             stride, padding, dilation, groups = conv
             h = _CONV[v.dim()](x, v, None, stride, padding, dilation, groups)
-            g, out_c, r = groups, u.shape[0], u.shape[1] * groups
-            us = (u.reshape(g, out_c // g, r // g) * s.reshape(g, 1, r // g)).reshape(u.shape)
-            y = _CONV[v.dim()](h, us, b, 1, 0, 1, groups)
+            y = _CONV[v.dim()](h, _scale_in(u, s, groups), b, 1, 0, 1, groups)
         ctx.save_for_backward(h, v, s, u)
         ctx.conv, ctx.x_shape, ctx.x_dtype = conv, x.shape, x.dtype
         ctx.b_dtype = None if b is None else b.dtype
@@ -55,23 +55,34 @@ class _TrainSingularValues(torch.autograd.Function):
         if ctx.conv is None:
             g_hs = g.matmul(u)
             reduce = tuple(range(g.dim() - 1))
-            g_x = (g_hs * s).to(dt).matmul(v) if ctx.needs_input_grad[0] else None
+            g_x = g_hs.matmul(v * s.reshape(-1, 1).to(dt)) if ctx.needs_input_grad[0] else None
         else:
             stride, padding, dilation, groups = ctx.conv
             nd = v.dim() - 2
-            g_hs = torch.ops.aten.convolution_backward(
-                g, h, u, None, (1,) * nd, (0,) * nd, (1,) * nd, False, (0,) * nd, groups, (True, False, False))[0]
+            g_hs = _input_grad(g, u, h.shape, (1,) * nd, (0,) * nd, (1,) * nd, groups)
             reduce = (0,) + tuple(range(2, g.dim()))
             g_x = None
             if ctx.needs_input_grad[0]:
-                x_shape_only = g.new_empty(1).expand(ctx.x_shape)
-                g_x = torch.ops.aten.convolution_backward(
-                    (g_hs * s).to(dt), x_shape_only, v, None, stride, padding, dilation, False, (0,) * nd, groups,
-                    (True, False, False))[0]
+                vs = v * s.reshape((-1,) + (1,) * (v.dim() - 1)).to(dt)  # S scales V's rows: no pass over g_hS
+                g_x = _input_grad(g_hs, vs, ctx.x_shape, stride, padding, dilation, groups)
         acc = torch.promote_types(dt, torch.float32)  # reductions at least in float32
         g_s = (g_hs.to(acc) * h.to(acc)).sum(reduce).reshape(s.shape).to(s.dtype) if ctx.needs_input_grad[2] else None
         g_b = g.to(acc).sum(reduce).to(ctx.b_dtype) if ctx.b_dtype is not None and ctx.needs_input_grad[4] else None
         return (None if g_x is None else g_x.to(ctx.x_dtype)), None, g_s, None, g_b, None
+
+
+def _scale_in(u, s, groups):
+    """U with its columns scaled by S, per group (a tiny out x r product)."""
+    out_c, r = u.shape[0], u.shape[1] * groups
+    return (u.reshape(groups, out_c // groups, r // groups) * s.reshape(groups, 1, r // groups)).reshape(u.shape)
+
+
+def _input_grad(g, w, x_shape, stride, padding, dilation, groups):
+    """dL/dx of ``y = conv(x, w)`` (numeric padding) from ``g = dL/dy``; needs only x's shape, not x."""
+    nd = w.dim() - 2
+    x_shape_only = g.new_empty(1).expand(x_shape)
+    return torch.ops.aten.convolution_backward(g, x_shape_only, w, None, stride, padding, dilation, False,
+                                               (0,) * nd, groups, (True, False, False))[0]
 
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -104,12 +115,19 @@ class SVDLayer(nn.Module):
 
     def forward(self, x):
         V, U = self._factors()
+        bn = active_bn(self)  # a frozen BatchNorm folded into this layer (svf.fold_batchnorm), or None
         if not self._needs_factored():
-            return self._plain_forward(x, self._cached_merged_weight(), U.bias)
-        if V.weight.requires_grad or U.weight.requires_grad:  # the factors train too: plain autograd
+            if bn is None:
+                return self._plain_forward(x, self._cached_merged_weight(), U.bias)
+            merged = folded(self, bn, self._cached_merged_weight(), U.bias, sources=(U.weight, self.vector_S, V.weight, U.bias))
+            return mark(bn, self._plain_forward(x, *merged))
+        if V.weight.requires_grad or U.weight.requires_grad:  # the factors train too: plain autograd, no fold
             return U(V(x) * self.vector_S)
         x_in, conv = self._trainable_input(x)
-        y = _TrainSingularValues.apply(x_in, V.weight, self.vector_S, U.weight, U.bias, conv)
+        u, b = (U.weight, U.bias) if bn is None else folded(self, bn, U.weight, U.bias, "_svf_fold_cache_u")
+        y = _TrainSingularValues.apply(x_in, V.weight, self.vector_S, u, b, conv)
+        if bn is not None:
+            return mark(bn, y)
         # a Linear runs on 2-D input and is reshaped here, outside the Function: a view returned by a custom
         # Function cannot be modified in place (e.g. by a following ReLU(inplace=True))
         return y if conv is not None else y.reshape(x.shape[:-1] + y.shape[-1:])
@@ -159,12 +177,11 @@ class SVDLayer(nn.Module):
 
     def clear_cache(self):
         """Forget the merged weight (needed only after editing a factor through ``.data``)."""
-        self.__dict__.pop("_svf_cache", None)
+        for key in [k for k in self.__dict__ if k == "_svf_cache" or k.startswith("_svf_fold_cache")]:
+            del self.__dict__[key]
 
-    def __getstate__(self):  # never pickle or deep-copy the cache
-        state = self.__dict__.copy()
-        state.pop("_svf_cache", None)
-        return state
+    def __getstate__(self):  # never pickle or deep-copy the caches
+        return {k: v for k, v in self.__dict__.items() if k != "_svf_cache" and not k.startswith("_svf_fold_cache")}
 
     def _new_plain(self):  # the plain layer built from this layer's own arguments
         raise NotImplementedError

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .attention import SVD_MultiheadAttention
 from .common import weight_fingerprint
+from .fold import fold_batchnorm, unfold_batchnorm
 from .layers import SVD_Conv1d, SVD_Conv2d, SVD_Conv3d, SVD_Linear, SVDLayer
 
 __all__ = ["resolver", "merge"]
@@ -166,6 +167,7 @@ def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_la
     _unknown_names(list(custom), known, "customized_layers_low_rank_ratio")
 
     new = copy.deepcopy(model)
+    refold = bool(_unfold_all(new))  # a folded model is resolved plain and folded again
     converted, left = [], []
     for name, module in list(new.named_modules()):
         if any(name == e or name.startswith(e + ".") for e in excluded_layers) or isinstance(module, SVDLayer):
@@ -189,7 +191,7 @@ def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_la
                 continue
         layer = _resolved(module, base, ratio)
         if name == "":
-            return layer
+            return _refolded(layer, refold)
         _set_submodule(new, name, layer)
         converted.append(name)
     if left:
@@ -198,7 +200,22 @@ def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_la
     if not converted:
         raise ValueError(f"svf.resolver found nothing to convert in {type(model).__name__}: it has no "
                          "nn.Conv1d/2d/3d or nn.Linear layer outside excluded_layers/skip_1x1/skip_3x3")
-    return new
+    return _refolded(new, refold)
+
+
+def _unfold_all(model):
+    """Unfold a copy's folded BatchNorms (svf.fold_batchnorm) before converting it; returns whether any was."""
+    had = any(type(m).__module__ == unfold_batchnorm.__module__ for m in model.modules()) or any(
+        "_svf_folded_bn" in m.__dict__ for m in model.modules())
+    if had:
+        unfold_batchnorm(model)
+    return had
+
+
+def _refolded(model, refold):
+    if refold:
+        fold_batchnorm(model)
+    return model
 
 
 def merge(model):
@@ -209,6 +226,7 @@ def merge(model):
     if isinstance(model, SVDLayer):
         return model.to_plain()
     new = copy.deepcopy(model)
+    refold = _unfold_all(new)
     for module in list(new.modules()):  # first the projections held inside attention modules
         if isinstance(module, SVD_MultiheadAttention):
             module.to_plain()
@@ -217,4 +235,4 @@ def merge(model):
             if name == "":
                 return module.to_plain()
             _set_submodule(new, name, module.to_plain())
-    return new
+    return _refolded(new, refold)

@@ -5,6 +5,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .fold import _keep_eval
 from .layers import SVDLayer
 
 __all__ = ["mark_only_singular_values_as_trainable", "freeze_batchnorm", "apply_paper_freezing",
@@ -16,10 +17,6 @@ def mark_only_singular_values_as_trainable(module):
     for name, p in module.named_parameters():
         p.requires_grad_("vector_S" in name)
     return module
-
-
-def _keep_eval(bn, args):  # forward pre-hook: a frozen BatchNorm stays in eval mode after .train()
-    bn.training = False
 
 
 def freeze_batchnorm(module):

@@ -96,6 +96,35 @@ def test_singular_value_autograd_on_cuda(kind, dtype_name):
     assert rel(layer.vector_S.grad, sr.grad) < tol
 
 
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_folded_batchnorm_on_cuda(dtype_name):
+    """svf.fold_batchnorm on the GPU, under each autocast dtype: output, input and S-gradients as the unfolded
+    backbone's (both against the float64 unfolded model), no BatchNorm statistic moved."""
+    from model import build_backbone
+    autocast_dtype, tol = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    plain = build_backbone("resnet18_deep", "torchvision")
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.5, 2.0)
+    ref = svf.apply_paper_freezing(svf.resolver(plain)).cuda().train()
+    net = copy.deepcopy(ref)
+    assert len(svf.fold_batchnorm(net)) == 23
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    x = torch.randn(2, 3, 41, 41, device="cuda")
+    results = []
+    for model, dtype in ((net, autocast_dtype), (copy.deepcopy(ref).double(), None)):
+        xi = x.to(torch.float64 if dtype is None and model is not net else torch.float32).requires_grad_(True)
+        with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
+            y = model(xi)[-1]
+        y.float().sum().backward()
+        results.append((y, xi.grad, torch.cat([m.vector_S.grad.flatten() for m in model.modules()
+                                               if isinstance(m, svf.SVDLayer) and m.vector_S.grad is not None])))
+    (y, gx, gs), (yr, gxr, gsr) = results
+    assert rel(y, yr) < tol and rel(gx, gxr) < tol and rel(gs, gsr) < tol
+    assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items() if "running" in k)
+
+
 def test_merged_weight_cache_follows_an_optimizer_step_on_cuda():
     plain, shape = _layers()["conv3x3"]
     layer = svf.resolver(nn.Sequential(plain.cuda()))[0]

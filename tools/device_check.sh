@@ -5,8 +5,9 @@
 #   2. a small synthetic dataset (PASCAL VOC layout) and its lists;
 #   3. stage 1 (PSPNet, resnet18_deep) and `sh train.sh demo split0 resnet18_deep svf` with amp=true, briefly;
 #   4. test.py on that run (AMP);
-#   5. benchmarks/svf_speed.py --paper-size: step time and peak GPU memory of floor / frozen / full /
-#      released-style SVF / ours, and merged inference, on ResNet-50 at batch 8, 473x473.
+#   5. benchmarks/svf_speed.py --paper-size: step time, arithmetic and peak GPU memory of floor / frozen / full /
+#      released-style SVF / ours, each with and without frozen BatchNorm folded, for the ResNet-50 backbone alone
+#      and the baseline FSS model, and merged inference, at batch 8, 473x473.
 # What it measures goes to $OUT (default exp/device_check/<time>) in five files: summary.txt, steps.log (every
 # step's output), pytest_cuda.xml, test_1shot.json, svf_speed.json; data and checkpoints go to a temporary folder. Each step runs even when an earlier one failed; the summary lists them all and
 # the exit status is 1 when any failed. Usage: sh tools/device_check.sh     (OUT=folder to choose where)
@@ -57,7 +58,7 @@ step stage1 150 $PYTHON train.py --config config/demo_split0.yaml $SET --stage1
 step train 150 env NPROC=1 sh train.sh demo split0 resnet18_deep svf $SET
 # shellcheck disable=SC2086
 step test 120 $PYTHON test.py --config config/demo_split0.yaml $SET --out "$OUT/test_1shot.json"
-step svf_speed 240 $PYTHON benchmarks/svf_speed.py --paper-size --json "$OUT/svf_speed.json"
+step svf_speed 300 $PYTHON benchmarks/svf_speed.py --paper-size --json "$OUT/svf_speed.json"
 
 {
     echo
