@@ -194,10 +194,12 @@ def count_macs(model, batch, extra):
 
     def svd_hook(m, inputs, out):
         V, U = m.conv_V, m.conv_U
-        if "forward" in m.__dict__ or V.weight.requires_grad or U.weight.requires_grad:
-            return  # the released form, or trained factors: the inner convs ran (and were counted) as modules
+        if "forward" in m.__dict__:
+            return  # the released form: the inner convs ran (and were counted) as modules
         if not m._needs_factored():
             return plain(m, inputs[0], out, False)  # one conv with the merged weight
+        if V.weight.requires_grad or U.weight.requires_grad:
+            return  # trained factors: plain autograd through the inner convs, counted as modules
         h = out.numel() // m.out_channels * m.rank
         v_macs = h * (m.in_channels // m.groups) * math.prod(V.kernel_size)
         u_macs = out.numel() * (m.rank // m.groups)
@@ -294,29 +296,29 @@ def report_training(results, clocks):
 
 @torch.no_grad()
 def time_inference(args, device):
+    """Plain, plain with BatchNorm folded, resolved (SVD layers in eval) and merged baseline models, round-robin."""
     now = CLOCKS["wall"]
     fss = argparse.Namespace(**{**vars(args), "model": "fss", "arch": "baseline"})
     plain = build_variant("frozen", fss).to(device).eval()
+    folded = copy.deepcopy(plain)
+    svf.fold_batchnorm(folded)
     resolved = build_variant("svf_ours", fss).to(device)
     resolved.load_state_dict(_as_svf_state(plain, resolved))
     resolved.eval()
-    merged = svf.merge(resolved)
+    models = {"plain": plain, "plain+fold": folded, "resolved": resolved, "merged": svf.merge(resolved)}
     q, s, sm, _ = inputs(fss, device)
-    out, res = {}, {}
-    for name, m in (("plain", plain), ("resolved", resolved), ("merged", merged)):
-        ts = []
-        for it in range(args.warmup + args.iters):
+    out, times = {}, {name: [] for name in models}
+    for it in range(args.warmup + args.iters):
+        for name, m in models.items():
             sync(device)
             t0 = now()
-            y = m(q, s, sm)
+            out[name] = m(q, s, sm)
             sync(device)
             if it >= args.warmup:
-                ts.append(now() - t0)
-        out[name] = y
-        res[name] = {"min_s": min(ts), "params": sum(p.numel() for p in m.parameters())}
-    for name in ("resolved", "merged"):
-        res[name]["rel_diff_to_plain"] = ((out[name] - out["plain"]).norm() / out["plain"].norm()).item()
-    return res
+                times[name].append(now() - t0)
+    return {name: {"min_s": min(times[name]), "params": sum(p.numel() for p in m.parameters()),
+                   "rel_diff_to_plain": ((out[name] - out["plain"]).norm() / out["plain"].norm()).item()}
+            for name, m in models.items()}
 
 
 def _as_svf_state(plain, resolved):
@@ -420,7 +422,7 @@ def main():
         print(f"\ninference (wall)       {'time (s)':>9} {'x plain':>8} {'params':>12} {'rel. diff':>10}")
         for v, r in infer.items():
             print(f"{v:<22} {r['min_s']:>9.3f} {r['min_s'] / infer['plain']['min_s']:>8.2f} "
-                  f"{r['params']:>12,d} {r.get('rel_diff_to_plain', 0.0):>10.1e}")
+                  f"{r['params']:>12,d} {r['rel_diff_to_plain']:>10.1e}")
         out["resolver_s"] = time_resolver(device)
         print("\nsvf.resolver: " + ", ".join(f"{k} {v:.2f} s" for k, v in out["resolver_s"].items()))
     if args.json:

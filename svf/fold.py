@@ -13,9 +13,10 @@ stays exact: ``dS = sum(Vᵀx * (a*U)ᵀ g)`` is what the chain rule through the
 Nothing is copied or changed: the parameters, buffers, state-dict keys and module tree stay as they are (the
 paired modules get a subclass of their own class and a reference to each other). The fold is decided at every
 call: it applies only while the BatchNorm uses its running statistics (eval mode, or frozen by
-``svf.freeze_batchnorm``) and its affine parameters do not train, and only when the BatchNorm receives the very
-tensor the folded conv returned (then it passes it on); in any other case both run as before. The BatchNorm's
-statistics are never touched. Pairs are found by tracing with ``torch.fx`` (a module whose forward cannot be traced
+``svf.freeze_batchnorm``), its affine parameters do not train and no hook could see or replace the tensor between
+the two; the conv marks the tensor it returns, and the BatchNorm passes on exactly that tensor (a folded tensor
+marked for another BatchNorm is an error, e.g. under nn.DataParallel's replicas). In any other case both run as
+before. The BatchNorm's statistics are never touched. Pairs are found by tracing with ``torch.fx`` (a module whose forward cannot be traced
 is searched through its children): a conv (nn.Conv1d/2d/3d or an SVD conv) whose ONLY consumer is a
 nn.BatchNorm1d/2d/3d of as many channels, each called once.
 """
@@ -30,7 +31,7 @@ import torch.nn as nn
 __all__ = ["fold_batchnorm", "unfold_batchnorm", "folded_pairs"]
 
 _BN = "_svf_folded_bn"            # on a conv: the BatchNorm folded into it
-_TOKEN = "_svf_folded_output"     # on a BatchNorm: weakref to the tensor the folded conv just returned
+_MARK = "_svf_folded_for"         # on the tensor a folded conv returns: the BatchNorm that must pass it on
 _CACHE = "_svf_fold_cache"        # on a conv: (key, weight, bias) of the folded frozen weights
 
 
@@ -45,10 +46,19 @@ def _frozen_statistics(bn):
             and not any(p.requires_grad for p in bn.parameters(recurse=False)))
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
 def _no_foreign_hooks(conv, bn):
-    """A hook that could see the folded output or replace the BatchNorm's input disables the fold."""
+    """A hook that could see the folded output, or replace the tensor between conv and BatchNorm (a full
+    backward hook does), disables the fold; svf.freeze_batchnorm's own pre-hook does not."""
     from torch.nn.modules import module as _m
-    if conv._forward_hooks or getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None):
+    if any(getattr(_m, name, None) for name in _GLOBAL_HOOKS):
+        return False
+    if conv._forward_hooks or conv._backward_hooks or conv._backward_pre_hooks:
+        return False
+    if bn._backward_hooks or bn._backward_pre_hooks:
         return False
     return all(hook is _keep_eval for hook in bn._forward_pre_hooks.values())
 
@@ -103,8 +113,8 @@ def folded(owner, bn, weight, bias, cache_name=_CACHE, sources=None):
 
 
 def mark(bn, y):
-    """Tell ``bn`` that ``y`` is already folded (it passes exactly this tensor on unchanged)."""
-    bn.__dict__[_TOKEN] = weakref.ref(y)
+    """Mark ``y`` as already folded for ``bn`` (which passes exactly this tensor on unchanged)."""
+    setattr(y, _MARK, bn)
     return y
 
 
@@ -126,15 +136,15 @@ class _FoldedBatchNorm:
     """A BatchNorm that passes on, unchanged, the tensor its folded conv has just returned."""
 
     def forward(self, x):
-        token = self.__dict__.pop(_TOKEN, None)
-        if token is not None and token() is x:
-            return x
-        return super().forward(x)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop(_TOKEN, None)
-        return state
+        owner = getattr(x, _MARK, None)
+        if owner is None:
+            return super().forward(x)
+        delattr(x, _MARK)
+        if owner is not self:
+            raise RuntimeError(f"svf.fold_batchnorm: this {type(self).__name__} received a tensor folded for another "
+                               "BatchNorm (a copy of the model made by nn.DataParallel, or a module called out of "
+                               "order?); call svf.unfold_batchnorm(model) before wrapping or copying it that way")
+        return x
 
 
 class FoldedConv1d(_FoldedConv, nn.Conv1d):
@@ -233,7 +243,7 @@ def fold_batchnorm(model):
 def unfold_batchnorm(model):
     """Undo ``fold_batchnorm``: the plain classes again, every fold reference and cache dropped. Returns the model."""
     for m in model.modules():
-        for key in [k for k in m.__dict__ if k in (_BN, _TOKEN) or k.startswith(_CACHE)]:
+        for key in [k for k in m.__dict__ if k == _BN or k.startswith(_CACHE)]:
             del m.__dict__[key]
         if type(m) in _PLAIN:
             m.__class__ = _PLAIN[type(m)]

@@ -169,9 +169,21 @@ def test_fold_switches_off_where_it_would_not_be_exact(monkeypatch):
         assert _rel(net(x)[-1], ref(x)[-1]) < 1e-6
     assert torch.allclose(seen[0], ref_seen[0], atol=1e-5)
     handle.remove(), ref_handle.remove()
-    # 4. the BatchNorm called on its own (not on the conv's output) normalises as before
+    # 4. a full backward hook on a BatchNorm (it replaces the BatchNorm's input tensor): no fold there
+    x.requires_grad_(True)
+    handle = net.layer2[0].bn2.register_full_backward_hook(lambda m, gi, go: None)
+    ref_handle = ref.layer2[0].bn2.register_full_backward_hook(lambda m, gi, go: None)
+    assert _rel(net(x)[-1], ref(x)[-1]) < 1e-6
+    handle.remove(), ref_handle.remove()
+    x.requires_grad_(False)
+    # 5. the BatchNorm called on its own (not on the conv's output) normalises as before
     t = torch.randn(2, 64, 5, 5)
     assert torch.equal(net.layer1[0].bn1(t), ref.layer1[0].bn1(t))
+    # 6. a tensor folded for one BatchNorm given to another is an error, not a wrong result
+    with torch.no_grad():
+        folded = net.layer1[0].conv1(torch.randn(2, 128, 5, 5))
+        with pytest.raises(RuntimeError, match="folded for another BatchNorm"):
+            net.layer1[1].bn1(folded)
 
 
 def test_copies_pickles_resolver_merge_and_unfold():
