@@ -16,8 +16,8 @@ call: it applies only while the BatchNorm uses its running statistics (eval mode
 ``svf.freeze_batchnorm``), its affine parameters do not train and no hook could see or replace the tensor between
 the two; the conv marks the tensor it returns, and the BatchNorm passes on exactly that tensor (a folded tensor
 marked for another BatchNorm is an error, e.g. under nn.DataParallel's replicas). In any other case both run as
-before. The BatchNorm's statistics are never touched. Pairs are found by tracing with ``torch.fx`` (a module whose forward cannot be traced
-is searched through its children): a conv (nn.Conv1d/2d/3d or an SVD conv) whose ONLY consumer is a
+before. The BatchNorm's statistics are never touched. Pairs are found by tracing with ``torch.fx`` (a module whose
+forward cannot be traced is searched through its children): a conv (nn.Conv1d/2d/3d or an SVD conv) whose ONLY consumer is a
 nn.BatchNorm1d/2d/3d of as many channels, each called once.
 """
 import collections
@@ -32,7 +32,7 @@ __all__ = ["fold_batchnorm", "unfold_batchnorm", "folded_pairs"]
 
 _BN = "_svf_folded_bn"            # on a conv: the BatchNorm folded into it
 _MARK = "_svf_folded_for"         # on the tensor a folded conv returns: the BatchNorm that must pass it on
-_CACHE = "_svf_fold_cache"        # on a conv: (key, weight, bias) of the folded frozen weights
+_CACHE = "_svf_fold_cache"        # on a conv: (key, weight, bias, eps) of the folded frozen weights
 
 
 def _keep_eval(bn, args):  # forward pre-hook of svf.freeze_batchnorm: a frozen BatchNorm stays in eval mode
@@ -83,10 +83,21 @@ def bn_affine(bn, dtype, device):
     return a.to(dtype), c.to(dtype)
 
 
-def _key(tensors, bn):
-    """Identifies the values of ``tensors`` and of the BatchNorm's: the same live tensor objects, unmodified."""
-    return tuple((weakref.ref(t), t.data_ptr(), t._version, t.device, t.dtype) if t is not None else None
-                 for t in tuple(tensors) + (bn.running_mean, bn.running_var, bn.weight, bn.bias)) + (bn.eps,)
+def _sources(tensors, bn):
+    return tuple(tensors) + (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+
+
+def _key(tensors):
+    """What identifies the values of ``tensors``: the same tensor objects (held weakly), unmodified since."""
+    return (tuple(None if t is None else weakref.ref(t) for t in tensors),
+            tuple(None if t is None else (t.data_ptr(), t._version, t.device, t.dtype) for t in tensors))
+
+
+def _unchanged(key, tensors):
+    refs, meta = key
+    return (len(refs) == len(tensors)
+            and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
+            and meta == _key(tensors)[1])
 
 
 def folded(owner, bn, weight, bias, cache_name=_CACHE, sources=None):
@@ -96,16 +107,16 @@ def folded(owner, bn, weight, bias, cache_name=_CACHE, sources=None):
     scale_shape = (-1,) + (1,) * (weight.dim() - 1)
     trains = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
     if not trains:
-        key = _key((weight, bias) if sources is None else sources, bn)
+        tensors = _sources((weight, bias) if sources is None else sources, bn)
         cache = owner.__dict__.get(cache_name)
-        if cache is not None and cache[0] == key:
+        if cache is not None and cache[3] == bn.eps and _unchanged(cache[0], tensors):
             return cache[1], cache[2]
         with torch.no_grad():
             work = torch.float64 if weight.device.type in ("cpu", "cuda") else weight.dtype
             a, c = bn_affine(bn, work, weight.device)
             w = (weight.to(work) * a.reshape(scale_shape)).to(weight.dtype)
             b = (c if bias is None else bias.to(work) * a + c).to(weight.dtype)
-        owner.__dict__[cache_name] = (key, w, b)
+        owner.__dict__[cache_name] = (_key(tensors), w, b, bn.eps)
         return w, b
     a, c = bn_affine(bn, weight.dtype, weight.device)
     w = weight * a.reshape(scale_shape)

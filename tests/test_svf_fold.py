@@ -188,7 +188,7 @@ def test_fold_switches_off_where_it_would_not_be_exact(monkeypatch):
 
 def test_copies_pickles_resolver_merge_and_unfold():
     torch.manual_seed(0)
-    plain = _randomise_batchnorm(build_backbone("resnet18_deep", "torchvision")).eval()
+    plain = _randomise_batchnorm(build_backbone("resnet18_deep", "torchvision")).eval().requires_grad_(False)
     x = torch.randn(1, 3, 33, 33)
     with torch.no_grad():
         want = plain(x)[-1]
@@ -198,13 +198,14 @@ def test_copies_pickles_resolver_merge_and_unfold():
     torch.save(folded, buffer)
     buffer.seek(0)
     for copy_ in (copy.deepcopy(folded), torch.load(buffer, weights_only=False)):  # our own in-memory file
-        assert copy_.layer2[0].conv1.__dict__["_svf_folded_bn"] is copy_.layer2[0].bn1  # the copy's own BatchNorm
+        assert svf.fold.active_bn(copy_.layer2[0].conv1) is copy_.layer2[0].bn1  # the copy's own BatchNorm
         with torch.no_grad():
             assert _rel(copy_(x)[-1], want) < 1e-5
-    resolved = svf.resolver(folded)  # resolved plain, folded again
-    assert resolved.layer2[0].conv1.__dict__["_svf_folded_bn"] is resolved.layer2[0].bn1
-    merged = svf.merge(svf.apply_paper_freezing(resolved).eval())
+    resolved = svf.resolver(folded).requires_grad_(False)  # resolved plain, folded again
+    assert svf.fold.active_bn(resolved.layer2[0].conv1) is resolved.layer2[0].bn1
+    merged = svf.merge(resolved.eval())
     assert type(merged.layer2[0].conv1).__name__ == "FoldedConv2d"
+    assert svf.fold.active_bn(merged.layer2[0].conv1) is merged.layer2[0].bn1
     with torch.no_grad():
         assert _rel(resolved(x)[-1], want) < 1e-5 and _rel(merged(x)[-1], want) < 1e-5
     svf.unfold_batchnorm(merged)
@@ -216,10 +217,11 @@ def test_copies_pickles_resolver_merge_and_unfold():
 
 @pytest.mark.filterwarnings("ignore::model.RandomInitWarning")
 @pytest.mark.parametrize("arch", ["baseline", "bam"])
-def test_models_fold_by_default_and_train_the_same(arch):
+def test_models_fold_by_default_and_train_the_same(arch, monkeypatch):
     """build_model folds (fold_batchnorm: true); a training step gives the same loss and S-gradients as
     the unfolded model."""
-    losses, grads = [], []
+    losses, grads, calls = [], [], _count_batchnorm_calls(monkeypatch)
+    counts = []
     for fold in (True, False):
         torch.manual_seed(0)
         net = build_model(tiny_cfg(arch=arch, svf=True, fold_batchnorm=fold))
@@ -227,10 +229,42 @@ def test_models_fold_by_default_and_train_the_same(arch):
         assert (folded > 0) == fold
         q, s, sm, qm = random_episode()
         extra = {"class_id": torch.tensor([6, 7])} if arch == "bam" else {}  # base classes of fold 0
+        del calls[:]
         _, loss = net.train()(q, s, sm, qm, **extra)
+        counts.append(len(calls))
         loss.backward()
         losses.append(loss.item())
         grads.append(torch.cat([m.vector_S.grad.flatten() for m in net.modules()
                                 if isinstance(m, svf.SVDLayer) and m.vector_S.grad is not None]))
+    assert counts[0] == 0 < counts[1]  # every BatchNorm folded (with them: 2 x 23 in the backbone passes)
     assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[1])
     assert grads[0].numel() == grads[1].numel() > 0 and _rel(grads[0], grads[1]) < 1e-4
+
+
+def test_the_folded_weights_follow_every_change_of_their_sources():
+    """The cached folded weights are rebuilt when a weight, a statistic or a parameter object changes."""
+    torch.manual_seed(0)
+    ref = _randomise_batchnorm(build_backbone("resnet18_deep", "torchvision")).eval().requires_grad_(False)
+    net = copy.deepcopy(ref)
+    svf.fold_batchnorm(net)
+    x = torch.randn(1, 3, 33, 33)
+    assert svf.fold.active_bn(net.layer2[0].conv1) is net.layer2[0].bn1  # the fold applies
+
+    def agree():
+        with torch.no_grad():
+            return _rel(net(x)[-1], ref(x)[-1]) < 1e-5
+    assert agree() and agree()  # the second call reads the cache
+    for model in (net, ref):  # a new parameter object in place of the old one
+        conv = model.layer2[0].conv1
+        conv.weight = nn.Parameter(conv.weight.detach() * 1.5, requires_grad=False)
+    assert agree()
+    for model in (net, ref):  # statistics changed in place
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.mul_(0.5).add_(0.1)
+    assert agree()
+    for model in (net, ref):  # ... and replaced by new tensors
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean = m.running_mean + 0.2
+    assert agree()
