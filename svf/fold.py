@@ -251,6 +251,11 @@ def fold_batchnorm(model):
     return pairs
 
 
+def has_folds(model):
+    """Whether ``fold_batchnorm`` folded anything in ``model``."""
+    return any(_BN in m.__dict__ or type(m) in _PLAIN for m in model.modules())
+
+
 def unfold_batchnorm(model):
     """Undo ``fold_batchnorm``: the plain classes again, every fold reference and cache dropped. Returns the model."""
     for m in model.modules():

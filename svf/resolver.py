@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .attention import SVD_MultiheadAttention
 from .common import weight_fingerprint
-from .fold import fold_batchnorm, unfold_batchnorm
+from .fold import fold_batchnorm, has_folds, unfold_batchnorm
 from .layers import SVD_Conv1d, SVD_Conv2d, SVD_Conv3d, SVD_Linear, SVDLayer
 
 __all__ = ["resolver", "merge"]
@@ -167,7 +167,7 @@ def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_la
     _unknown_names(list(custom), known, "customized_layers_low_rank_ratio")
 
     new = copy.deepcopy(model)
-    refold = bool(_unfold_all(new))  # a folded model is resolved plain and folded again
+    refold = _unfold_all(new)  # a folded model is resolved plain and folded again
     converted, left = [], []
     for name, module in list(new.named_modules()):
         if any(name == e or name.startswith(e + ".") for e in excluded_layers) or isinstance(module, SVDLayer):
@@ -205,8 +205,7 @@ def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_la
 
 def _unfold_all(model):
     """Unfold a copy's folded BatchNorms (svf.fold_batchnorm) before converting it; returns whether any was."""
-    had = any(type(m).__module__ == unfold_batchnorm.__module__ for m in model.modules()) or any(
-        "_svf_folded_bn" in m.__dict__ for m in model.modules())
+    had = has_folds(model)
     if had:
         unfold_batchnorm(model)
     return had
