@@ -170,6 +170,11 @@ def build_runs(variants, args, device):
     return runs
 
 
+def step_extra(args, device):
+    """BAM's training forward needs the episode's class: a base class of fold 0."""
+    return {"class_id": torch.full((args.batch,), 6, device=device)} if args.arch == "bam" and args.model == "fss" else {}
+
+
 def step(run, batch, extra):
     _, loss = run["model"](*batch, **extra)
     run["opt"].zero_grad(set_to_none=True)
@@ -224,7 +229,7 @@ def time_training(runs, args, device, clock):
     """Round-robin over the variants (one step of each per round), so that they all see the same machine
     conditions; the first round (with the saved-tensor counter on) is a warm-up. Returns per-variant stats."""
     batch = inputs(args, device)
-    extra = {"class_id": torch.full((args.batch,), 6, device=device)} if args.arch == "bam" and args.model == "fss" else {}
+    extra = step_extra(args, device)
     now = CLOCKS[clock]
     times, saved, peaks = {n: [] for n in runs}, {n: SavedBytes() for n in runs}, {}
     for it in range(args.warmup + args.iters):
@@ -252,7 +257,7 @@ def profile(runs, name, args, device, rows=25):
     """torch.profiler over two steps of one variant: self time per op type, the largest first."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     batch = inputs(args, device)
-    extra = {"class_id": torch.full((args.batch,), 6, device=device)} if args.arch == "bam" and args.model == "fss" else {}
+    extra = step_extra(args, device)
     step(runs[name], batch, extra)  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:

@@ -17,8 +17,11 @@ call: it applies only while the BatchNorm uses its running statistics (eval mode
 the two; the conv marks the tensor it returns, and the BatchNorm passes on exactly that tensor (a folded tensor
 marked for another BatchNorm is an error, e.g. under nn.DataParallel's replicas). In any other case both run as
 before. The BatchNorm's statistics are never touched. Pairs are found by tracing with ``torch.fx`` (a module whose
-forward cannot be traced is searched through its children): a conv (nn.Conv1d/2d/3d or an SVD conv) whose ONLY consumer is a
-nn.BatchNorm1d/2d/3d of as many channels, each called once.
+forward cannot be traced is searched through its children): a conv (nn.Conv1d/2d/3d or an SVD conv) whose ONLY
+consumer is a nn.BatchNorm1d/2d/3d of as many channels, each called once. The folded weights are cached while
+nothing trains and rebuilt when a weight or statistic is written (DistributedDataParallel's default
+``broadcast_buffers=True`` rewrites the statistics at every step: pass ``broadcast_buffers=False`` when every
+BatchNorm is frozen).
 """
 import collections
 import warnings
@@ -185,13 +188,14 @@ class FoldedBatchNorm3d(_FoldedBatchNorm, nn.BatchNorm3d):
 _FOLDED = {nn.Conv1d: FoldedConv1d, nn.Conv2d: FoldedConv2d, nn.Conv3d: FoldedConv3d,
            nn.BatchNorm1d: FoldedBatchNorm1d, nn.BatchNorm2d: FoldedBatchNorm2d, nn.BatchNorm3d: FoldedBatchNorm3d}
 _PLAIN = {v: k for k, v in _FOLDED.items()}
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, FoldedConv1d, FoldedConv2d, FoldedConv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FoldedBatchNorm1d, FoldedBatchNorm2d, FoldedBatchNorm3d)
 
 
 def _conv_channels(m):
     """Output channels of a conv that can take a fold (plain Conv1d/2d/3d or SVD conv), else None."""
     from .layers import _SVDConvNd
-    if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, FoldedConv1d, FoldedConv2d, FoldedConv3d) or isinstance(m, _SVDConvNd):
+    if type(m) in _CONVS or isinstance(m, _SVDConvNd):
         return m.out_channels
     return None
 

@@ -119,8 +119,9 @@ class SVDLayer(nn.Module):
         if not self._needs_factored():
             if bn is None:
                 return self._plain_forward(x, self._cached_merged_weight(), U.bias)
-            merged = folded(self, bn, self._cached_merged_weight(), U.bias, sources=(U.weight, self.vector_S, V.weight, U.bias))
-            return mark(bn, self._plain_forward(x, *merged))
+            w, b = folded(self, bn, self._cached_merged_weight(), U.bias,
+                          sources=(U.weight, self.vector_S, V.weight, U.bias))
+            return mark(bn, self._plain_forward(x, w, b))
         if V.weight.requires_grad or U.weight.requires_grad:  # the factors train too: plain autograd, no fold
             return U(V(x) * self.vector_S)
         x_in, conv = self._trainable_input(x)

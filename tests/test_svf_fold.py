@@ -138,6 +138,8 @@ def test_only_a_conv_whose_only_consumer_is_the_batchnorm_is_paired():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert _rel(net(x), ref(x)) < 1e-6
+    chain = _randomise_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4))).eval()
+    assert svf.fold_batchnorm(copy.deepcopy(chain)) == [("0", "1")]  # a BatchNorm after a BatchNorm stays
 
 
 def test_fold_switches_off_where_it_would_not_be_exact(monkeypatch):
