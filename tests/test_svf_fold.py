@@ -101,7 +101,7 @@ def test_state_dict_and_batchnorm_statistics_never_change():
 
 
 @pytest.mark.parametrize("mode", ["frozen_weights_grad_through", "weights_train"])
-def test_plain_convs_fold_exactly(mode):
+def test_plain_convs_fold_exactly(mode, monkeypatch):
     torch.manual_seed(0)
     ref = _randomise_batchnorm(build_backbone("resnet18_deep", "torchvision")).double()
     ref.requires_grad_(mode == "weights_train")
@@ -110,7 +110,9 @@ def test_plain_convs_fold_exactly(mode):
     assert len(svf.fold_batchnorm(net)) == 23
     assert type(net.layer1[0].conv1) is not nn.Conv2d and isinstance(net.layer1[0].conv1, nn.Conv2d)
     x = torch.randn(2, 3, 33, 33, dtype=torch.float64)
+    calls = _count_batchnorm_calls(monkeypatch)
     out, gx, grads = _step_outputs(net.train(), x)
+    assert calls == []  # all folded
     ref_out, ref_gx, ref_grads = _step_outputs(ref.train(), x)
     assert _rel(out, ref_out) < 1e-12 and _rel(gx, ref_gx) < 1e-12
     assert len(grads) == len(ref_grads) == (23 if mode == "weights_train" else 0)  # every conv weight
@@ -132,9 +134,10 @@ class _TwoConsumers(nn.Module):
 
 
 def test_only_a_conv_whose_only_consumer_is_the_batchnorm_is_paired():
-    net = _randomise_batchnorm(_TwoConsumers()).eval()
+    net = _randomise_batchnorm(_TwoConsumers()).eval().requires_grad_(False)
     ref = copy.deepcopy(net)
     assert svf.fold_batchnorm(net) == [("conv2", "bn2")]
+    assert svf.fold.active_bn(net.conv2) is net.bn2 and svf.fold.active_bn(net.conv1) is None
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert _rel(net(x), ref(x)) < 1e-6
