@@ -90,17 +90,20 @@ def _sources(tensors, bn):
     return tuple(tensors) + (bn.running_mean, bn.running_var, bn.weight, bn.bias)
 
 
+def _meta(tensors):
+    return tuple(None if t is None else (t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+
 def _key(tensors):
     """What identifies the values of ``tensors``: the same tensor objects (held weakly), unmodified since."""
-    return (tuple(None if t is None else weakref.ref(t) for t in tensors),
-            tuple(None if t is None else (t.data_ptr(), t._version, t.device, t.dtype) for t in tensors))
+    return tuple(None if t is None else weakref.ref(t) for t in tensors), _meta(tensors)
 
 
 def _unchanged(key, tensors):
     refs, meta = key
     return (len(refs) == len(tensors)
             and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
-            and meta == _key(tensors)[1])
+            and meta == _meta(tensors))
 
 
 def folded(owner, bn, weight, bias, cache_name=_CACHE, sources=None):
