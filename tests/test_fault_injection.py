@@ -63,7 +63,7 @@ def test_kill_and_sigterm_at_every_point_then_resume_equals_uninterrupted(args):
     tmp, base = args
     reference = str(tmp / "uninterrupted")
     out = torchrun(base, reference, resume=False)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-8000:]  # the ranks' errors come before torchrun's report
 
     exp = str(tmp / "faulted")
     log = []
@@ -92,7 +92,7 @@ def test_kill_and_sigterm_at_every_point_then_resume_equals_uninterrupted(args):
     assert len(orphans) == 1                                         # what kill -9 during a write leaves
 
     out = torchrun(base, exp)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-8000:]  # the ranks' errors come before torchrun's report
     assert f"removed {orphans[0]}" in out.stdout
     assert glob.glob(os.path.join(exp, ".*")) == []
     assert progress(exp) == (2, 0)
