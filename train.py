@@ -192,11 +192,8 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
 
     # fit: wrap for DDP, shard the training items, open the log, then the epochs
     if dist_info.distributed:
-        # buffers are broadcast at every step only while a BatchNorm updates its statistics: a rewrite of frozen
-        # statistics would make svf.fold_batchnorm rebuild its folded weights at every step
-        updating = any(m.training for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
         net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=updating)
+            net, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = EpochSampler(stage.train_set, dist_info, cfg.seed, cfg.batch_size // world)
     if sampler.batches_per_epoch() == 0:
         raise ValueError(f"{len(stage.train_set)} training items are fewer than one batch of {cfg.batch_size}; "

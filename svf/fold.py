@@ -19,9 +19,8 @@ marked for another BatchNorm is an error, e.g. under nn.DataParallel's replicas)
 before. The BatchNorm's statistics are never touched. Pairs are found by tracing with ``torch.fx`` (a module whose
 forward cannot be traced is searched through its children): a conv (nn.Conv1d/2d/3d or an SVD conv) whose ONLY
 consumer is a nn.BatchNorm1d/2d/3d of as many channels, each called once. The folded weights are cached while
-nothing trains and rebuilt when a weight or statistic is written (DistributedDataParallel's default
-``broadcast_buffers=True`` rewrites the statistics at every step: pass ``broadcast_buffers=False`` when every
-BatchNorm is frozen).
+nothing trains and rebuilt when a weight or a statistic changes (statistics rewritten with the same values, as
+DistributedDataParallel's ``broadcast_buffers`` does at every step, are recognised on the CPU).
 """
 import collections
 import warnings
@@ -35,7 +34,7 @@ __all__ = ["fold_batchnorm", "unfold_batchnorm", "folded_pairs"]
 
 _BN = "_svf_folded_bn"            # on a conv: the BatchNorm folded into it
 _MARK = "_svf_folded_for"         # on the tensor a folded conv returns: the BatchNorm that must pass it on
-_CACHE = "_svf_fold_cache"        # on a conv: (key, weight, bias, eps) of the folded frozen weights
+_CACHE = "_svf_fold_cache"        # on a conv: the folded frozen weights and what they were computed from
 
 
 def _keep_eval(bn, args):  # forward pre-hook of svf.freeze_batchnorm: a frozen BatchNorm stays in eval mode
@@ -86,10 +85,6 @@ def bn_affine(bn, dtype, device):
     return a.to(dtype), c.to(dtype)
 
 
-def _sources(tensors, bn):
-    return tuple(tensors) + (bn.running_mean, bn.running_var, bn.weight, bn.bias)
-
-
 def _meta(tensors):
     return tuple(None if t is None else (t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
 
@@ -106,23 +101,51 @@ def _unchanged(key, tensors):
             and meta == _meta(tensors))
 
 
+def _statistics(bn):
+    return bn.running_mean, bn.running_var, bn.weight, bn.bias
+
+
+def _copies(stats):
+    """Copies of the BatchNorm's tensors to compare values with, on the CPU only (on a GPU a comparison would
+    wait for the device; rebuilding the folded weights there is a few small kernels)."""
+    if any(t is not None and t.device.type != "cpu" for t in stats):
+        return None
+    return tuple(None if t is None else t.detach().clone() for t in stats)
+
+
+def _same_statistics(cache, stats):
+    """The statistics are those the cached weights were folded with: untouched, or rewritten with the same values
+    (as DistributedDataParallel's ``broadcast_buffers`` does at every step)."""
+    if _unchanged(cache["stats"], stats):
+        return True
+    copies = cache["copies"]
+    if copies is None or _copies(stats) is None or not all(
+            (c is None and t is None) or (c is not None and t is not None and torch.equal(c, t))
+            for c, t in zip(copies, stats)):
+        return False
+    cache["stats"] = _key(stats)
+    return True
+
+
 def folded(owner, bn, weight, bias, cache_name=_CACHE, sources=None):
     """(weight * a, bias * a + c) for output channels on dim 0 of ``weight``; cached on ``owner`` (under
-    ``cache_name``, valid while ``sources``, default weight and bias, are unchanged) while nothing needs a
-    gradient; through autograd (a and c constant) when the weight or bias trains."""
+    ``cache_name``, valid while ``sources``, default weight and bias, and the statistics are unchanged) while nothing
+    needs a gradient; through autograd (a and c constant) when the weight or bias trains."""
     scale_shape = (-1,) + (1,) * (weight.dim() - 1)
     trains = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
     if not trains:
-        tensors = _sources((weight, bias) if sources is None else sources, bn)
+        sources, stats = (weight, bias) if sources is None else tuple(sources), _statistics(bn)
         cache = owner.__dict__.get(cache_name)
-        if cache is not None and cache[3] == bn.eps and _unchanged(cache[0], tensors):
-            return cache[1], cache[2]
+        if (cache is not None and cache["eps"] == bn.eps and _unchanged(cache["sources"], sources)
+                and _same_statistics(cache, stats)):
+            return cache["weight"], cache["bias"]
         with torch.no_grad():
             work = torch.float64 if weight.device.type in ("cpu", "cuda") else weight.dtype
             a, c = bn_affine(bn, work, weight.device)
             w = (weight.to(work) * a.reshape(scale_shape)).to(weight.dtype)
             b = (c if bias is None else bias.to(work) * a + c).to(weight.dtype)
-        owner.__dict__[cache_name] = (_key(tensors), w, b, bn.eps)
+        owner.__dict__[cache_name] = {"sources": _key(sources), "stats": _key(stats), "copies": _copies(stats),
+                                      "eps": bn.eps, "weight": w, "bias": b}
         return w, b
     a, c = bn_affine(bn, weight.dtype, weight.device)
     w = weight * a.reshape(scale_shape)
