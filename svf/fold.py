@@ -29,6 +29,7 @@ import weakref
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.nn.modules import module as _module
 
 __all__ = ["fold_batchnorm", "unfold_batchnorm", "folded_pairs"]
 
@@ -55,8 +56,7 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 def _no_foreign_hooks(conv, bn):
     """A hook that could see the folded output, or replace the tensor between conv and BatchNorm (a full
     backward hook does), disables the fold; svf.freeze_batchnorm's own pre-hook does not."""
-    from torch.nn.modules import module as _m
-    if any(getattr(_m, name, None) for name in _GLOBAL_HOOKS):
+    if any(getattr(_module, name, None) for name in _GLOBAL_HOOKS):
         return False
     if conv._forward_hooks or conv._backward_hooks or conv._backward_pre_hooks:
         return False
@@ -105,12 +105,14 @@ def _statistics(bn):
     return bn.running_mean, bn.running_var, bn.weight, bn.bias
 
 
+def _on_cpu(stats):
+    return all(t is None or t.device.type == "cpu" for t in stats)
+
+
 def _copies(stats):
     """Copies of the BatchNorm's tensors to compare values with, on the CPU only (on a GPU a comparison would
     wait for the device; rebuilding the folded weights there is a few small kernels)."""
-    if any(t is not None and t.device.type != "cpu" for t in stats):
-        return None
-    return tuple(None if t is None else t.detach().clone() for t in stats)
+    return tuple(None if t is None else t.detach().clone() for t in stats) if _on_cpu(stats) else None
 
 
 def _same_statistics(cache, stats):
@@ -119,7 +121,7 @@ def _same_statistics(cache, stats):
     if _unchanged(cache["stats"], stats):
         return True
     copies = cache["copies"]
-    if copies is None or _copies(stats) is None or not all(
+    if copies is None or not _on_cpu(stats) or not all(
             (c is None and t is None) or (c is not None and t is not None and torch.equal(c, t))
             for c, t in zip(copies, stats)):
         return False
@@ -273,12 +275,18 @@ def fold_batchnorm(model):
     pairs = folded_pairs(model)
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        if type(conv) in _FOLDED:
-            conv.__class__ = _FOLDED.get(type(conv), type(conv))
-        bn.__class__ = _FOLDED.get(type(bn), type(bn))
+        if type(conv) in _FOLDED:  # an SVD layer folds by itself
+            conv.__class__ = _FOLDED[type(conv)]
+        if type(bn) in _FOLDED:
+            bn.__class__ = _FOLDED[type(bn)]
+        _drop_caches(conv)
         conv.__dict__[_BN] = bn  # a plain reference, not a submodule: the module tree and state dict stay as they are
-        conv.__dict__.pop(_CACHE, None)
     return pairs
+
+
+def _drop_caches(m):
+    for key in [k for k in m.__dict__ if k.startswith(_CACHE)]:
+        del m.__dict__[key]
 
 
 def has_folds(model):
@@ -289,8 +297,8 @@ def has_folds(model):
 def unfold_batchnorm(model):
     """Undo ``fold_batchnorm``: the plain classes again, every fold reference and cache dropped. Returns the model."""
     for m in model.modules():
-        for key in [k for k in m.__dict__ if k == _BN or k.startswith(_CACHE)]:
-            del m.__dict__[key]
+        m.__dict__.pop(_BN, None)
+        _drop_caches(m)
         if type(m) in _PLAIN:
             m.__class__ = _PLAIN[type(m)]
     return model
