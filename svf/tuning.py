@@ -8,14 +8,29 @@ import torch.nn as nn
 from .fold import _keep_eval
 from .layers import SVDLayer
 
-__all__ = ["mark_only_singular_values_as_trainable", "freeze_batchnorm", "apply_paper_freezing",
+__all__ = ["FACTORS", "mark_only_singular_values_as_trainable", "freeze_batchnorm", "apply_paper_freezing",
            "singular_value_parameters", "keep_small_updates", "singular_value_change"]
 
 
-def mark_only_singular_values_as_trainable(module):
-    """requires_grad=False on every parameter of ``module`` except those named ``*vector_S``."""
+FACTORS = ("S", "US", "SV", "USV")  # which SVD factors train: the paper's ablation (S alone is SVF)
+
+
+def mark_only_singular_values_as_trainable(module, factors="S"):
+    """requires_grad=False on every parameter of ``module`` except the chosen factors of its SVD layers:
+    ``factors="S"`` (default) the singular values ``vector_S`` only; ``"US"`` also U (``conv_U``/``fc_U``
+    weight), ``"SV"`` also V (``conv_V``/``fc_V`` weight), ``"USV"`` all three. U's bias (the layer's original
+    bias) never trains here."""
+    if factors not in FACTORS:
+        raise ValueError(f"svf: factors={factors!r} is not one of {FACTORS} (S alone is the paper's SVF)")
     for name, p in module.named_parameters():
         p.requires_grad_("vector_S" in name)
+    for m in module.modules():
+        if isinstance(m, SVDLayer):
+            V, U = m._factors()
+            if "U" in factors:
+                U.weight.requires_grad_(True)
+            if "V" in factors:
+                V.weight.requires_grad_(True)
     return module
 
 
@@ -33,9 +48,11 @@ def freeze_batchnorm(module):
     return module
 
 
-def apply_paper_freezing(model, frozen_stages=("layer0", "layer1"), tuned_stages=("layer2", "layer3", "layer4")):
+def apply_paper_freezing(model, frozen_stages=("layer0", "layer1"), tuned_stages=("layer2", "layer3", "layer4"),
+                         factors="S"):
     """The SVF paper's freezing for a backbone with stages ``layer0..layer4``: ``frozen_stages`` fully
-    frozen, ``tuned_stages`` frozen except their singular values, all their BatchNorm frozen in eval mode.
+    frozen, ``tuned_stages`` frozen except their singular values (``factors``: see
+    ``mark_only_singular_values_as_trainable``), all their BatchNorm frozen in eval mode.
     Other attributes of ``model`` (e.g. segmentation heads) are not touched."""
     for stage in tuple(frozen_stages) + tuple(tuned_stages):
         if not isinstance(getattr(model, stage, None), nn.Module):
@@ -49,7 +66,7 @@ def apply_paper_freezing(model, frozen_stages=("layer0", "layer1"), tuned_stages
         if not any(isinstance(m, SVDLayer) for m in sub.modules()):
             raise ValueError(f"apply_paper_freezing: stage {stage!r} has no SVD layer; "
                              f"run model.{stage} = svf.resolver(model.{stage}) first")
-        mark_only_singular_values_as_trainable(sub)
+        mark_only_singular_values_as_trainable(sub, factors)
         freeze_batchnorm(sub)
     return model
 

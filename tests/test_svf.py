@@ -377,3 +377,17 @@ def test_svf_folder_works_when_copied_alone(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 1e-5
+
+
+@pytest.mark.parametrize("factors,expected", [("S", {"vector_S"}), ("US", {"vector_S", "conv_U.weight"}),
+                                               ("SV", {"vector_S", "conv_V.weight"}),
+                                               ("USV", {"vector_S", "conv_U.weight", "conv_V.weight"})])
+def test_mark_trainable_factors_choose_the_svd_factors(factors, expected):
+    layer = svf.resolver(nn.Sequential(nn.Conv2d(4, 6, 3, bias=True)))
+    svf.mark_only_singular_values_as_trainable(layer, factors=factors)
+    assert {n.split(".", 1)[1] for n, p in layer.named_parameters() if p.requires_grad} == expected
+    x = torch.randn(2, 4, 7, 7)
+    layer(x).square().sum().backward()  # gradients reach exactly the chosen factors
+    assert {n.split(".", 1)[1] for n, p in layer.named_parameters() if p.grad is not None} == expected
+    with pytest.raises(ValueError, match="factors='UV'"):
+        svf.mark_only_singular_values_as_trainable(layer, factors="UV")
