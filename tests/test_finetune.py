@@ -241,6 +241,25 @@ def test_config_svf_and_finetune_rules(tmp_path):
     assert "baseline_full_l34/" in load_config(base, ["finetune=full", "finetune_stages=[layer3,layer4]"]).exp_dir
 
 
+def test_merged_export_loads_into_a_plain_build_with_the_same_outputs(tmp_path):
+    from tools.export_merged import export_merged
+    cfg = _cfg("lora", lrcc_rank=2)
+    model = _build(cfg)
+    _step(model, cfg)
+    path, out = str(tmp_path / "last.pth"), str(tmp_path / "merged.pth")
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+    assert export_merged(cfg, path, out) < 1e-4
+    saved = torch.load(out, weights_only=True)
+    assert saved["merged_from"] == "lora" and saved["config"]["finetune"] == "freeze"
+    plain = _build(cfg.replace(svf=False, finetune="freeze"), seed=3)
+    load_state_dict_strict(plain, saved["model"], out)
+    x = random_episode(batch=1, size=33, seed=4)[:3]
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(*x), model.eval()(*x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="arch=bam is not exported"):
+        export_merged(_cfg("lora", arch="bam"), path, out)
+
+
 def test_summary_takes_key_value_words(capsys):
     from model.summary import main
     main(["--config", os.path.join(ROOT, "config", "demo_split0.yaml"), "pretrained=null", "finetune=bn",
