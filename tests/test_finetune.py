@@ -217,6 +217,21 @@ def test_refused_combinations(method, backbone, message):
         build_model(tiny_cfg(backbone=backbone, finetune=method))
 
 
+@pytest.mark.parametrize("arch,backbone,method", [("pfenet", "resnet18_deep", "bn"), ("baseline", "vgg16_bn", "lora"),
+                                                  ("baseline", "swin_t", "bias")])
+def test_other_models_and_backbones(arch, backbone, method):
+    cfg = _cfg(method, arch=arch, backbone=backbone, lrcc_rank=2)
+    model = _build(cfg)
+    trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == _expected(model.backbone, method, cfg) and trainable
+    if method == "bias" and backbone == "swin_t":  # LayerNorm beta and Linear biases
+        assert any(".norm1.bias" in n for n in trainable) and any("mlp.0.bias" in n for n in trainable)
+    q, s, sm, qm = random_episode(batch=1, size=65)
+    _, loss = model.train()(q, s, sm, qm)
+    loss.backward()
+    assert all(model.backbone.get_parameter(n).grad is not None for n in trainable)
+
+
 def test_config_svf_and_finetune_rules(tmp_path):
     base = os.path.join(ROOT, "config", "pascal_split0.yaml")
     assert load_config(base).finetune is None and load_config(base).svf is True
