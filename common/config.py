@@ -162,6 +162,12 @@ FIELDS: dict[str, Field] = {
                      min_items=1),
     "test_resize_smaller": _f("bool", True, "test images whose long side is below test_size are resized up too "
                               "(BAM's Resize, resized_val: True); false = kept at their size (BAM's test_Resize)"),
+    "episode_sampler": _f("str", "ours", "how test and validation episodes are drawn: ours = NumPy from the seed, "
+                          "independent of workers | released = exactly the released code's (BAM's test.py / SemData: "
+                          "Python random, reseeded per DataLoader worker, see episode_workers)", ("ours", "released")),
+    "episode_workers": _f("int", 8, "episode_sampler released: the data-loader worker count whose episodes are "
+                          "reproduced (the released configs: 8; 0 = the main process); our own loader is unaffected",
+                          valid="[0, inf)"),
     "val_episodes": _f("int", 1000, "validation episodes after each epoch (seed = `seed`)", valid="[1, inf)"),
     "val_every": _f("int", 1, "validate every N epochs (and always after the last)", valid="[1, inf)"),
     "val_mid_epoch": _f("bool", False, "also validate halfway through every epoch but the first (the released "
