@@ -120,6 +120,9 @@ FIELDS: dict[str, Field] = {
                              valid="[0, inf)"),
     "aux_loss_weight": _f("float", 1.0, "weight of the auxiliary losses (PFENet aux_weight, BAM aux_weight1)",
                             valid="[0, inf)"),
+    "base_learner_dropout": _f("bool", True, "BAM: the frozen base learner's Dropout2d(0.1) is active in training, "
+                               "as in the released code (model.train() then only BatchNorm frozen); false keeps the "
+                               "whole base learner in eval mode"),
     "reduce_dim": _f("int", 256, "channels of the meta-learner features", valid="[1, inf)"),
     "ppm_bins": _f("int_list", [1, 2, 3, 6], "PSPNet pyramid pooling bins",
                      valid="[1, inf)", min_items=1),

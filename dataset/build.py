@@ -44,7 +44,8 @@ def build_train_dataset(cfg):
     """Training episodes of the fold's base classes (train list; † per cfg.filter_novel)."""
     lists, image_classes = _fold_lists(cfg, "train", "base", bool(cfg.filter_novel))
     return TrainEpisodes(lists, int(cfg.shot), _train_transform(cfg),
-                         num_classes(cfg.benchmark), int(cfg.seed), image_classes)
+                         num_classes(cfg.benchmark), int(cfg.seed), image_classes,
+                         base_labels=cfg.arch == "bam")  # for BAM's logged base-learner loss
 
 
 def build_test_dataset(cfg, seed, num_episodes, shot=None):

@@ -44,6 +44,15 @@ def binarize(label, class_id):
     return out
 
 
+def base_class_lut(classes):
+    """uint8 lookup table: ``classes`` -> 1..n in order, every other value -> 0, 255 stays 255."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for new_id, c in enumerate(classes, 1):
+        lut[c] = new_id
+    lut[IGNORE_LABEL] = IGNORE_LABEL
+    return lut
+
+
 def item_rng(seed, epoch, index):
     """The Generator of one training item; depends only on (seed, epoch, index)."""
     return np.random.default_rng([int(seed), int(epoch), int(index)])
@@ -178,11 +187,14 @@ class _ListDataset(Dataset):
 class TrainEpisodes(_ListDataset):
     """Training episodes over the base classes; call ``set_epoch`` every epoch."""
 
-    def __init__(self, lists, shot, transform, num_classes, seed, image_classes):
+    def __init__(self, lists, shot, transform, num_classes, seed, image_classes, base_labels=False):
         super().__init__(lists, num_classes)
         check_enough_images(lists, shot, "base")
         self.shot, self.transform, self.seed = shot, transform, seed
         self.image_classes = image_classes  # as returned by classes_of_images
+        # base_labels: items also carry "query_base_label" (BAM's y_b: base classes -> 1..n in lists.classes
+        # order, background and other classes -> 0, 255 kept), transformed with the query
+        self.base_lut = base_class_lut(lists.classes) if base_labels else None
 
     def __len__(self):
         return len(self.lists.images)
@@ -197,14 +209,18 @@ class TrainEpisodes(_ListDataset):
     def __getitem__(self, index):
         rng = item_rng(self.seed, self.epoch, index)
         ep = self.episode(index, rng)
-        images, masks = [], []
+        images, masks, extra = [], [], {}
         for i in (ep.query,) + ep.supports:
             image, label = self._load(i)
-            image, mask = self.transform(image, binarize(label, ep.class_id), rng)
+            if i == ep.query and self.base_lut is not None:
+                image, mask, extra["query_base_label"] = self.transform(
+                    image, binarize(label, ep.class_id), rng, extra=self.base_lut[label])
+            else:
+                image, mask = self.transform(image, binarize(label, ep.class_id), rng)
             images.append(image)
             masks.append(mask)
         return {"query_img": images[0], "query_mask": masks[0], "support_imgs": torch.stack(images[1:]),
-                "support_masks": torch.stack(masks[1:]), "class_id": ep.class_id}
+                "support_masks": torch.stack(masks[1:]), "class_id": ep.class_id, **extra}
 
 
 class TestEpisodes(_ListDataset):
@@ -243,10 +259,7 @@ class BaseClassSegmentation(_ListDataset):
     def __init__(self, lists, transform, num_classes, seed=None):
         super().__init__(lists, num_classes)
         self.transform, self.seed = transform, seed
-        self.lut = np.zeros(256, dtype=np.uint8)  # background and novel classes -> 0
-        for new_id, c in enumerate(lists.classes, 1):
-            self.lut[c] = new_id
-        self.lut[IGNORE_LABEL] = IGNORE_LABEL
+        self.lut = base_class_lut(lists.classes)
 
     def __len__(self):
         return len(self.lists.images)
