@@ -40,7 +40,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -86,9 +86,16 @@ class RunState:
     loss_steps: int = 0         # steps in loss_sum
     best_miou: float = -math.inf
     best_epoch: float = 0       # x.5 for a validation halfway through epoch x+1
+    term_sums: dict = field(default_factory=dict)  # this rank's loss terms (loss_terms) summed over those steps
 
     def epoch_loss(self) -> float:
         return self.loss_sum / self.loss_steps if self.loss_steps else math.nan
+
+    def epoch_terms(self) -> str:
+        """' | main 0.41 aux1 0.52 ...': the epoch's mean of each loss term, for the log line."""
+        if not self.term_sums or not self.loss_steps:
+            return ""
+        return " | " + " ".join(f"{k} {v / self.loss_steps:.4f}" for k, v in self.term_sums.items())
 
 
 @dataclass
@@ -253,8 +260,11 @@ def build_stage(cfg: Config, dist_info: DistInfo, use_amp: bool) -> Stage:
     class_ids = dataset.novel_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
 
     def episode_loss(net, batch):
-        # BAM removes the episode's class from its base learner's output in training
+        # BAM removes the episode's class from its base learner's output in training; its base-class label
+        # gives the logged (not optimised) base-learner loss aux2
         extra = {"class_id": batch["class_id"].to(device)} if cfg.arch == "bam" else {}
+        if "query_base_label" in batch:
+            extra["base_label"] = batch["query_base_label"].to(device, non_blocking=True)
         _, loss = net(batch["query_img"].to(device, non_blocking=True),
                       batch["support_imgs"].to(device, non_blocking=True),
                       batch["support_masks"].to(device, non_blocking=True),
@@ -303,6 +313,7 @@ def resume(path: str, cfg: Config, net, optimizer, scaler, use_amp: bool) -> Run
         scaler.load_state_dict(ckpt["scaler"])
     state = RunState(epoch=ckpt["epoch"], iteration=resume_iteration(ckpt, cfg.batch_size, path),
                      loss_sum=ckpt.get("epoch_loss_sum", 0.0), loss_steps=ckpt.get("epoch_loss_steps", 0),
+                     term_sums=dict(ckpt.get("epoch_loss_terms", {})),
                      best_miou=ckpt["best_miou"], best_epoch=ckpt["best_epoch"])
     if changed:
         print0("resume: config differs from the checkpoint's in " + describe_differences(changed))
@@ -335,7 +346,7 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
             train_one_epoch(run, stage, state, epoch, mid_epoch_step if epoch > 0 else None)
             mean_loss = state.epoch_loss()
             loss_text = f"{mean_loss:.4f}" if state.loss_steps else "n/a (no step of it was logged)"
-            line = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_text} ({time.time() - t0:.0f}s)"
+            line = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_text}{state.epoch_terms()} ({time.time() - t0:.0f}s)"
             if run.s_start is not None:  # relative change of S per layer since the start: 0 means SVF trains nothing
                 s_change = svf.singular_value_change(unwrap(run.net).backbone, run.s_start)
                 line += " | S change " + " ".join(f"{layer} {v:.1e}" for layer, v in s_change.items())
@@ -344,6 +355,7 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
             if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
                 line += validate(run, stage, state, epoch + 1)
             state.epoch, state.iteration, state.loss_sum, state.loss_steps = epoch + 1, 0, 0.0, 0
+            state.term_sums = {}
             if is_main:
                 save(checkpoint_state(run, state), run.last_path)
                 if math.isfinite(mean_loss):
@@ -420,10 +432,15 @@ def train_one_epoch(run: Run, stage: Stage, state: RunState, epoch: int, mid_epo
         mean = float(stats[0]) / dist_info.world_size
         state.epoch, state.iteration = epoch, it + 1
         state.loss_sum, state.loss_steps = state.loss_sum + mean, state.loss_steps + 1
+        terms = loss_terms(run, cfg)  # this rank's (rank 0's in the log, as the released log)
+        for name, value in terms.items():
+            state.term_sums[name] = state.term_sums.get(name, 0.0) + value
         release_interrupts()
         if run.writer:
             run.writer.add_scalar("train/loss", mean, step + 1)
             run.writer.add_scalar("train/lr", lr, step + 1)
+            for name, value in terms.items():
+                run.writer.add_scalar(f"train/loss_{name}", value, step + 1)
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
@@ -431,6 +448,16 @@ def train_one_epoch(run: Run, stage: Stage, state: RunState, epoch: int, mid_epo
             print0(f"epoch {epoch + 0.5}/{cfg.epochs}" + validate(run, stage, state, epoch + 0.5))
     if bar:
         bar.close()
+
+
+def loss_terms(run: Run, cfg: Config) -> dict:
+    """This rank's loss terms of the last step (the model's ``loss_terms``: main, aux1, BAM's aux2) and, with
+    aux2, ``released_total`` = main + aux_loss_weight * aux1 + aux2: the loss the released BAM code logs
+    (its aux_weight2 is 1); the optimised loss is the released one without aux2, which has no gradient."""
+    terms = {k: float(v) for k, v in getattr(unwrap(run.net), "loss_terms", {}).items()}
+    if "aux2" in terms:
+        terms["released_total"] = terms["main"] + cfg.aux_loss_weight * terms.get("aux1", 0.0) + terms["aux2"]
+    return terms
 
 
 def validate(run: Run, stage: Stage, state: RunState, epochs_done) -> str:
@@ -459,6 +486,7 @@ def checkpoint_state(run: Run, state: RunState) -> dict:
             "scaler": run.scaler.state_dict() if run.use_amp else {}, "epoch": state.epoch,
             "iteration": state.iteration, "samples": state.iteration * run.cfg.batch_size,
             "epoch_loss_sum": state.loss_sum, "epoch_loss_steps": state.loss_steps,
+            "epoch_loss_terms": dict(state.term_sums),
             "best_miou": state.best_miou, "best_epoch": state.best_epoch, "config": run.cfg.to_dict()}
 
 

@@ -161,6 +161,9 @@ FIELDS: dict[str, Field] = {
                     "match); null = decompose at every build", optional=True),
     "aux_loss_weight": _f("float", 1.0, "weight of the auxiliary losses (PFENet aux_weight, BAM aux_weight1)",
                             valid="[0, inf)"),
+    "base_learner_dropout": _f("bool", True, "BAM: the frozen base learner's Dropout2d(0.1) is active in training, "
+                               "as in the released code (model.train() then only BatchNorm frozen); false keeps the "
+                               "whole base learner in eval mode"),
     "reduce_dim": _f("int", 256, "channels of the meta-learner features", valid="[1, inf)"),
     "ppm_bins": _f("int_list", [1, 2, 3, 6], "PSPNet pyramid pooling bins",
                      valid="[1, inf)", min_items=1),
@@ -203,6 +206,12 @@ FIELDS: dict[str, Field] = {
                      min_items=1),
     "test_resize_smaller": _f("bool", True, "test images whose long side is below test_size are resized up too "
                               "(BAM's Resize, resized_val: True); false = kept at their size (BAM's test_Resize)"),
+    "episode_sampler": _f("str", "ours", "how test and validation episodes are drawn: ours = NumPy from the seed, "
+                          "independent of workers | released = exactly the released code's (BAM's test.py / SemData: "
+                          "Python random, reseeded per DataLoader worker, see episode_workers)", ("ours", "released")),
+    "episode_workers": _f("int", 8, "episode_sampler released: the data-loader worker count whose episodes are "
+                          "reproduced (the released configs: 8; 0 = the main process); our own loader is unaffected",
+                          valid="[0, inf)"),
     "val_episodes": _f("int", 1000, "validation episodes after each epoch (seed = `seed`)", valid="[1, inf)"),
     "val_every": _f("int", 1, "validate every N epochs (and always after the last)", valid="[1, inf)"),
     "val_mid_epoch": _f("bool", False, "also validate halfway through every epoch but the first (the released "

@@ -3,13 +3,14 @@
 
 Keys read: benchmark, data_root, list_dir, fold, shot, seed, train_size / test_size, coco_split, filter_novel
 (the † filter), min_class_pixels, scale_min / scale_max, rotate_max, test_resize_smaller, workers (also the
-processes of the one-off label scan when a list cache is missing). ``cfg`` is a complete config
-(``common.config.load_config`` or ``common.config.defaults(**keys)``): the defaults live in the schema only.
+processes of the one-off label scan when a list cache is missing), episode_sampler / episode_workers. ``cfg`` is
+a complete config (``common.config.load_config`` or ``common.config.defaults(**keys)``): the defaults live in the
+schema only.
 """
 import os
 
 from .episodes import (BaseClassSegmentation, TestEpisodes, TrainEpisodes, classes_of_images,
-                       make_test_episodes)
+                       make_test_episodes, released_test_episodes)
 from .files import read_list
 from .lists import FoldLists, class_pixel_counts, fold_lists
 from .splits import base_classes, num_classes
@@ -43,14 +44,20 @@ def build_train_dataset(cfg):
     """Training episodes of the fold's base classes (train list; † per cfg.filter_novel)."""
     lists, image_classes = _fold_lists(cfg, "train", "base", bool(cfg.filter_novel))
     return TrainEpisodes(lists, int(cfg.shot), _train_transform(cfg),
-                         num_classes(cfg.benchmark), int(cfg.seed), image_classes)
+                         num_classes(cfg.benchmark), int(cfg.seed), image_classes,
+                         base_labels=cfg.arch == "bam")  # for BAM's logged base-learner loss
 
 
 def build_test_dataset(cfg, seed, num_episodes, shot=None):
-    """``num_episodes`` test episodes of the fold's novel classes (val list), fixed by ``seed``."""
+    """``num_episodes`` test episodes of the fold's novel classes (val list), fixed by ``seed`` (and drawn as
+    ``cfg.episode_sampler`` says: ours, or the released code's for ``cfg.episode_workers`` workers)."""
     lists, image_classes = _fold_lists(cfg, "val", "novel", False)
     shot = int(cfg.shot if shot is None else shot)
-    episodes = make_test_episodes(lists, shot, int(num_episodes), int(seed), image_classes)
+    if cfg.episode_sampler == "released":
+        episodes = released_test_episodes(lists, shot, int(num_episodes), int(seed), image_classes,
+                                          int(cfg.episode_workers))
+    else:
+        episodes = make_test_episodes(lists, shot, int(num_episodes), int(seed), image_classes)
     return TestEpisodes(lists, episodes, _test_transform(cfg), num_classes(cfg.benchmark))
 
 

@@ -12,9 +12,13 @@ the episode's class is drawn uniformly among the fold's classes with ANY pixel i
   again from its start when it runs out; class and supports of all episodes are drawn up front
   from one seed, hence the list is identical for any number of workers or ranks;
   ``shard_indices`` splits it across ranks.
+- test, ``released_test_episodes``: the episodes the released code (BAM's test.py / SemData, also the SVF
+  code's validation) draws, computed up front in pure Python: see that function.
 Masks are binarised: the episode's class -> 1, every other class -> 0, 255 stays 255.
 The stage-1 dataset (``BaseClassSegmentation``) is BAM's train_base data: every image of the list.
 """
+import math
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +42,15 @@ def binarize(label, class_id):
     out = (label == class_id).astype(np.uint8)
     out[label == IGNORE_LABEL] = IGNORE_LABEL
     return out
+
+
+def base_class_lut(classes):
+    """uint8 lookup table: ``classes`` -> 1..n in order, every other value -> 0, 255 stays 255."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for new_id, c in enumerate(classes, 1):
+        lut[c] = new_id
+    lut[IGNORE_LABEL] = IGNORE_LABEL
+    return lut
 
 
 def item_rng(seed, epoch, index):
@@ -94,6 +107,61 @@ def make_test_episodes(lists, shot, num_episodes, seed, image_classes):
     return episodes
 
 
+def released_draw(lists, query, shot, image_classes, rng):
+    """One episode as the released ``SemData.__getitem__`` draws it with Python's ``random.Random`` ``rng``:
+    the class uniformly (``randint``) among the fold's classes with any pixel in the query, in ascending
+    order (``np.unique``); per shot one draw that is always discarded, then draws until the image differs
+    from the query (same image and label path) and from the shots already taken (by position in the class's
+    list); the supports stacked last-drawn first."""
+    present = sorted(image_classes[query])
+    class_id = present[rng.randint(1, len(present)) - 1]
+    files = lists.class_images[class_id]
+    query_pair = lists.pairs[query]
+    picked = []
+    for _ in range(shot):
+        rng.randint(1, len(files))  # the released loop draws once, then always enters its while loop
+        while True:
+            k = rng.randint(1, len(files)) - 1
+            if lists.pairs[files[k]] != query_pair and k not in picked:
+                break
+        picked.append(k)
+    return Episode(query, tuple(files[k] for k in reversed(picked)), class_id)
+
+
+def loader_base_seed(generator):
+    """The base seed a torch DataLoader iterator draws from ``generator`` when it is created (each worker then
+    seeds Python's ``random`` with base seed + worker id)."""
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+
+
+def released_test_episodes(lists, shot, num_episodes, seed, image_classes, workers=8):
+    """The ``num_episodes`` episodes of the released test loop for ``seed``, exactly, computed up front.
+
+    What it emulates (BAM's test.py ``validate``, the SVF code's validation with seed = manual_seed):
+    ``setup_seed(seed)`` seeds Python's ``random`` and torch's generator; the list is run through
+    ``DataLoader(batch_size=1, shuffle=False, num_workers=workers)`` in passes (a new iterator each) until
+    ``num_episodes`` are done. With workers > 0 each pass draws a base seed from torch's generator, item i
+    of the pass goes to worker i % workers (round robin), and each worker's Python ``random`` starts from
+    base seed + worker id; with 0 workers one Python ``random`` seeded with ``seed`` serves every item.
+    Each item is drawn by ``released_draw``. The episode list therefore depends on ``workers``."""
+    check_enough_images(lists, shot, "novel")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"episode_workers must be a non-negative integer, got {workers!r}")
+    n = len(lists.images)
+    if n < 2:
+        raise ValueError(f"{lists.list_file}: the released test loop needs at least 2 query images, got {n}")
+    generator = torch.Generator().manual_seed(int(seed))
+    shared = random.Random(int(seed))
+    episodes = []
+    for _ in range(math.ceil(num_episodes / n)):
+        base = loader_base_seed(generator)
+        rngs = [random.Random(base + w) for w in range(workers)]
+        for i, query in enumerate(lists.images[:num_episodes - len(episodes)]):
+            rng = rngs[i % workers] if workers else shared
+            episodes.append(released_draw(lists, query, shot, image_classes, rng))
+    return episodes
+
+
 class _ListDataset(Dataset):
     """Shared loading of (image, label) pairs by index, and the epoch of the random transforms."""
 
@@ -119,11 +187,14 @@ class _ListDataset(Dataset):
 class TrainEpisodes(_ListDataset):
     """Training episodes over the base classes; call ``set_epoch`` every epoch."""
 
-    def __init__(self, lists, shot, transform, num_classes, seed, image_classes):
+    def __init__(self, lists, shot, transform, num_classes, seed, image_classes, base_labels=False):
         super().__init__(lists, num_classes)
         check_enough_images(lists, shot, "base")
         self.shot, self.transform, self.seed = shot, transform, seed
         self.image_classes = image_classes  # as returned by classes_of_images
+        # base_labels: items also carry "query_base_label" (BAM's y_b: base classes -> 1..n in lists.classes
+        # order, background and other classes -> 0, 255 kept), transformed with the query
+        self.base_lut = base_class_lut(lists.classes) if base_labels else None
 
     def __len__(self):
         return len(self.lists.images)
@@ -138,14 +209,18 @@ class TrainEpisodes(_ListDataset):
     def __getitem__(self, index):
         rng = item_rng(self.seed, self.epoch, index)
         ep = self.episode(index, rng)
-        images, masks = [], []
+        images, masks, extra = [], [], {}
         for i in (ep.query,) + ep.supports:
             image, label = self._load(i)
-            image, mask = self.transform(image, binarize(label, ep.class_id), rng)
+            if i == ep.query and self.base_lut is not None:
+                image, mask, extra["query_base_label"] = self.transform(
+                    image, binarize(label, ep.class_id), rng, extra=self.base_lut[label])
+            else:
+                image, mask = self.transform(image, binarize(label, ep.class_id), rng)
             images.append(image)
             masks.append(mask)
         return {"query_img": images[0], "query_mask": masks[0], "support_imgs": torch.stack(images[1:]),
-                "support_masks": torch.stack(masks[1:]), "class_id": ep.class_id}
+                "support_masks": torch.stack(masks[1:]), "class_id": ep.class_id, **extra}
 
 
 class TestEpisodes(_ListDataset):
@@ -184,10 +259,7 @@ class BaseClassSegmentation(_ListDataset):
     def __init__(self, lists, transform, num_classes, seed=None):
         super().__init__(lists, num_classes)
         self.transform, self.seed = transform, seed
-        self.lut = np.zeros(256, dtype=np.uint8)  # background and novel classes -> 0
-        for new_id, c in enumerate(lists.classes, 1):
-            self.lut[c] = new_id
-        self.lut[IGNORE_LABEL] = IGNORE_LABEL
+        self.lut = base_class_lut(lists.classes)
 
     def __len__(self):
         return len(self.lists.images)

@@ -62,37 +62,44 @@ class TrainTransform:
     crop_tries: int = 30
     crop_keep_foreground: float = 0.85
 
-    def __call__(self, image, label, rng):
+    def __call__(self, image, label, rng, extra=None):
+        """``extra``: another label map of the same image (BAM's base-class label) that undergoes exactly the same
+        geometric transform; given, the result is (image, label, extra)."""
+        labels = [label] if extra is None else [label, extra]
         scale = rng.uniform(self.scale_min, self.scale_max)
         image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-        label = cv2.resize(label, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+        labels = [cv2.resize(m, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+                  for m in labels]
         if rng.random() < self.rotate_p:
             angle = rng.uniform(-self.rotate_max, self.rotate_max)
-            h, w = label.shape
+            h, w = labels[0].shape
             matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
             image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
                                    borderMode=cv2.BORDER_CONSTANT, borderValue=_MEAN_BORDER)
-            label = cv2.warpAffine(label, matrix, (w, h), flags=cv2.INTER_NEAREST,
-                                   borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE_LABEL)
+            labels = [cv2.warpAffine(m, matrix, (w, h), flags=cv2.INTER_NEAREST,
+                                     borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE_LABEL) for m in labels]
         if rng.random() < self.blur_p:
             image = cv2.GaussianBlur(image, (self.blur_kernel, self.blur_kernel), 0)
         if rng.random() < self.flip_p:
-            image, label = image[:, ::-1], label[:, ::-1]
-        image, label = self._crop(image, label, rng)
-        return to_tensors(image, label)
+            image, labels = image[:, ::-1], [m[:, ::-1] for m in labels]
+        image, labels = self._crop(image, labels, rng)
+        if extra is None:
+            return to_tensors(image, labels[0])
+        image, label = to_tensors(image, labels[0])
+        return image, label, torch.from_numpy(np.ascontiguousarray(labels[1])).long()
 
-    def _crop(self, image, label, rng):
+    def _crop(self, image, labels, rng):
         s = self.size
-        h, w = label.shape
+        h, w = labels[0].shape
         pad_h, pad_w = max(s - h, 0), max(s - w, 0)
         if pad_h or pad_w:  # centred padding, as PFENet
             top, left = pad_h // 2, pad_w // 2
             image = cv2.copyMakeBorder(np.ascontiguousarray(image), top, pad_h - top, left, pad_w - left,
                                        cv2.BORDER_CONSTANT, value=_MEAN_BORDER)
-            label = cv2.copyMakeBorder(np.ascontiguousarray(label), top, pad_h - top, left, pad_w - left,
-                                       cv2.BORDER_CONSTANT, value=IGNORE_LABEL)
-            h, w = label.shape
-        fg = foreground(label)
+            labels = [cv2.copyMakeBorder(np.ascontiguousarray(m), top, pad_h - top, left, pad_w - left,
+                                         cv2.BORDER_CONSTANT, value=IGNORE_LABEL) for m in labels]
+            h, w = labels[0].shape
+        fg = foreground(labels[0])
         total = int(fg.sum())
         best, best_kept = None, -1
         for _ in range(self.crop_tries):
@@ -103,7 +110,7 @@ class TrainTransform:
             if kept >= self.crop_keep_foreground * total:
                 break
         y, x = best
-        return image[y:y + s, x:x + s], label[y:y + s, x:x + s]
+        return image[y:y + s, x:x + s], [m[y:y + s, x:x + s] for m in labels]
 
 
 @dataclass

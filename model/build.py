@@ -121,7 +121,8 @@ def build_model(cfg):
                           "(fine for tests and demos, meaningless for results)", RandomInitWarning, stacklevel=2)
             pspnet = _pspnet(cfg, _backbone_from(cfg))
         model = BAM(pspnet.backbone, pspnet.head, shot=int(cfg.shot), reduce_dim=reduce_dim,
-                    aux_loss_weight=aux, base_class_ids=_base_class_ids(cfg))
+                    aux_loss_weight=aux, base_class_ids=_base_class_ids(cfg),
+                    base_learner_dropout=bool(cfg.base_learner_dropout))
     elif arch == "pspnet":
         model = _pspnet(cfg, _backbone_from(cfg))
     elif arch == "baseline":

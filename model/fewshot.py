@@ -84,13 +84,16 @@ class FewShotModel(FrozenInEval):
                 "query_layers": q, "support_layers": s}
 
     def _output(self, query_img, query_mask, logits, aux_logits=()):
-        """Upsample to the input size; in training with a mask also return main + weight * mean(aux) loss."""
+        """Upsample to the input size; in training with a mask also return main + weight * mean(aux) loss.
+        Each term is kept, detached, in ``self.loss_terms`` ({"main": ..., "aux1": ...}) for the training log."""
         logits = resize(logits, query_img.shape[-2:])
         if not (self.training and query_mask is not None):
             return logits
         loss = _ce(logits, query_mask)
+        self.loss_terms = {"main": loss.detach()}
         if aux_logits:
             aux = sum(_ce(resize(a, query_img.shape[-2:]), query_mask) for a in aux_logits) / len(aux_logits)
+            self.loss_terms["aux1"] = aux.detach()
             loss = loss + self.aux_loss_weight * aux
         return logits, loss
 
@@ -177,8 +180,12 @@ class BAM(FewShotModel):
       "any base class" map. In training, BAM removes the episode's own class from that map, so training
       needs ``class_id`` (the episode's 1-based global class id, as the dataset gives it) and the model's
       ``base_class_ids`` (global ids of the base learner's classes 1..n in order).
-    - Loss: CE(final) + aux_loss_weight * CE(meta). BAM's second auxiliary loss (the base learner against
-      base-class labels) is left out: the base learner is frozen and episodes carry no base-class labels.
+    - Loss: CE(final) + aux_loss_weight * CE(meta). BAM's second auxiliary loss (the frozen base learner against
+      the query's base-class labels, ``base_label``) carries no gradient, so it is not optimised; given
+      ``base_label`` it is computed and kept in ``loss_terms["aux2"]`` (the released log's total adds it).
+    - Training mode (``base_learner_dropout``, default, as released: ``model.train()`` then only BatchNorm
+      frozen): the base learner's Dropout2d(0.1) is active in training although its weights never change;
+      False keeps the whole base learner in eval mode.
     - With SVF (``set_base_backbone``): the base learner reads the original stage-1 backbone's layer4, without
       gradients, as in the released BAM+SVF (its ``layer0p``-``layer4p``), not the SVF backbone whose singular
       values train. ``base_backbone`` is a frozen plain copy; layer0/1 of the SVF backbone are frozen and exact,
@@ -186,11 +193,15 @@ class BAM(FewShotModel):
       ``no_grad``. A converted released checkpoint sets it to 0 when its SVF stem was truncated.
     """
 
-    def __init__(self, backbone, base_learner, shot=1, reduce_dim=256, aux_loss_weight=1.0, base_class_ids=None):
+    def __init__(self, backbone, base_learner, shot=1, reduce_dim=256, aux_loss_weight=1.0, base_class_ids=None,
+                 base_learner_dropout=True):
         super().__init__(backbone, reduce_dim, aux_loss_weight)
         self.base_learner = base_learner
         self.base_learner.requires_grad_(False)
-        self.eval_modules = ("backbone", "base_learner")
+        if base_learner_dropout:  # the released fix_bn: BatchNorm in eval mode, Dropout follows train()
+            self.bn_eval_modules = ("base_learner",)
+        else:
+            self.eval_modules = ("backbone", "base_learner")
         self.meta = MetaLearner(reduce_dim)
         self.gram_merge = nn.Conv2d(2, 1, 1, bias=False)
         self.cls_merge = nn.Conv2d(2, 1, 1, bias=False)
@@ -242,7 +253,7 @@ class BAM(FewShotModel):
             weight = torch.ones_like(distance)
         return weight, (weight * distance).sum(1, True)
 
-    def forward(self, query_img, support_imgs, support_masks, query_mask=None, class_id=None):
+    def forward(self, query_img, support_imgs, support_masks, query_mask=None, class_id=None, base_label=None):
         b, k = support_imgs.shape[:2]
         if k != self.shot:
             raise ValueError(f"this BAM model was built for shot={self.shot} (its K-shot reweighting has {self.shot} "
@@ -281,5 +292,9 @@ class BAM(FewShotModel):
         out = self._output(query_img, query_mask if training_step else None, final_out)
         if not training_step:
             return out
-        loss = out[1] + self.aux_loss_weight * _ce(resize(meta_out, query_img.shape[-2:]), query_mask)
-        return out[0], loss
+        aux1 = _ce(resize(meta_out, query_img.shape[-2:]), query_mask)
+        self.loss_terms["aux1"] = aux1.detach()
+        if base_label is not None:  # no gradient: the base learner and its input are frozen
+            with torch.no_grad():
+                self.loss_terms["aux2"] = _ce(resize(base_out, query_img.shape[-2:]), base_label)
+        return out[0], out[1] + self.aux_loss_weight * aux1

@@ -12,15 +12,21 @@ COSINE_EPS = 1e-7
 
 class FrozenInEval(nn.Module):
     """A module whose ``train()`` leaves the submodules named in ``eval_modules`` in eval mode: a frozen
-    network keeps its BatchNorm running statistics (never updated, used in training too) and its Dropout off.
+    network keeps its BatchNorm running statistics (never updated, used in training too) and its Dropout off;
+    in the submodules named in ``bn_eval_modules`` only BatchNorm stays in eval mode (Dropout follows train()).
     The one BatchNorm-freezing mechanism of the models here; ``svf.freeze_batchnorm`` is the library's own."""
 
     eval_modules = ()
+    bn_eval_modules = ()  # only the BatchNorm layers of these stay in eval mode (the released ``fix_bn``)
 
     def train(self, mode=True):
         super().train(mode)
         for name in self.eval_modules:
             getattr(self, name).eval()
+        for name in self.bn_eval_modules:
+            for m in getattr(self, name).modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
 
