@@ -5,7 +5,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .fold import _keep_eval
+from .batchnorm import is_frozen_batchnorm
+from .fold import FREEZE, _keep_eval
 from .layers import SVDLayer
 
 __all__ = ["FACTORS", "mark_only_singular_values_as_trainable", "freeze_batchnorm", "apply_paper_freezing",
@@ -35,14 +36,20 @@ def mark_only_singular_values_as_trainable(module, factors="S"):
 
 
 def freeze_batchnorm(module):
-    """Freeze every BatchNorm in ``module``: no grads on its affine parameters, running statistics
-    used and never updated, even after ``model.train()``."""
+    """Freeze every BatchNorm in ``module``: no grads on its affine parameters, running statistics used and never
+    updated, however it is called: as a module, through its ``forward`` directly (which skips module hooks), after
+    ``model.train()``. Each nn.BatchNorm1d/2d/3d gets the frozen subclass of its class (``svf.FrozenBatchNorm2d``
+    ...; folded ones stay folded): same parameters, buffers and state-dict keys. A BatchNorm of another class
+    (SyncBatchNorm, a subclass of your own) is kept in eval mode by a forward pre-hook instead, which a direct
+    ``forward`` call skips. Returns ``module``."""
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
             m.eval()
-            if not getattr(m, "_svf_frozen", False):
+            if type(m) in FREEZE:
+                m.__class__ = FREEZE[type(m)]
+            elif not is_frozen_batchnorm(m):
                 m.register_forward_pre_hook(_keep_eval)
                 m._svf_frozen = True
     return module
