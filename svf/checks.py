@@ -7,12 +7,12 @@ train) and not one singular value ever changes.
 
 ``svf.apply_paper_freezing``, ``svf.mark_only_singular_values_as_trainable`` and ``svf.prepare`` register the
 module they freeze (a weak reference). One global optimizer step pre-hook looks, at the first step of an
-optimizer that concerns a registered module (it holds the module's singular values or other parameters, or
-the singular values already have gradients), whether every trainable ``vector_S`` of that module has a gradient
+optimizer that holds any parameter of a registered module (its singular values, or any other: pass the whole
+model to ``svf.prepare`` when the optimizer holds only the heads), whether every trainable ``vector_S`` of that module has a gradient
 and is in that optimizer's parameter groups, and otherwise warns once, in one line, with a
 ``SingularValuesNotTrainingWarning`` (filter it like any warning). The module is then no longer watched; with
-nothing left to watch the hook returns at once (one Python call per step). Optimizers that concern none of the
-registered modules are remembered and skipped.
+nothing left to watch the hook returns at once (one Python call per step). Optimizers that hold nothing of a
+registered module are remembered and skipped for it.
 
 ``svf.check_singular_values_train(model, optimizer)`` runs the same check on request (after ``backward()``,
 before ``zero_grad()``) and raises with the same message.
@@ -114,23 +114,35 @@ class _Watch:
                 keep.append((ref, skip))
                 continue
             layers = _trainable_s(module)
-            if not layers:
-                continue
             held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            concerns = (any(id(p) in held for p in module.parameters())
-                        or any(p.grad is not None for p in layers.values()))
-            if not concerns:  # another model's optimizer: wait for one that concerns this module
+            if not any(id(p) in held for p in module.parameters()):  # another model's optimizer: wait
                 skip.add(optimizer)
                 keep.append((ref, skip))
                 continue
-            lines = _problems(layers, optimizer)
+            if not layers:
+                lines = [f"none of the singular values of {type(module).__name__} trains any more (requires_grad=False "
+                         "on every vector_S): something froze them after svf.prepare / apply_paper_freezing / "
+                         "mark_only_singular_values_as_trainable (a freezing loop of the codebase's own?)"]
+            else:
+                lines = _problems(layers, optimizer)
             if lines:
                 warnings.warn(_message(lines) + "; check with svf.check_singular_values_train(model, optimizer)",
                               SingularValuesNotTrainingWarning, stacklevel=3)
         self.pending = keep
 
+    def remove(self):
+        self.pending = []
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
 
 _WATCH = _Watch()
+
+
+def unwatch_all():
+    """Forget every registered module and remove the global hook (call it outside an optimizer step)."""
+    _WATCH.remove()
 
 
 def watch(module):

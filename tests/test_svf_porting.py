@@ -320,6 +320,20 @@ def test_first_step_warns_when_explicit_param_groups_leave_s_out_and_the_verb_sa
     assert "16 SVD layers" in svf.check_singular_values_train(net, opt)
 
 
+def test_first_step_warns_when_a_freezing_loop_of_the_codebase_froze_s_again():
+    net = _resnet_with_head()
+    net.no_grad = False
+    svf.prepare(net, ("layer2", "layer3", "layer4"), frozen_stages=("layer0", "layer1"), verbose=False)
+    for stage in (net.layer2, net.layer3, net.layer4):  # BAM/PFENet's freeze_modules, left in train.py
+        for p in stage.parameters():
+            p.requires_grad = False
+    opt = torch.optim.SGD(net.param_groups(0.1), lr=0.1)
+    x, _ = _episode()
+    with pytest.warns(NOT_TRAINING, match="none of the singular values of FewShotLayers trains any more"):
+        net(x).square().mean().backward()
+        opt.step()
+
+
 def test_no_warning_when_s_trains_with_keep_small_updates_and_for_unrelated_optimizers():
     net = _resnet_with_head()
     net.no_grad = False
@@ -628,3 +642,23 @@ def test_svf_folder_works_as_a_subpackage_of_their_model_folder(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "model.svf.layers"
+
+
+@pytest.mark.parametrize("arch", ["baseline"])
+def test_this_projects_training_path_passes_the_check_silently(arch):
+    """train.py's path: build_model (apply_paper_freezing, layer0/1's S frozen, BatchNorm folded), its SGD groups,
+    keep_small_updates, one step: no SingularValuesNotTrainingWarning."""
+    import model as models
+    from engine.optim import build_sgd
+
+    from conftest import random_episode, tiny_cfg
+    cfg = tiny_cfg(arch=arch, svf=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random-init warnings of the tiny config
+        net = models.build_model(cfg)
+    opt = build_sgd(models.param_groups(net, cfg), 0.01, 0.9, 1e-4)
+    svf.keep_small_updates(opt, net)
+    q, s, sm, qm = random_episode()
+    extra = {"class_id": torch.full((2,), 6)} if arch == "bam" else {}
+    _no_warning_step(net, opt, lambda: net(q, s, sm, qm, **extra)[1])
+    assert "SVD layers" in svf.check_singular_values_train(net.backbone, opt)
