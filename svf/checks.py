@@ -8,8 +8,8 @@ train) and not one singular value ever changes.
 ``svf.apply_paper_freezing``, ``svf.mark_only_singular_values_as_trainable`` and ``svf.prepare`` register the
 module they freeze (a weak reference). One global optimizer step pre-hook looks, at the first step of an
 optimizer that holds any parameter of a registered module (its singular values, or any other: pass the whole
-model to ``svf.prepare`` when the optimizer holds only the heads), whether every trainable ``vector_S`` of that module has a gradient
-and is in that optimizer's parameter groups, and otherwise warns once, in one line, with a
+model to ``svf.prepare`` when the optimizer holds only the heads), whether every trainable ``vector_S`` of that
+module has a gradient and is in that optimizer's parameter groups, and otherwise warns once, in one line, with a
 ``SingularValuesNotTrainingWarning`` (filter it like any warning). The module is then no longer watched; with
 nothing left to watch the hook returns at once (one Python call per step). Optimizers that hold nothing of a
 registered module are remembered and skipped for it.
@@ -20,7 +20,6 @@ before ``zero_grad()``) and raises with the same message.
 import warnings
 import weakref
 
-import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .layers import SVDLayer
@@ -44,7 +43,7 @@ def _trainable_s(module):
 
 
 def _names(layers, limit=4):
-    """``'layer2.0.conv1, layer2.0.conv2, … (stages: layer2 ×8, layer3 ×12)'``: a few names and a count per stage."""
+    """``'layer2.0.conv1, layer2.0.conv2, … (per stage: layer2 8, layer3 12)'``: a few names, a count per stage."""
     stages = {}
     for name in layers:
         stage = name.split(".")[0]

@@ -98,7 +98,8 @@ def prepare(module, tuned_stages=("layer2", "layer3", "layer4"), frozen_stages="
         raise ValueError(f"svf.prepare: tuned_stages must be a non-empty list of submodule names, got {tuned_stages!r}")
     rest = isinstance(frozen_stages, str) and frozen_stages == "rest"
     if isinstance(frozen_stages, str) and not rest:
-        raise ValueError(f"svf.prepare: frozen_stages must be 'rest' or a list of submodule names, got {frozen_stages!r}")
+        raise ValueError(f"svf.prepare: frozen_stages must be 'rest' or a list of submodule names, "
+                         f"got {frozen_stages!r}")
     known = [n for n, _ in module.named_modules() if n]
     _unknown_names(list(tuned_stages) + ([] if rest else list(frozen_stages)), known, "svf.prepare")
     for stage in tuned_stages:
