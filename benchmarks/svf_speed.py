@@ -22,6 +22,10 @@ Variants:
 - svf_ours: this project's SVF (`svf.resolver` + `svf.apply_paper_freezing`, nothing else).
 A `+fold` suffix: the same with every frozen BatchNorm folded into the conv before it (`svf.fold_batchnorm`,
 on by default in this project's models); `--fold off|on|both` chooses (the released form cannot fold).
+A `+check` suffix (`--s-check` adds `svf_ours+check`, and `svf_ours+fold+check` with folding): svf's first-step
+check that S trains (svf/checks.py), re-armed before every step so that the whole check runs at EVERY timed step
+(an upper bound: in use it runs once, and later steps pay one hook call that returns at once). Every other variant
+runs with the global hook removed, so the pair shows what the check costs.
 With `--arch bam` (BAM, its base learner reading the original stage-1 backbone when SVF is on):
 - floor: as above, plus the base learner's second pass of layer2-4 with the original plain weights under
   no_grad (the features it reads differ from the tuned ones, so any exact method computes them);
@@ -103,7 +107,7 @@ def _set_variant(holder, name):
 
 def build_variant(name, args):
     """A fresh model for variant ``name`` (``+fold``: frozen BatchNorm folded)."""
-    base, fold = name.split("+")[0], name.endswith("+fold")
+    base, fold = name.split("+")[0], "fold" in name.split("+")[1:]
     uses_svf = base.startswith("svf")
     if args.model == "backbone":
         backbone = build_backbone(args.backbone, "torchvision")
@@ -166,8 +170,17 @@ def build_runs(variants, args, device):
     for name in variants:
         model = build_variant(name, args).to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        runs[name] = {"model": model, "params": params, "opt": torch.optim.SGD(params, lr=1e-3, momentum=0.9)}
+        runs[name] = {"model": model, "params": params, "opt": torch.optim.SGD(params, lr=1e-3, momentum=0.9),
+                      "check": "check" in name.split("+")[1:]}
     return runs
+
+
+def arm_check(run):
+    """``+check``: the model watched again, so the first-step check runs at the coming step; else no hook at all."""
+    if run["check"]:
+        svf.checks.watch(run["model"].backbone)
+    else:
+        svf.checks.unwatch_all()
 
 
 def step_extra(args, device):
@@ -236,6 +249,7 @@ def time_training(runs, args, device, clock):
         for name, r in runs.items():
             if device.type == "cuda" and it == args.warmup:
                 torch.cuda.reset_peak_memory_stats()
+            arm_check(r)
             sync(device)
             t0 = now()
             if it == 0:
@@ -355,7 +369,10 @@ def default_variants(args):
     if args.fold == "off":
         return base
     folded = [v + "+fold" for v in base if v in FOLDABLE]
-    return folded + [v for v in base if v not in FOLDABLE] if args.fold == "on" else base + folded
+    chosen = folded + [v for v in base if v not in FOLDABLE] if args.fold == "on" else base + folded
+    if args.s_check:
+        chosen += [v + "+check" for v in chosen if v.startswith("svf_ours")]
+    return chosen
 
 
 def run_model(args, device, threads):
@@ -399,6 +416,8 @@ def main():
                          "floor svf_released svf_ours (bam)")
     ap.add_argument("--fold", choices=["off", "on", "both"], default="both",
                     help="frozen BatchNorm folded (+fold variants), unfolded, or both (default)")
+    ap.add_argument("--s-check", action="store_true",
+                    help="add svf_ours(+fold)+check: the first-step check that S trains, run at every step")
     ap.add_argument("--clock", choices=["wall", "cpu", "both"], default=None,
                     help="wall: wall clock, all threads; cpu: CPU time of the main thread with one thread (CPU only); "
                          "default: both on a CPU, wall on a GPU")

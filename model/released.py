@@ -120,21 +120,11 @@ def _rename_head(key, fmt):
     return None
 
 
-@torch.no_grad()
 def _resolve_folded(target_layer, parts):
-    """Fold a released SVD layer ``parts`` (conv_U/conv_V/vector_S) into its plain weight and resolve it
-    with ``svf.resolver`` into a layer shaped like ``target_layer`` (this project's SVD layer): its state."""
-    u, v, s = parts["conv_U.weight"], parts["conv_V.weight"], parts["vector_S"]
-    r = v.shape[0]
-    weight = (u.double().reshape(u.shape[0], r) * s.double().reshape(1, r)) @ v.double().reshape(r, -1)
-    plain = target_layer.to_plain().cpu().float()
-    if plain.weight.numel() != weight.numel() or ("conv_U.bias" in parts) != (plain.bias is not None):
-        raise ValueError(f"released SVD layer of shape U {tuple(u.shape)}, V {tuple(v.shape)} does not fold into "
-                         f"this model's layer {tuple(plain.weight.shape)} (bias: {plain.bias is not None})")
-    plain.weight.copy_(weight.reshape(plain.weight.shape))
-    if plain.bias is not None:
-        plain.bias.copy_(parts["conv_U.bias"])
-    return svf.resolver(plain).state_dict()
+    """Fold a released SVD layer ``parts`` (conv_U/conv_V/vector_S) into its plain weight and resolve it again into
+    a layer shaped like ``target_layer`` (this project's SVD layer): its state (``svf.convert_released_state_dict``,
+    the one place of the rule)."""
+    return svf.convert_released_state_dict(target_layer, parts)[0]
 
 
 def _convert_backbone(state, model, src, dst, report):
@@ -164,10 +154,10 @@ def _convert_backbone(state, model, src, dst, report):
             raise ValueError(f"the file holds SVF factors (conv_U/conv_V/vector_S) for {name} but this model's "
                              f"{dst}{name} is {'missing' if layer is None else 'a plain layer'}: "
                              "build it with svf=true")
-        if parts["vector_S"].shape[1] < layer.rank:
-            truncated.append(f"{name} (rank {parts['vector_S'].shape[1]} of {layer.rank})")
-        for k, v in _resolve_folded(layer, parts).items():
-            out[f"{dst}{name}.{k}"] = v
+    factors = {f"{name}.{part}": t for name, parts in svd_layers.items() for part, t in parts.items()}
+    converted, cut = svf.convert_released_state_dict(target, factors)
+    out.update({dst + k: v for k, v in converted.items()})
+    truncated = [f"{name} (rank {released} of {ours})" for name, (released, ours) in cut.items()]
     if any(k.endswith("conv_V.weight") for k in own) and not svd_layers:
         raise ValueError(f"the file's {src or ''}backbone has plain convolutions (no SVF factors) but this model "
                          f"was built with svf=true: build it with svf=false")

@@ -31,6 +31,8 @@ import torch.fx
 import torch.nn as nn
 from torch.nn.modules import module as _module
 
+from .batchnorm import FROZEN, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, is_frozen_batchnorm
+
 __all__ = ["fold_batchnorm", "unfold_batchnorm", "folded_pairs"]
 
 _BN = "_svf_folded_bn"            # on a conv: the BatchNorm folded into it
@@ -38,13 +40,13 @@ _MARK = "_svf_folded_for"         # on the tensor a folded conv returns: the Bat
 _CACHE = "_svf_fold_cache"        # on a conv: the folded frozen weights and what they were computed from
 
 
-def _keep_eval(bn, args):  # forward pre-hook of svf.freeze_batchnorm: a frozen BatchNorm stays in eval mode
+def _keep_eval(bn, args):  # forward pre-hook: how svf.freeze_batchnorm kept a BatchNorm of another class in eval mode
     bn.training = False
 
 
 def _frozen_statistics(bn):
     """The BatchNorm computes ``a * x + c`` with constants: running statistics used, affine parameters frozen."""
-    return ((not bn.training or getattr(bn, "_svf_frozen", False))
+    return ((not bn.training or is_frozen_batchnorm(bn))
             and bn.running_mean is not None and bn.running_var is not None
             and not any(p.requires_grad for p in bn.parameters(recurse=False)))
 
@@ -213,11 +215,27 @@ class FoldedBatchNorm3d(_FoldedBatchNorm, nn.BatchNorm3d):
     pass
 
 
+class FoldedFrozenBatchNorm1d(_FoldedBatchNorm, FrozenBatchNorm1d):
+    pass
+
+
+class FoldedFrozenBatchNorm2d(_FoldedBatchNorm, FrozenBatchNorm2d):
+    pass
+
+
+class FoldedFrozenBatchNorm3d(_FoldedBatchNorm, FrozenBatchNorm3d):
+    pass
+
+
 _FOLDED = {nn.Conv1d: FoldedConv1d, nn.Conv2d: FoldedConv2d, nn.Conv3d: FoldedConv3d,
-           nn.BatchNorm1d: FoldedBatchNorm1d, nn.BatchNorm2d: FoldedBatchNorm2d, nn.BatchNorm3d: FoldedBatchNorm3d}
+           nn.BatchNorm1d: FoldedBatchNorm1d, nn.BatchNorm2d: FoldedBatchNorm2d, nn.BatchNorm3d: FoldedBatchNorm3d,
+           FrozenBatchNorm1d: FoldedFrozenBatchNorm1d, FrozenBatchNorm2d: FoldedFrozenBatchNorm2d,
+           FrozenBatchNorm3d: FoldedFrozenBatchNorm3d}
 _PLAIN = {v: k for k, v in _FOLDED.items()}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, FoldedConv1d, FoldedConv2d, FoldedConv3d)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FoldedBatchNorm1d, FoldedBatchNorm2d, FoldedBatchNorm3d)
+_BATCHNORMS = tuple(c for c in list(_FOLDED) + list(_PLAIN) if issubclass(c, nn.modules.batchnorm._BatchNorm))
+# svf.freeze_batchnorm: each BatchNorm class -> its frozen subclass (a folded BatchNorm stays folded)
+FREEZE = {**FROZEN, **{_FOLDED[plain]: _FOLDED[frozen] for plain, frozen in FROZEN.items()}}
 
 
 def _conv_channels(m):

@@ -1,6 +1,8 @@
 """``resolver``: replace conv/linear layers by their exact SVD; ``merge``: fold them back.
 
-Both return a new model and leave the caller's model untouched (same device, same dtype).
+Both return a new model and leave the caller's model untouched (same device, same dtype). The copy never copies
+autograd state: a tensor kept on a module that is not a parameter or buffer (an attention map cached by the last
+training forward, a non-leaf tensor) is copied detached (``_copy``), so both work on any model at any time.
 """
 import copy
 import difflib
@@ -41,6 +43,38 @@ def _unsupported_reason(module):
     if isinstance(module, nn.MultiheadAttention) and type(module) is not nn.MultiheadAttention:
         return f"{type(module).__name__} subclasses nn.MultiheadAttention (its projection is not converted)"
     return None
+
+
+def _detached_copies(model):
+    """``{id: detached copy}`` of every tensor with autograd history that ``model``'s modules keep outside their
+    parameters (plain attributes, also inside lists, tuples, sets and dicts; buffers too): the deepcopy memo that
+    lets ``copy.deepcopy`` copy a model after a training forward (it refuses a non-leaf tensor)."""
+    memo, seen = {}, set()
+
+    def visit(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.grad_fn is not None:
+                memo[id(obj)] = obj.detach().clone()
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            for item in obj:
+                visit(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                visit(item)
+
+    for m in model.modules():
+        for key, value in vars(m).items():
+            if key not in ("_parameters", "_modules"):
+                visit(value)
+    return memo
+
+
+def _copy(model):
+    """``copy.deepcopy(model)`` with cached non-leaf tensors copied detached (see ``_detached_copies``)."""
+    return copy.deepcopy(model, _detached_copies(model))
 
 
 def _thin_svd(w):
@@ -107,7 +141,7 @@ def _resolved(module, base, ratio):
     """The SVD layer of ``module`` (an instance of ``base`` or of a subclass keeping its forward)."""
     layer = _decompose(module, base, ratio)
     if type(module) is not base and isinstance(module, nn.Module):  # remember the subclass so merge() rebuilds it
-        layer._svf_template = (copy.deepcopy(module).to("meta"),)
+        layer._svf_template = (_copy(module).to("meta"),)
     layer.base_fingerprint = weight_fingerprint(module.weight, module.bias)  # checked when S is loaded
     layer.low_rank_ratio = ratio  # saved with S, so loading rebuilds the same ranks
     layer.train(module.training)
@@ -166,7 +200,7 @@ def resolver(model, global_low_rank_ratio=1.0, excluded_layers=(), customized_la
     _unknown_names(list(excluded_layers), known, "excluded_layers")
     _unknown_names(list(custom), known, "customized_layers_low_rank_ratio")
 
-    new = copy.deepcopy(model)
+    new = _copy(model)
     refold = _unfold_all(new)  # a folded model is resolved plain and folded again
     converted, left = [], []
     for name, module in list(new.named_modules()):
@@ -224,7 +258,7 @@ def merge(model):
         raise TypeError(f"svf.merge expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, SVDLayer):
         return model.to_plain()
-    new = copy.deepcopy(model)
+    new = _copy(model)
     refold = _unfold_all(new)
     for module in list(new.modules()):  # first the projections held inside attention modules
         if isinstance(module, SVD_MultiheadAttention):

@@ -5,11 +5,15 @@ import math
 import torch
 import torch.nn as nn
 
-from .fold import _keep_eval
+from .batchnorm import is_frozen_batchnorm
+from .checks import watch
+from .common import count_parameters
+from .fold import FREEZE, _keep_eval
 from .layers import SVDLayer
+from .resolver import _set_submodule, _unknown_names, resolver
 
 __all__ = ["FACTORS", "mark_only_singular_values_as_trainable", "freeze_batchnorm", "apply_paper_freezing",
-           "singular_value_parameters", "keep_small_updates", "singular_value_change"]
+           "prepare", "singular_value_parameters", "keep_small_updates", "singular_value_change"]
 
 
 FACTORS = ("S", "US", "SV", "USV")  # which SVD factors train: the paper's ablation (S alone is SVF)
@@ -19,7 +23,11 @@ def mark_only_singular_values_as_trainable(module, factors="S"):
     """requires_grad=False on every parameter of ``module`` except the chosen factors of its SVD layers:
     ``factors="S"`` (default) the singular values ``vector_S`` only; ``"US"`` also U (``conv_U``/``fc_U``
     weight), ``"SV"`` also V (``conv_V``/``fc_V`` weight), ``"USV"`` all three. U's bias (the layer's original
-    bias) never trains here."""
+    bias) never trains here. The first optimizer step then checks that they train (``svf.checks``)."""
+    return watch(_mark(module, factors))
+
+
+def _mark(module, factors):
     if factors not in FACTORS:
         raise ValueError(f"svf: factors={factors!r} is not one of {FACTORS} (S alone is the paper's SVF)")
     for name, p in module.named_parameters():
@@ -35,14 +43,20 @@ def mark_only_singular_values_as_trainable(module, factors="S"):
 
 
 def freeze_batchnorm(module):
-    """Freeze every BatchNorm in ``module``: no grads on its affine parameters, running statistics
-    used and never updated, even after ``model.train()``."""
+    """Freeze every BatchNorm in ``module``: no grads on its affine parameters, running statistics used and never
+    updated, however it is called: as a module, through its ``forward`` directly (which skips module hooks), after
+    ``model.train()``. Each nn.BatchNorm1d/2d/3d gets the frozen subclass of its class (``svf.FrozenBatchNorm2d``
+    ...; folded ones stay folded): same parameters, buffers and state-dict keys. A BatchNorm of another class
+    (SyncBatchNorm, a subclass of your own) is kept in eval mode by a forward pre-hook instead, which a direct
+    ``forward`` call skips. Returns ``module``."""
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
             m.eval()
-            if not getattr(m, "_svf_frozen", False):
+            if type(m) in FREEZE:
+                m.__class__ = FREEZE[type(m)]
+            elif not is_frozen_batchnorm(m):
                 m.register_forward_pre_hook(_keep_eval)
                 m._svf_frozen = True
     return module
@@ -66,9 +80,47 @@ def apply_paper_freezing(model, frozen_stages=("layer0", "layer1"), tuned_stages
         if not any(isinstance(m, SVDLayer) for m in sub.modules()):
             raise ValueError(f"apply_paper_freezing: stage {stage!r} has no SVD layer; "
                              f"run model.{stage} = svf.resolver(model.{stage}) first")
-        mark_only_singular_values_as_trainable(sub, factors)
+        _mark(sub, factors)
         freeze_batchnorm(sub)
-    return model
+    return watch(model)
+
+
+def prepare(module, tuned_stages=("layer2", "layer3", "layer4"), frozen_stages="rest", factors="S", verbose=True):
+    """SVF for a network of any layout, in one call: each of ``tuned_stages`` (dotted submodule names of
+    ``module``: ``"layer2"``, ``"backbone.layer3"``, ``"features.5"``) is replaced by its exact SVD
+    (``svf.resolver``; a stage that already holds SVD layers is kept) and trains only its singular values
+    (``factors``); ``frozen_stages`` are frozen entirely: ``"rest"`` (default) = every other parameter of
+    ``module`` (pass the backbone), or a list of names (pass the whole model; parameters outside the named stages,
+    e.g. the heads, are left as they are). Every BatchNorm of the stages (all of ``module`` with ``"rest"``) is
+    frozen (``svf.freeze_batchnorm``). The first optimizer step checks that the singular values train
+    (``svf.checks``). Prints the trainable-parameter line unless ``verbose=False``; returns ``module``."""
+    if isinstance(tuned_stages, str) or not tuned_stages:
+        raise ValueError(f"svf.prepare: tuned_stages must be a non-empty list of submodule names, got {tuned_stages!r}")
+    rest = isinstance(frozen_stages, str) and frozen_stages == "rest"
+    if isinstance(frozen_stages, str) and not rest:
+        raise ValueError(f"svf.prepare: frozen_stages must be 'rest' or a list of submodule names, "
+                         f"got {frozen_stages!r}")
+    known = [n for n, _ in module.named_modules() if n]
+    _unknown_names(list(tuned_stages) + ([] if rest else list(frozen_stages)), known, "svf.prepare")
+    for stage in tuned_stages:
+        if not any(isinstance(m, SVDLayer) for m in module.get_submodule(stage).modules()):
+            _set_submodule(module, stage, resolver(module.get_submodule(stage)))
+    frozen = [module] if rest else [module.get_submodule(s) for s in frozen_stages]
+    for sub in frozen:
+        sub.requires_grad_(False)
+        freeze_batchnorm(sub)
+    for stage in tuned_stages:
+        sub = module.get_submodule(stage)
+        _mark(sub, factors)
+        freeze_batchnorm(sub)
+    watch(module)
+    if verbose:
+        trainable, total = count_parameters(module)
+        layers = sum(isinstance(m, SVDLayer) for s in tuned_stages for m in module.get_submodule(s).modules())
+        print(f"svf.prepare: {', '.join(tuned_stages)} resolved ({layers} SVD layers), singular values ({factors}) "
+              f"train; frozen: {'the rest of ' + type(module).__name__ if rest else ', '.join(frozen_stages)}; "
+              f"BatchNorm frozen | trainable params: {trainable:,d} || all params: {total:,d}", flush=True)
+    return module
 
 
 def singular_value_parameters(model):
