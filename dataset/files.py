@@ -156,14 +156,21 @@ def current_umask():
     return mask
 
 
-def remove_stale_temporaries(folder, names):
-    """Remove the temporaries that atomic_path left in ``folder`` for the files ``names`` when its process
-    was killed (kill -9, power loss) during a write; return their paths. Call it before writing those files."""
+def stale_temporaries(folder, names):
+    """The temporaries of atomic_path in ``folder`` for the files ``names`` (left there by a process killed
+    during a write, or being written now by a live one)."""
     if not os.path.isdir(folder):
         return []
     prefixes = tuple(_temporary_prefix(name) for name in names)
-    stale = [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-             if f.startswith(prefixes) and os.path.isfile(os.path.join(folder, f))]
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.startswith(prefixes) and os.path.isfile(os.path.join(folder, f))]
+
+
+def remove_stale_temporaries(folder, names):
+    """Remove the temporaries that atomic_path left in ``folder`` for the files ``names`` when its process
+    was killed (kill -9, power loss) during a write; return their paths. Call it before writing those files,
+    in a folder no other process writes (train.py: under the run's lock)."""
+    stale = stale_temporaries(folder, names)
     for path in stale:
         os.remove(path)
     return stale
@@ -176,8 +183,8 @@ def atomic_write_text(path, text):
 
 
 def atomic_write_json(path, obj):
-    """Write ``obj`` as JSON, atomically (see atomic_write_text)."""
-    atomic_write_text(path, json.dumps(obj, sort_keys=True))
+    """Write ``obj`` as strict JSON (NaN/inf are an error), atomically (see atomic_write_text)."""
+    atomic_write_text(path, json.dumps(obj, sort_keys=True, allow_nan=False))
 
 
 def atomic_write_png(path, array):
