@@ -7,13 +7,14 @@ PNGs (SegmentationClassAug) and palette PNGs (VOC's SegmentationClass) give the 
 (OpenCV would turn a palette PNG into colours).
 """
 import contextlib
+import io
 import json
 import os
 import tempfile
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .splits import IGNORE_LABEL
 
@@ -46,6 +47,26 @@ def read_image(path):
         raise ValueError(f"cannot decode image file {path}: the file is corrupt or not an image; "
                          "replace it or remove it from the list")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32)
+
+
+def check_image_decodes(path):
+    """Decode the whole image file with Pillow (truncated data is an error: LOAD_TRUNCATED_IMAGES is not set;
+    a JPEG or PNG without its end marker too, as in read_image) and return its (width, height). make_lists
+    checks every listed image with it, so a damaged file is found when the lists are built, not in training."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    data = np.fromfile(path, dtype=np.uint8)
+    check_complete(data, path)
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            im.load()
+            return im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot decode image file {path}: {err}; the file is damaged or not an image: replace it "
+                         "or remove it from the list") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
 def read_label(path, num_classes):
