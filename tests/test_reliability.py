@@ -203,7 +203,7 @@ def test_a_diverging_run_never_writes_its_weights(tiny, tmp_path, capsys):
     exp = str(tmp_path / "run")
     code, out = train_here([*tiny["args"], f"exp_dir={exp}", "base_lr=1e6", "batch_size=32", "epochs=3"], capsys)
     assert code == 1, out
-    assert "the model diverged" in out and "last good checkpoint is kept" in out
+    assert "diverged" in out and "last good checkpoint is" in out          # the loss or the weight rule
     for name in ("last.pth", "best.pth"):
         if os.path.exists(os.path.join(exp, name)):
             assert diverged_tensors(torch.load(os.path.join(exp, name), weights_only=True)["model"]) == []
