@@ -33,7 +33,8 @@ class ExpDirInUse(RuntimeError):
 def _holder_text(fd: int) -> str:
     os.lseek(fd, 0, os.SEEK_SET)
     text = os.read(fd, 4096).decode("utf-8", "replace").strip()
-    return " ".join(text.split()) if text else "a process that has not written its details yet"
+    return " ".join(text.split()) if text else ("a process that wrote no details: one starting at this moment, or "
+                                                "test.py checking the folder for an instant; try again")
 
 
 def _busy(exc: OSError) -> bool:
