@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
@@ -36,7 +37,7 @@ from engine.checkpoint import evaluation_checkpoint, load_checkpoint, load_model
 from engine.config import Config, load_config, split_overrides
 from engine.distributed import DistInfo, cleanup_distributed, init_distributed, print0, seed_everything
 from engine.loop import evaluate_episodes
-from engine.preflight import check_base_learner, check_data, check_pretrained
+from engine.preflight import check_base_learner, check_data, check_pretrained, check_writable
 from engine.vis import make_visualiser
 
 
@@ -60,8 +61,37 @@ def parse_args(argv=None):
     return args, split_overrides(rest)
 
 
+def finite_or_none(value):
+    """A figure for the results JSON: None (null) where there was nothing to measure (NaN)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def mean_std(values):
+    """Mean and sample std over seeds of the figures that exist (None: that seed had nothing to measure);
+    (None, None) when none does."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def report_temporaries(folder: str):
+    """Name the temporary files a save killed mid-write (kill -9) left in the run's folder. test.py never deletes
+    in a run's folder: when a training holds it (engine/runlock.py), such a file may be a write in progress,
+    so nothing is said; otherwise the next training started there removes them."""
+    from dataset.files import stale_temporaries
+    from engine.checkpoint import BEST, LAST
+    from engine.runlock import exp_dir_holder
+
+    if not os.path.isdir(folder) or exp_dir_holder(folder) is not None:
+        return
+    for path in stale_temporaries(folder, [LAST, BEST, "config.yaml"]):
+        print0(f"note: {path} was left by an interrupted save (the checkpoints themselves are whole); the next "
+               f"training in this folder removes it, or delete it")
 
 
 def main(argv=None) -> dict:
@@ -70,6 +100,8 @@ def main(argv=None) -> dict:
     origin = " ".join([args.config] + overrides)
     shot = cfg.shot if args.shot is None else args.shot
     check_data(cfg, origin)
+    out = args.out or os.path.join(cfg.exp_dir, "test.json")
+    check_writable(os.path.dirname(out) or ".", "--out folder" if args.out else "exp_dir", origin)
     if args.untrained:  # built as in training; otherwise every weight comes from the checkpoint
         check_base_learner(cfg, origin)
         check_pretrained(cfg, origin)
@@ -99,6 +131,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         print0("evaluating the untrained model (as built from the config)")
     else:
         weights = args.weights or evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)
+        report_temporaries(os.path.dirname(weights))
         ckpt = load_weights(net, weights, hint=f"train it first: sh train.sh ... or python train.py --config {origin}")
         epoch = f" (epoch {ckpt['epoch']})" if isinstance(ckpt.get("epoch"), int) else ""
         print0(f"weights: {weights}{epoch}; checkpoint rule: "
@@ -121,15 +154,15 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         missing = metric.missing_classes()
         if missing:
             print0(f"warning: seed {seed}: no episode of classes {missing}; mIoU averages the others")
-        per_seed.append({"seed": seed, "miou": metric.miou(), "fbiou": metric.fbiou(),
-                         "class_iou": {str(c): v for c, v in metric.class_iou().items()},
-                         "episodes": int(metric.episodes.sum())})
+        per_seed.append({"seed": seed, "miou": finite_or_none(metric.miou()), "fbiou": finite_or_none(metric.fbiou()),
+                         "class_iou": {str(c): finite_or_none(v) for c, v in metric.class_iou().items()},
+                         "classes_without_episodes": missing, "episodes": int(metric.episodes.sum())})
         print0(f"seed {seed}: mIoU {100 * metric.miou():.2f}  FB-IoU {100 * metric.fbiou():.2f}  "
                f"({len(episodes)} episodes, {time.time() - t0:.0f}s)")
 
     miou_mean, miou_std = mean_std([r["miou"] for r in per_seed])
     fbiou_mean, fbiou_std = mean_std([r["fbiou"] for r in per_seed])
-    class_iou = {str(c): statistics.fmean(r["class_iou"][str(c)] for r in per_seed) for c in class_ids}
+    class_iou = {str(c): mean_std([r["class_iou"][str(c)] for r in per_seed])[0] for c in class_ids}
     result = {"benchmark": cfg.benchmark, "fold": cfg.fold, "shot": shot, "trained_shot": cfg.shot,
               "arch": cfg.arch, "backbone": cfg.backbone, "svf": cfg.svf, "coco_split": cfg.coco_split,
               "filter_novel": cfg.filter_novel, "weights": weights, "untrained": bool(args.untrained),
@@ -142,12 +175,13 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     print0(f"\n{cfg.benchmark} fold {cfg.fold} {shot}-shot, {len(cfg.test_seeds)} seed(s) x {cfg.test_episodes} episodes")
     print0("class  IoU %")
     for c in class_ids:
-        print0(f"{c:>5}  {100 * class_iou[str(c)]:6.2f}")
-    print0(f"mIoU   {100 * miou_mean:.2f} ± {100 * miou_std:.2f}")
-    print0(f"FB-IoU {100 * fbiou_mean:.2f} ± {100 * fbiou_std:.2f}")
+        print0(f"{c:>5}  {percent(class_iou[str(c)]):>6}")
+    print0(f"mIoU   {percent(miou_mean)} ± {percent(miou_std)}")
+    print0(f"FB-IoU {percent(fbiou_mean)} ± {percent(fbiou_std)}")
     if dist_info.is_main:
         out = args.out or os.path.join(cfg.exp_dir, f"test_{results_tag(shot, args.untrained, args.weights, cfg)}.json")
-        atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+        # strict JSON: a figure with nothing to average is null (named in classes_without_episodes), never NaN
+        atomic_write_text(out, json.dumps(result, indent=1, allow_nan=False) + "\n")
         print0(f"results: {out}")
     return result
 
@@ -186,5 +220,5 @@ def results_tag(shot: int, untrained: bool, weights, cfg: Config) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, OSError) as exc:  # also a folder that is not writable, a full disk
         sys.exit(f"error: {exc}")

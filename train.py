@@ -20,8 +20,9 @@ augmentation of item i in epoch e from (seed, epoch, i) in the dataset, and the 
 (dropout) is reseeded from (seed, epoch, iteration, rank) before every step, so `--resume` after
 an interruption ends with the same weights as an uninterrupted run (`deterministic: true` on CPU).
 A non-finite loss stops the run before the update and keeps the last good checkpoint; a checkpoint
-is never written from diverged weights (NaN/inf, or beyond float32's range), and a non-finite
-validation is never "best". Ctrl-C or
+is never written from a diverged run (the divergence rule: a weight NaN/inf or beyond 1e6, or an epoch's
+mean loss above 10x the lowest so far; engine/checkpoint.py, docs/reliability.md), and a non-finite
+validation is never "best". A second training into a folder in use stops at once (engine/runlock.py). Ctrl-C or
 SIGTERM finishes the current step (or checkpoint write), saves `last.pth` there and exits.
 `last.pth` records the position in the epoch in samples, so a run may resume with another
 batch_size when that position is a whole number of its batches (else a clear error).
@@ -50,7 +51,7 @@ import svf
 
 from dataset.files import atomic_write_text, remove_stale_temporaries
 from engine.checkpoint import (BEST, LAST, NonFiniteWeights, atomic_save, config_differences, describe_differences,
-                               evaluation_checkpoint, load_model_state, load_resume_checkpoint, unwrap)
+                               evaluation_checkpoint, load_model_state, load_resume_checkpoint, loss_diverged, unwrap)
 from engine.config import FIELDS, Config, dump_config, finetune_method, load_config, split_overrides
 from engine.faults import (fault_point, hold_interrupts, install_interrupt_handlers, interrupts_deferred,
                            release_interrupts, restore_handlers)
@@ -58,11 +59,16 @@ from engine.distributed import (DistInfo, all_reduce_sum_, cleanup_distributed, 
                                 init_distributed, loader_generator, print0, seed_everything, worker_init_fn)
 from engine.loop import autocast, evaluate_episodes, evaluate_semantic
 from engine.optim import build_sgd, describe_groups, scheduled_lr, set_lr
-from engine.preflight import check_base_learner, check_data, check_pretrained
+from engine.preflight import check_base_learner, check_data, check_pretrained, check_writable
+from engine.runlock import ExpDirInUse, own_exp_dir
 
 
 class NonFiniteLoss(RuntimeError):
     """A step's loss was NaN/inf on some rank; raised before that step's update."""
+
+
+class DivergedLoss(RuntimeError):
+    """An epoch's mean loss broke the divergence rule (engine.checkpoint.loss_diverged); nothing saved from it."""
 
 
 @dataclass
@@ -87,6 +93,7 @@ class RunState:
     best_miou: float = -math.inf
     best_epoch: float = 0       # x.5 for a validation halfway through epoch x+1
     term_sums: dict = field(default_factory=dict)  # this rank's loss terms (loss_terms) summed over those steps
+    lowest_loss: float = math.inf  # lowest epoch mean loss so far (the divergence rule's reference)
 
     def epoch_loss(self) -> float:
         return self.loss_sum / self.loss_steps if self.loss_steps else math.nan
@@ -111,6 +118,7 @@ class Run:
     sampler: EpochSampler
     writer: Optional[object]      # a tensorboard SummaryWriter on rank 0, else None
     s_start: Optional[dict]       # SVF's singular values before training (None without SVF)
+    last_good: str = "(none yet)"  # the last checkpoint written (or resumed from), for the messages
 
     @property
     def iters_per_epoch(self) -> int:
@@ -149,9 +157,11 @@ def main(argv=None) -> int:
     check_data(cfg, origin)
     check_base_learner(cfg, origin)
     check_pretrained(cfg, origin)
+    check_writable(cfg.exp_dir, "exp_dir", origin)
     dist_info = init_distributed()
     try:
-        return train(cfg, args, dist_info)
+        with own_exp_dir(cfg.exp_dir, dist_info) as owned:  # a second training into this folder stops here
+            return train(cfg, args, dist_info) if owned else 1
     finally:
         cleanup_distributed()
 
@@ -171,12 +181,12 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
     seed_everything(derive_seed(cfg.seed, dist_info.rank))
 
     last_path = os.path.join(cfg.exp_dir, LAST)
+    if dist_info.is_main:  # what a kill -9 during a save left behind (this run owns the folder: none is live)
+        for path in remove_stale_temporaries(cfg.exp_dir, [LAST, BEST, "config.yaml"]):
+            print0(f"removed {path}, left by an interrupted save")
     if not args.resume and os.path.exists(last_path):
         raise FileExistsError(f"'{last_path}' exists: continue that run with --resume, or choose another "
                               f"exp_dir=... (or delete the folder) to start afresh")
-    if dist_info.is_main:  # what a kill -9 during a save left behind
-        for path in remove_stale_temporaries(cfg.exp_dir, [LAST, BEST, "config.yaml"]):
-            print0(f"removed {path}, left by an interrupted save")
 
     # build: what the stage trains on and validates with, the model, its optimizer
     stage = build_stage(cfg, dist_info, use_amp)
@@ -212,6 +222,8 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(cfg.exp_dir, "tb"))
     run = Run(cfg, dist_info, net, optimizer, scaler, use_amp, sampler, writer, s_start)
+    if args.resume:
+        run.last_good = f"{last_path} (epoch {state.epoch}, iteration {state.iteration})"
     if dist_info.is_main:
         log_run(run, stage)
     return fit(run, stage, state, args.stop_after)
@@ -314,7 +326,8 @@ def resume(path: str, cfg: Config, net, optimizer, scaler, use_amp: bool) -> Run
     state = RunState(epoch=ckpt["epoch"], iteration=resume_iteration(ckpt, cfg.batch_size, path),
                      loss_sum=ckpt.get("epoch_loss_sum", 0.0), loss_steps=ckpt.get("epoch_loss_steps", 0),
                      term_sums=dict(ckpt.get("epoch_loss_terms", {})),
-                     best_miou=ckpt["best_miou"], best_epoch=ckpt["best_epoch"])
+                     best_miou=ckpt["best_miou"], best_epoch=ckpt["best_epoch"],
+                     lowest_loss=ckpt.get("lowest_epoch_loss", math.inf))
     if changed:
         print0("resume: config differs from the checkpoint's in " + describe_differences(changed))
     print0(f"resume: {path} at epoch {state.epoch}, iteration {state.iteration}")
@@ -347,6 +360,7 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
             mean_loss = state.epoch_loss()
             loss_text = f"{mean_loss:.4f}" if state.loss_steps else "n/a (no step of it was logged)"
             line = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_text}{state.epoch_terms()} ({time.time() - t0:.0f}s)"
+            check_divergence(state, f"epoch {epoch + 1}")
             if run.s_start is not None:  # relative change of S per layer since the start: 0 means SVF trains nothing
                 s_change = svf.singular_value_change(unwrap(run.net).backbone, run.s_start)
                 line += " | S change " + " ".join(f"{layer} {v:.1e}" for layer, v in s_change.items())
@@ -358,6 +372,7 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
             state.term_sums = {}
             if is_main:
                 save(checkpoint_state(run, state), run.last_path)
+                run.last_good = f"{run.last_path} (epoch {state.epoch})"
                 if math.isfinite(mean_loss):
                     writer.add_scalar("train/epoch_loss", mean_loss, epoch + 1)
                 writer.flush()
@@ -376,16 +391,17 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
             try:
                 atomic_save(checkpoint_state(run, state), run.last_path)
             except NonFiniteWeights as exc:
-                print(f"\ninterrupted: {exc}; the last good checkpoint is kept: {run.last_path}", flush=True)
+                print(f"\ninterrupted: {exc}; the last good checkpoint is kept: {run.last_good}", flush=True)
                 return 1
             print(f"\ninterrupted: saved {run.last_path} at epoch {state.epoch}, iteration "
                   f"{state.iteration}; continue with: python train.py --config ... --resume", flush=True)
         return 130
-    except (NonFiniteLoss, NonFiniteWeights) as exc:
+    except (NonFiniteLoss, NonFiniteWeights, DivergedLoss) as exc:
         done = "stopped before applying that update" if isinstance(exc, NonFiniteLoss) else "stopped"
-        print0(f"error: {exc}; {done}. The last good checkpoint is kept: "
-               f"{run.last_path if os.path.exists(run.last_path) else '(none yet)'}. Lower base_lr, or set amp=false, "
-               f"and resume with --resume")
+        advice = ("lower base_lr (or set amp=false) and resume from it with --resume" if run.last_good != "(none yet)"
+                  else "lower base_lr (or set amp=false) and start again")
+        print0(f"error: {exc}; {done}, nothing written from it. The last good checkpoint is {run.last_good}: "
+               f"{advice}")
         return 1
     finally:
         restore_handlers(previous_handlers)
@@ -445,6 +461,7 @@ def train_one_epoch(run: Run, stage: Stage, state: RunState, epoch: int, mid_epo
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
         if it == mid_epoch_step:
+            check_divergence(state, f"the first {it + 1} steps of epoch {epoch + 1}", whole_epoch=False)
             print0(f"epoch {epoch + 0.5}/{cfg.epochs}" + validate(run, stage, state, epoch + 0.5))
     if bar:
         bar.close()
@@ -487,7 +504,22 @@ def checkpoint_state(run: Run, state: RunState) -> dict:
             "iteration": state.iteration, "samples": state.iteration * run.cfg.batch_size,
             "epoch_loss_sum": state.loss_sum, "epoch_loss_steps": state.loss_steps,
             "epoch_loss_terms": dict(state.term_sums),
-            "best_miou": state.best_miou, "best_epoch": state.best_epoch, "config": run.cfg.to_dict()}
+            "best_miou": state.best_miou, "best_epoch": state.best_epoch, "lowest_epoch_loss": state.lowest_loss,
+            "config": run.cfg.to_dict()}
+
+
+def check_divergence(state: RunState, what: str, whole_epoch: bool = True):
+    """The divergence rule on the loss (engine.checkpoint.loss_diverged), before anything is validated or saved:
+    raise DivergedLoss when the mean loss of `what` (an epoch, or its first half before a mid-epoch validation)
+    is beyond it; a whole epoch that passes lowers the reference."""
+    mean = state.epoch_loss()
+    if not state.loss_steps:
+        return
+    if loss_diverged(mean, state.lowest_loss):
+        raise DivergedLoss(f"the mean loss of {what}, {mean:.4g}, is more than the divergence rule allows "
+                           f"(lowest epoch mean loss so far: {state.lowest_loss:.4g}): the run diverged")
+    if whole_epoch:
+        state.lowest_loss = min(state.lowest_loss, mean)
 
 
 def save(obj: dict, path: str):
@@ -538,6 +570,6 @@ def sync_trained_batchnorm(net: torch.nn.Module) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
-        # bad config or missing inputs: one clear line, not a traceback
+    except (ValueError, KeyError, OSError, ExpDirInUse) as exc:
+        # bad config, missing inputs, a folder in use or not writable, a full disk: one clear line, not a traceback
         sys.exit(f"error: {exc}")

@@ -6,11 +6,11 @@
 # DATASET: pascal | coco | demo; ARCH (5th word, else $ARCH, else the config's arch): baseline | pfenet | bam.
 # Runs torchrun with one process per visible GPU (NCCL), or one CPU process (gloo) without GPUs.
 # Several machines: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (torchrun's usual meaning) on each.
-# NPROC overrides the process count; DRY_RUN=1 prints the commands instead of running them.
+# NPROC overrides the process count; DRY_RUN=1 prints the commands (shell-quoted) instead of running them.
 # When the architecture needs the stage-1 PSPNet (bam) and its checkpoint is missing, it is trained first.
 set -eu
 if [ $# -lt 4 ]; then
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit 2
 fi
 DATASET=$1; SPLIT=$2; BACKBONE=$3; MODE=$4; shift 4
@@ -37,7 +37,22 @@ if [ "${NNODES:-1}" -gt 1 ]; then
 else
     LAUNCH="$PYTHON -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node $NPROC"
 fi
-run() { if [ -n "${DRY_RUN:-}" ]; then echo "$@"; else "$@"; fi; }
+# DRY_RUN prints each command as a shell would read it back: words with spaces or special characters quoted
+quote() {
+    case $1 in
+        '' | *[!A-Za-z0-9_./=:,+@%-]*) printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")" ;;
+        *) printf '%s' "$1" ;;
+    esac
+}
+run() {
+    if [ -n "${DRY_RUN:-}" ]; then
+        sep=""
+        for word in "$@"; do printf '%s' "$sep"; quote "$word"; sep=" "; done
+        printf '\n'
+    else
+        "$@"
+    fi
+}
 
 # missing data or lists: one clear message before any process is launched
 [ -n "${DRY_RUN:-}" ] || $PYTHON -m engine.config "$CONFIG" "$@" --check-data

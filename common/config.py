@@ -12,7 +12,11 @@ the closest valid key. Everything is checked before anything runs.
 String values may refer to other keys with `{key}`: `exp_dir: exp/{benchmark}/split{fold}/...`
 is filled in after the overrides, so `shot=5` or `svf=false` on the command line writes to its own
 folder. `{svf_tag}` names how the backbone trains (`finetune_tag`): `svf` or `nosvf` for what `svf: true`
-/ `svf: false` run (as always), the method's own name for the other `finetune` methods.
+/ `svf: false` run (as always), the method's own name for the other `finetune` methods;
+`{backbone_weights}` the backbone's usual ImageNet weights file
+(resnet50_v2.pth for resnet50, resnet101_v2.pth for resnet101, <backbone>.pth otherwise), so the shipped
+`pretrained: initmodel/{backbone_weights}` follows `backbone=...` unless `pretrained=` is given too.
+A config file that is empty, or that gives a key twice, is an error naming the file (and the line).
 
 How the backbone trains is `finetune` (the methods of model/finetune.py); `finetune: null` (the default)
 derives it from `svf` (`finetune_method`): svf true -> `svf`, false -> `freeze` (few-shot models) or `full`
@@ -407,6 +411,7 @@ def _format_templates(values: dict) -> dict:
     """Fill `{key}` references in string values (e.g. exp_dir) from the other values."""
     context = dict(values)
     context["svf_tag"] = finetune_tag(values)
+    context["backbone_weights"] = backbone_weights_file(values.get("backbone", ""))
     out = dict(values)
     for key, value in values.items():
         if isinstance(value, str) and "{" in value:
@@ -416,6 +421,13 @@ def _format_templates(values: dict) -> dict:
                 raise ConfigKeyError(f"config key '{key}' = {value!r} refers to unknown key {exc}; "
                                      f"{closest_key(exc.args[0])}") from None
     return out
+
+
+def backbone_weights_file(backbone: str) -> str:
+    """`{backbone_weights}`: the usual ImageNet weights file name of a backbone, so that `pretrained:
+    initmodel/{backbone_weights}` follows the backbone word: PSPNet/PFENet's deep-stem ResNets are
+    resnet50_v2.pth / resnet101_v2.pth, every other backbone <backbone>.pth (vgg16_bn.pth, swin_t.pth, ...)."""
+    return f"{backbone}_v2.pth" if backbone in ("resnet50", "resnet101") else f"{backbone}.pth"
 
 
 BASE_KEY = "_base_"  # `_base_: pascal.yaml`: the file named (relative to this one) is read first
@@ -435,9 +447,12 @@ def read_config_file(path: str, chain: Sequence[str] = ()) -> dict:
                                 + (f"; configs in {folder}/: {', '.join(known)}" if known else ""))
     with open(path) as fh:
         try:
-            data = yaml.safe_load(fh) or {}
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             raise ValueError(f"config file {yaml_error_location(path, exc)}") from None
+    if data is None:  # nothing but blanks and comments: not "the defaults", which are the full PASCAL recipe
+        raise ValueError(f"config file '{path}' is empty (no key: value line); start from a shipped config "
+                         f"(_base_: pascal.yaml) or write the keys you mean")
     if not isinstance(data, dict):
         raise ValueError(f"config file '{path}' must be a mapping of key: value lines")
     values = {}
@@ -512,13 +527,34 @@ def _resolve(file_values: dict, command_line: Sequence[tuple[str, Any]], source:
     return Config(**_format_templates(values))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error at the line of its second
+    occurrence (PyYAML would keep the last value without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: let PyYAML report it
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given twice (first on line {first.line + 1}); keep one",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def yaml_error_location(path: str, exc: "yaml.YAMLError") -> str:
     """'PATH line L, column C: PROBLEM' for a YAML syntax error, on one line."""
     mark = getattr(exc, "problem_mark", None)
     where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark is not None else path
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     context = getattr(exc, "context", None)
-    return f"{where}: YAML syntax error: {problem}" + (f" ({context})" if context else "")
+    kind = "YAML error" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
+    return f"{where}: {kind}: {problem}" + (f" ({context})" if context else "")
 
 
 def split_overrides(argv: Iterable[str]) -> list[str]:

@@ -7,13 +7,14 @@ PNGs (SegmentationClassAug) and palette PNGs (VOC's SegmentationClass) give the 
 (OpenCV would turn a palette PNG into colours).
 """
 import contextlib
+import io
 import json
 import os
 import tempfile
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .splits import IGNORE_LABEL
 
@@ -46,6 +47,26 @@ def read_image(path):
         raise ValueError(f"cannot decode image file {path}: the file is corrupt or not an image; "
                          "replace it or remove it from the list")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32)
+
+
+def check_image_decodes(path):
+    """Decode the whole image file with Pillow (truncated data is an error: LOAD_TRUNCATED_IMAGES is not set;
+    a JPEG or PNG without its end marker too, as in read_image) and return its (width, height). make_lists
+    checks every listed image with it, so a damaged file is found when the lists are built, not in training."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    data = np.fromfile(path, dtype=np.uint8)
+    check_complete(data, path)
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            im.load()
+            return im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot decode image file {path}: {err}; the file is damaged or not an image: replace it "
+                         "or remove it from the list") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
 def read_label(path, num_classes):
@@ -156,14 +177,21 @@ def current_umask():
     return mask
 
 
-def remove_stale_temporaries(folder, names):
-    """Remove the temporaries that atomic_path left in ``folder`` for the files ``names`` when its process
-    was killed (kill -9, power loss) during a write; return their paths. Call it before writing those files."""
+def stale_temporaries(folder, names):
+    """The temporaries of atomic_path in ``folder`` for the files ``names`` (left there by a process killed
+    during a write, or being written now by a live one)."""
     if not os.path.isdir(folder):
         return []
     prefixes = tuple(_temporary_prefix(name) for name in names)
-    stale = [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-             if f.startswith(prefixes) and os.path.isfile(os.path.join(folder, f))]
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.startswith(prefixes) and os.path.isfile(os.path.join(folder, f))]
+
+
+def remove_stale_temporaries(folder, names):
+    """Remove the temporaries that atomic_path left in ``folder`` for the files ``names`` when its process
+    was killed (kill -9, power loss) during a write; return their paths. Call it before writing those files,
+    in a folder no other process writes (train.py: under the run's lock)."""
+    stale = stale_temporaries(folder, names)
     for path in stale:
         os.remove(path)
     return stale
@@ -176,8 +204,8 @@ def atomic_write_text(path, text):
 
 
 def atomic_write_json(path, obj):
-    """Write ``obj`` as JSON, atomically (see atomic_write_text)."""
-    atomic_write_text(path, json.dumps(obj, sort_keys=True))
+    """Write ``obj`` as strict JSON (NaN/inf are an error), atomically (see atomic_write_text)."""
+    atomic_write_text(path, json.dumps(obj, sort_keys=True, allow_nan=False))
 
 
 def atomic_write_png(path, array):

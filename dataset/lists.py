@@ -4,7 +4,12 @@ The library side of ``python -m dataset.make_lists`` (see that module for the fi
 written). ``fold_lists`` is what the datasets call: it returns the images of a split usable for a
 fold and the images of each class, from a cache in ``<list dir>/cache/`` that is rebuilt whenever
 its key (list file content, data root, benchmark, COCO split convention, fold, classes, † filter,
-min pixels) differs from the request.
+min pixels, and the size and modification time in nanoseconds of every listed image and mask) differs
+from the request: an edited, relabelled or replaced mask or image rebuilds it.
+
+Building the cache checks every listed pair: the image decodes completely (Pillow, a truncated or
+corrupt file is an error), the mask's values are classes of the benchmark (or 255), and the mask has
+its image's width and height.
 
 Class presence (PFENet/BAM rule): a class counts in an image only if it covers at least
 ``min_class_pixels`` pixels (2·32·32 = 2048 in the papers). "†" (``drop_novel_images``): training
@@ -17,15 +22,15 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from .files import (atomic_write_json, atomic_write_text, label_histogram, read_id_list, read_label,
-                    read_list)
+from .files import (atomic_write_json, atomic_write_text, check_image_decodes, label_histogram, read_id_list,
+                    read_label, read_list)
 from .splits import BENCHMARKS, base_classes, novel_classes, num_classes
 
 DEFAULT_MIN_CLASS_PIXELS = 2 * 32 * 32
 EXPECTED_COUNTS = {"pascal": {"train": 5953, "val": 1449}, "coco": {"train": 82081, "val": 40137}}
 PASCAL_SBD_LIST = os.path.join("ImageSets", "SBD", "train_noval.txt")
 COCO_SPLIT_DIRS = {"train": "train2014", "val": "val2014"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key covers every image's and mask's size and mtime_ns
 
 
 # ---------------------------------------------------------------- image lists (train.txt / val.txt)
@@ -120,11 +125,17 @@ def _file_sha256(path):
 
 
 def _count_classes(args):
-    """Pixel count of every class (1..n) present in one label map: [[class, pixels], ...]."""
+    """Pixel count of every class (1..n) present in one label map: [[class, pixels], ...]. Checks the pair:
+    the image decodes completely, the label values are valid, and both have the same size."""
     image_path, label_path, n_classes = args
     if not os.path.isfile(image_path):
         raise FileNotFoundError(f"image file not found: {image_path} (its label map is {label_path})")
-    hist = label_histogram(read_label(label_path, n_classes))  # read_label checks the values
+    width, height = check_image_decodes(image_path)
+    label = read_label(label_path, n_classes)  # read_label checks the values
+    if label.shape != (height, width):
+        raise ValueError(f"label map {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} "
+                         f"is {width}x{height}; they must match (a mask of another image, or a resized one?)")
+    hist = label_histogram(label)
     return [[c, int(hist[c])] for c in range(1, n_classes + 1) if hist[c]]
 
 
@@ -144,17 +155,31 @@ def _load_cache(path, key):
     return cached["value"] if isinstance(cached, dict) and cached.get("key") == key else None
 
 
-def _list_key(list_path, data_root, benchmark):
+def _files_stamp(pairs):
+    """sha256 of the size and st_mtime_ns of every image and mask of `pairs` (a stat per file, no read): any
+    file replaced, edited or relabelled since a cache was built changes it."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for path in pair:
+            try:
+                st = os.stat(path)
+                digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{path}\0missing\n".encode())  # the scan names it
+    return digest.hexdigest()
+
+
+def _list_key(list_path, data_root, benchmark, pairs):
     """What every cache built from a list file depends on (read_list checks the paths first)."""
     return {"version": CACHE_VERSION, "list_file": os.path.abspath(list_path),
             "list_sha256": _file_sha256(list_path), "data_root": os.path.abspath(data_root),
-            "benchmark": benchmark}
+            "benchmark": benchmark, "files_size_mtime_sha256": _files_stamp(pairs)}
 
 
 def class_pixel_counts(list_path, data_root, benchmark, workers=0):
     """(pairs, per listed image {class: pixels} of the classes present); cached in ``<list dir>/cache/``."""
     pairs = read_list(list_path, data_root)
-    key = _list_key(list_path, data_root, benchmark)
+    key = _list_key(list_path, data_root, benchmark, pairs)
     stem = os.path.splitext(os.path.basename(list_path))[0]
     path = os.path.join(cache_dir(list_path), f"{stem}_class_pixels.json")
     value = _load_cache(path, key)
@@ -201,7 +226,7 @@ def fold_lists(list_path, data_root, benchmark, fold, classes="base", drop_novel
         coco_split = None  # not part of PASCAL's key: one cache serves any value
     chosen = (base_classes if classes == "base" else novel_classes)(benchmark, fold, coco_split or "interleaved")
     pairs = read_list(list_path, data_root)
-    key = {**_list_key(list_path, data_root, benchmark), "coco_split": coco_split, "fold": fold,
+    key = {**_list_key(list_path, data_root, benchmark, pairs), "coco_split": coco_split, "fold": fold,
            "classes": classes, "drop_novel_images": bool(drop_novel_images),
            "min_class_pixels": int(min_class_pixels)}
     stem = os.path.splitext(os.path.basename(list_path))[0]

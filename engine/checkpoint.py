@@ -6,14 +6,18 @@ A run's folder (`cfg.exp_dir`) holds
 - `best.pth`: the model of the epoch with the highest validation mIoU, with that epoch's metrics.
 Every write goes to a temporary file in the same folder that is then `os.replace`d over the target,
 so a crash never leaves a half-written checkpoint (the temporaries a kill -9 leaves behind are removed
-when the run starts again), and is refused when a weight is NaN, infinite or beyond float32's range: a diverged model never
-replaces a good checkpoint. Loads use `torch.load(weights_only=True)`: checkpoints hold only tensors
+when the run starts again), and is refused when a weight breaks the weight rule (NaN, infinite or beyond
+WEIGHT_LIMIT): a diverged model never replaces a good checkpoint; a failed write (disk full, read-only folder) is
+one line and leaves the previous file as it was. Every load for use checks the same rule. Loads use `torch.load(weights_only=True)`: checkpoints hold only tensors
 and plain values; a file that is empty, truncated or not a checkpoint is a one-line error naming it.
 """
 from __future__ import annotations
 
+import errno
+import math
 import os
 import pickle
+import shutil
 
 import torch
 import torch.nn as nn
@@ -31,53 +35,184 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class NonFiniteWeights(RuntimeError):
-    """A diverged model state (NaN/inf, or weights too large for float32 arithmetic) was about to be written."""
+    """A diverged model state (see bad_weights) was about to be written."""
 
 
-FLOAT32_MAX = torch.finfo(torch.float32).max
+# The weight rule, one place for every load and every write: a floating-point tensor of a model state is
+# refused when it holds a NaN or an infinity, or a value beyond WEIGHT_LIMIT in magnitude (for BatchNorm's
+# running_var, a variance, its square root is compared: a variance is a squared scale). Trained few-shot and
+# ImageNet models hold weights and BatchNorm statistics of at most ~1e2-1e3 (conv weights < 10, singular values
+# < 10, running means and standard deviations of normalised inputs' features < 1e3), so 1e6 leaves three orders
+# of margin, while a diverged run passes it within an epoch (base_lr=1e3 reaches 9.3e12).
+WEIGHT_LIMIT = 1e6
+
+
+def bad_weights(state: dict) -> list[tuple[str, str]]:
+    """(name, what is wrong) of every floating-point tensor of `state` that breaks the weight rule."""
+    bad = []
+    for k, v in state.items():
+        if not (torch.is_tensor(v) and v.is_floating_point()) or v.numel() == 0:
+            continue
+        finite = torch.isfinite(v)
+        if not bool(finite.all()):
+            bad.append((k, f"{int((~finite).sum())} NaN/inf value(s)"))
+            continue
+        peak = float(v.detach().abs().max().double())
+        scale = peak ** 0.5 if k.endswith("running_var") else peak
+        if scale > WEIGHT_LIMIT:
+            bad.append((k, f"{'running variance' if k.endswith('running_var') else 'magnitude'} {peak:.3g} "
+                           f"beyond the limit of {WEIGHT_LIMIT:g}" + ("^2" if k.endswith("running_var") else "")))
+    return bad
+
+
+# The divergence rule on the loss: an epoch whose mean loss exceeds LOSS_DIVERGENCE_FACTOR x the lowest epoch mean
+# loss of the run so far (at least LOSS_FLOOR) is diverged; with the weight rule it decides which checkpoints
+# are "good": neither last.pth nor best.pth is written from a diverged epoch. A training loss that falls
+# noisily moves by far less than 10x between epochs; one that diverged grows by orders of magnitude.
+LOSS_DIVERGENCE_FACTOR = 10.0
+LOSS_FLOOR = 0.01
+
+
+def loss_diverged(mean_loss: float, lowest: float) -> bool:
+    """Whether an epoch mean loss breaks the divergence rule, given the lowest epoch mean loss so far (inf: none)."""
+    if not math.isfinite(mean_loss):
+        return True
+    return math.isfinite(lowest) and mean_loss > LOSS_DIVERGENCE_FACTOR * max(lowest, LOSS_FLOOR)
 
 
 def diverged_tensors(state: dict) -> list[str]:
-    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity, or whose squared
-    norm overflows float32 (|w|^2 > 3.4e38: weight decay and gradient norms of such a tensor are inf; a
-    diverged run reaches that with a finite loss, because BatchNorm hides the scale of the weights)."""
-    return [k for k, v in state.items()
-            if torch.is_tensor(v) and v.is_floating_point()
-            and not (bool(torch.isfinite(v).all()) and float(v.double().pow(2).sum()) <= FLOAT32_MAX)]
+    """Names of the tensors of a state dict that break the weight rule (see WEIGHT_LIMIT)."""
+    return [k for k, _ in bad_weights(state)]
+
+
+def check_weights(state: dict, path: str, what: str = "weights") -> None:
+    """One-line ValueError naming `path` and the first tensor that breaks the weight rule (NaN/inf, or beyond
+    WEIGHT_LIMIT): such weights are never loaded for use (a NaN classifier scores mIoU 0 without a word)."""
+    bad = bad_weights(state)
+    if bad:
+        (name, why), more = bad[0], len(bad) - 1
+        raise ValueError(f"{what} file {path!r} holds unusable weights: tensor '{name}' has {why}"
+                         + (f" (and {more} more tensor(s))" if more else "")
+                         + "; the run that wrote it diverged or the file is damaged: use an earlier checkpoint")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only or unwritable folder); nothing was replaced."""
+
+    def __str__(self):
+        return self.strerror
+
+
+class _FaultWriter:
+    """The file torch.save writes through; each write is a fault point `<name>.write` (engine/faults.py), so the
+    tests can make the disk fill up in the middle of a save."""
+
+    def __init__(self, fh, where: str, epoch, iteration):
+        self.fh, self.where, self.epoch, self.iteration = fh, where, epoch, iteration
+
+    def write(self, data):
+        fault_point(self.where, self.epoch, self.iteration)
+        return self.fh.write(data)
+
+    def flush(self):
+        self.fh.flush()
+
+
+def _os_error_behind(exc: BaseException):
+    """The OSError that caused `exc` (torch.save turns a failed write into '[enforce fail at
+    inline_container.cc] unexpected pos', with the OSError as its context), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_write_error(path: str, err: OSError) -> str:
+    """'cannot write PATH: <reason and what to do>' for an OSError of a write (ENOSPC, EDQUOT, EROFS, EACCES)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        why = f"the disk is full ({os.strerror(err.errno)}; {free} on {folder}); free some space"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = f"{os.strerror(err.errno)} ({folder} is read-only or not writable); choose another folder"
+    else:
+        why = f"{os.strerror(err.errno) if err.errno else err}"
+    return f"cannot write {path}: {why}"
 
 
 def atomic_save(obj, path: str):
     """torch.save to `path` through a temporary file in the same folder, then os.replace.
-    Refuses (NonFiniteWeights, nothing written) when obj['model'] has diverged (see diverged_tensors)."""
+    Refuses (NonFiniteWeights, nothing written) when obj['model'] breaks the weight rule (bad_weights); a write
+    that fails (disk full, read-only folder) is a one-line CheckpointWriteError, and `path` is left as it was."""
     bad = diverged_tensors(obj["model"]) if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else []
     if bad:
         raise NonFiniteWeights(f"not writing {path}: the model diverged ({len(bad)} tensors hold NaN/inf or "
-                               f"values beyond float32's range, e.g. {', '.join(bad[:3])})")
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-        fault_point(os.path.basename(path), obj.get("epoch"), obj.get("iteration", 0))
+                               f"values beyond {WEIGHT_LIMIT:g}, e.g. {', '.join(bad[:3])})")
+    name = os.path.basename(path)
+    epoch, iteration = (obj.get("epoch"), obj.get("iteration", 0)) if isinstance(obj, dict) else (None, 0)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            torch.save(obj, _FaultWriter(fh, name + ".write", epoch, iteration))
+            fh.flush()
+            os.fsync(fh.fileno())
+            fault_point(name, epoch, iteration)
+    except Exception as exc:  # noqa: BLE001 - only an OSError behind it is translated
+        err = _os_error_behind(exc)
+        if err is None:
+            raise
+        raise CheckpointWriteError(err.errno, describe_write_error(path, err)) from None
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """Whether the first bytes of a file are text (UTF-8 without NUL bytes), not a binary checkpoint."""
+    if not head or b"\0" in head:
+        return False
+    for cut in range(4):  # the read may end inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return False
+    return all(ch.isprintable() or ch in "\t\r\n\f" for ch in text)
 
 
 def torch_load(path: str, what: str = "checkpoint"):
     """torch.load(path, weights_only=True) on the CPU; a file that cannot be read is a one-line ValueError
-    that names it and says what it is not (empty, truncated, not a torch.save file, pickled objects)."""
+    that names it and says what it is (empty, text, truncated, not a torch.save file, pickled objects)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises EOFError, RuntimeError, KeyError, UnpicklingError, ...
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
-            head = fh.read(8)
+            head = fh.read(4096)
+        zipped = head.startswith(b"PK\x03\x04")
         if size == 0:
             why = "is empty (0 bytes), not a checkpoint (an interrupted copy or save?)"
-        elif isinstance(exc, pickle.UnpicklingError):
+        elif _looks_like_text(head):
+            first = head.decode("utf-8", "replace").strip().splitlines()[0][:60] if head.strip() else ""
+            if first.startswith("version https://git-lfs"):
+                kind = "a Git LFS pointer (fetch the file itself: git lfs pull)"
+            elif first.lstrip().startswith("<"):
+                kind = "HTML or XML (a web page saved instead of the file? download it again)"
+            else:
+                kind = "text (JSON, YAML, a note?)"
+            why = (f"is a text file, not a checkpoint: it is {kind}; it starts with {first!r}. A checkpoint is the "
+                   "binary file torch.save writes")
+        elif isinstance(exc, pickle.UnpicklingError) and (zipped or head[:1] == b"\x80"):
             why = ("holds pickled Python objects, not only tensors and plain values (e.g. a whole model saved "
                    "with torch.save(model)); save model.state_dict() instead")
-        elif head.startswith(b"PK\x03\x04"):
+        elif zipped:
             why = f"is a truncated or corrupt torch.save archive ({size} bytes); copy it again"
         else:
-            why = f"is not a PyTorch checkpoint (torch.load cannot read it; it starts with {head!r})"
+            why = f"is not a PyTorch checkpoint (torch.load cannot read it; it starts with {head[:8]!r})"
         raise ValueError(f"{what} file '{path}' {why}") from None
 
 
@@ -135,7 +270,9 @@ def load_state_dict_strict(module: nn.Module, state: dict, path: str, what: str 
                                        "without SVF)") -> nn.Module:
     """``module.load_state_dict(state)`` where every key must match in name and shape; BatchNorm's
     ``num_batches_tracked`` may be absent (old files predate it). Checked before loading, so a mismatch leaves
-    the module untouched; the error lists the keys, names ``path`` and ends with ``hint``."""
+    the module untouched; the error lists the keys, names ``path`` and ends with ``hint``. Weights that break
+    the weight rule (check_weights: NaN/inf, or beyond WEIGHT_LIMIT) are refused the same way: every load
+    for use (pretrained, base_learner, --weights, --resume, released checkpoints) comes through here."""
     own = module.state_dict()
     optional = {k for k in own if k.endswith("num_batches_tracked")}
     missing = sorted(set(own) - set(state) - optional)
@@ -147,6 +284,7 @@ def load_state_dict_strict(module: nn.Module, state: dict, path: str, what: str 
                  ((missing, "missing keys"), (unexpected, "unexpected keys"), (wrong_shape, "of another shape"))
                  if keys]
         raise ValueError(f"{what} file {path!r} does not match the model: {'; '.join(found)}; {hint}")
+    check_weights(state, path, what)
     full = dict(state)
     for k in optional - set(state):
         full[k] = own[k]

@@ -10,11 +10,15 @@ before it replaces the target ("last.pth", "best.pth"). When the environment var
 FSS_TEST_FAULT is `WHERE:EPOCH:ITERATION:SIGNAL[:RANK]` (EPOCH counted from 0, ITERATION = steps
 done in that epoch; a checkpoint's own epoch/iteration fields), the process sends itself SIGNAL
 there (on every rank, or on RANK only): the tests interrupt or kill a run at an exact point instead
-of after a guessed delay. Nothing else sets that variable.
+of after a guessed delay. SIGNAL may also be an errno name (ENOSPC, EROFS, ...): the point then raises
+that OSError, as a failing write would; every write of torch.save inside a checkpoint save is such a point
+("last.pth.write", "best.pth.write"), so a full disk is simulated in the middle of a save. Nothing else
+sets that variable.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 
@@ -33,6 +37,9 @@ def fault_point(where: str, epoch, iteration) -> None:
     if len(parts) == 5 and int(parts[4]) != int(os.environ.get("RANK", "0")):
         return
     if (parts[0], parts[1], parts[2]) == (where, str(epoch), str(iteration)):
+        if parts[3].startswith("E") and hasattr(errno, parts[3]):
+            code = getattr(errno, parts[3])
+            raise OSError(code, os.strerror(code))
         os.kill(os.getpid(), getattr(signal, parts[3]))
 
 

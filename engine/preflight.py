@@ -2,6 +2,7 @@
 makes them: the data root, the image lists, and the stage-1 PSPNet checkpoint BAM needs."""
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -58,3 +59,29 @@ def check_pretrained(cfg, config_path: str = "CONFIG"):
         f"backbone weights '{cfg.pretrained}' (config key pretrained in {config_path}) not found; ImageNet weights "
         f"cannot be downloaded here: put resnet50_v2.pth (PSPNet/PFENet's initmodel) or a torchvision state dict "
         f"at that path, or set pretrained=null for a random initialisation (tests and demos only)")
+
+
+def check_writable(folder: str, what: str, config_path: str = "CONFIG"):
+    """The output folder (exp_dir, or test.py --out's folder) must accept a new file, or, when it does not exist
+    yet, its nearest existing parent must be a writable folder: a read-only or unwritable place is one line
+    before any training or evaluation, not a traceback after it. Nothing is created or left behind (an existing
+    folder is probed with a temporary file that is removed at once)."""
+    import tempfile
+
+    folder = os.path.abspath(folder or ".")
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder")
+        if existing == folder:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
+            os.close(fd)
+            os.remove(probe)
+        elif not os.access(existing, os.W_OK | os.X_OK):  # access() also reports a read-only file system
+            raise PermissionError(errno.EACCES, f"cannot create folders in {existing}")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise PermissionError(f"{what} '{folder}' (from {config_path}) is not writable: {reason}; choose a writable "
+                              f"folder (exp_dir=PATH / --out PATH) or fix its permissions") from None

@@ -200,7 +200,7 @@ def test_prepare_coco_and_lists(tmp_path, capsys):
         write_instances(root / "annotations" / f"instances_{split}.json")
         (root / split).mkdir()
         for k in (1, 2, 3):
-            cv2.imwrite(str(root / split / f"COCO_x_{k}.jpg"), np.zeros((20, 20, 3), np.uint8))
+            cv2.imwrite(str(root / split / f"COCO_x_{k}.jpg"), np.zeros((30, 40, 3) if k == 1 else (20, 20, 3), np.uint8))
     assert prepare_split(str(root), "train2014", workers=1) == 2
     assert prepare_split(str(root), "val2014", workers=2) == 2
     for split in ("train2014", "val2014"):

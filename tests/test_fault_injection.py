@@ -14,6 +14,9 @@ deterministic. One chain of runs covers every case (each run resumes what the pr
   6 kill -9 during the write of last.pth, epoch 2   the old last.pth stays; an orphan temporary,
                                                     removed by the next start
   7 --resume without fault                          finishes; weights == uninterrupted run
+
+Before the chain, a second training into the folder while another process holds its lock (engine/runlock.py):
+only rank 0 takes the lock, and both ranks stop at once (no rank waits for the other), with one message.
 """
 import glob
 import os
@@ -67,6 +70,16 @@ def test_kill_and_sigterm_at_every_point_then_resume_equals_uninterrupted(args):
 
     exp = str(tmp / "faulted")
     log = []
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom engine.runlock import exp_dir_lock\n"
+                               "with exp_dir_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n",
+                               exp], cwd=ROOT, env=ENV, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "held"
+    out = torchrun(base, exp, resume=False)
+    holder.stdin.close()
+    holder.wait(timeout=60)
+    assert out.returncode != 0 and out.stderr.count("is in use by another training") == 1, out.stderr[-4000:]
+    assert f"pid {holder.pid} on host" in out.stderr and not os.path.exists(os.path.join(exp, "last.pth"))
 
     def faulted(fault, resume=True):
         out = torchrun(base, exp, fault, resume)

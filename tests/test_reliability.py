@@ -103,14 +103,18 @@ def bad_files(folder):
     data = (folder / "good.pth").read_bytes()
     (folder / "truncated.pth").write_bytes(data[: len(data) // 2])
     (folder / "empty.pth").write_bytes(b"")
-    (folder / "text.pth").write_text("hello, this is not a checkpoint\n")
+    (folder / "text.pth").write_text("not a checkpoint\n")
+    (folder / "json.pth").write_text('{"model": "resnet50"}\n')
+    (folder / "pk.pth").write_text("PK is not a zip archive\n")
+    (folder / "binary.pth").write_bytes(bytes(range(256)) * 4)
     torch.save(nn.Linear(2, 2), folder / "module.pth")
     return {"truncated": (folder / "truncated.pth", "truncated or corrupt"), "empty": (folder / "empty.pth", "empty"),
-            "text": (folder / "text.pth", "not a PyTorch checkpoint"),
+            "text": (folder / "text.pth", "is a text file"), "json": (folder / "json.pth", "is a text file"),
+            "pk": (folder / "pk.pth", "is a text file"), "binary": (folder / "binary.pth", "not a PyTorch checkpoint"),
             "module": (folder / "module.pth", "pickled Python objects")}
 
 
-@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "module"])
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "json", "pk", "binary", "module"])
 def test_unreadable_checkpoint_files_are_errors_naming_the_file_and_what_it_is_not(kind, tmp_path):
     from model.weights import read_state_dict
     path, words = bad_files(tmp_path)[kind]
@@ -152,7 +156,7 @@ def epoch_losses(stdout):
 def train_error(args):
     """train.py's one-line error for `args` (what its __main__ prints after 'error: '), run in this process."""
     import train
-    with pytest.raises((ValueError, FileNotFoundError)) as info:
+    with pytest.raises((ValueError, OSError)) as info:
         train.main(args)
     assert "\n" not in str(info.value)
     return str(info.value)
@@ -169,7 +173,7 @@ def train_here(args, capsys):
 def test_pretrained_that_is_not_a_checkpoint_is_one_line(tiny, tmp_path):
     path, _ = bad_files(tmp_path)["text"]
     message = train_error([*tiny["args"], f"exp_dir={tmp_path}/run", f"pretrained={path}"])
-    assert str(path) in message and "not a PyTorch checkpoint" in message
+    assert str(path) in message and "is a text file" in message and "pickled" not in message
 
 
 def test_resume_from_a_file_that_is_not_a_training_checkpoint_is_one_line(tiny, tmp_path):
@@ -199,7 +203,7 @@ def test_a_diverging_run_never_writes_its_weights(tiny, tmp_path, capsys):
     exp = str(tmp_path / "run")
     code, out = train_here([*tiny["args"], f"exp_dir={exp}", "base_lr=1e6", "batch_size=32", "epochs=3"], capsys)
     assert code == 1, out
-    assert "the model diverged" in out and "last good checkpoint is kept" in out
+    assert "diverged" in out and "last good checkpoint is" in out          # the loss or the weight rule
     for name in ("last.pth", "best.pth"):
         if os.path.exists(os.path.join(exp, name)):
             assert diverged_tensors(torch.load(os.path.join(exp, name), weights_only=True)["model"]) == []
@@ -361,3 +365,267 @@ def test_stale_temporaries_of_the_runs_files_are_removed_and_nothing_else(tmp_pa
     removed = remove_stale_temporaries(str(tmp_path), ["last.pth", "best.pth", "config.yaml"])
     assert sorted(os.path.basename(p) for p in removed) == sorted(names[:3])
     assert sorted(os.listdir(tmp_path)) == sorted(names[3:])
+
+
+# ------------------------------------------------------------------------------------------ round 2 (issue 23)
+
+HOLD_LOCK = ("import sys\nfrom engine.runlock import exp_dir_lock\nwith exp_dir_lock(sys.argv[1]):\n"
+             "    print('held', flush=True)\n    sys.stdin.read()\n")
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(exp_dir):
+    """A subprocess holds exp_dir's lock until the block ends (told through its stdin: no sleep, no race)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(exp_dir)], cwd=ROOT, env=ENV, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        if holder.poll() is None:
+            holder.stdin.close()
+            holder.wait(timeout=60)
+
+
+def test_a_second_training_into_a_folder_in_use_stops_at_once(tiny, trained, tmp_path, capsys):
+    import socket
+
+    import test as test_script
+    import train
+    from engine.runlock import ExpDirInUse, exp_dir_holder
+    exp = tmp_path / "run"
+    shutil.copytree(trained[0], exp)
+    before = {name: (exp / name).read_bytes() for name in ("last.pth", "best.pth", "config.yaml")}
+    with lock_held_by_another_process(exp) as holder:
+        for extra in ([], ["--resume"]):
+            with pytest.raises(ExpDirInUse) as info:
+                train.main([*tiny["args"], f"exp_dir={exp}", *extra])
+            message = str(info.value)
+            assert "\n" not in message and f"pid {holder.pid} on host {socket.gethostname()}" in message
+            assert str(exp) in message and "started" in message
+        assert exp_dir_holder(str(exp)) is not None
+        result = test_script.main([*tiny["args"], f"exp_dir={exp}"])        # reading a running run still works
+        assert result["miou"] is not None
+    assert {name: (exp / name).read_bytes() for name in before} == before   # nothing of the first run touched
+    # kill -9 leaves nothing stale: the lock dies with its process
+    with lock_held_by_another_process(exp) as holder:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert exp_dir_holder(str(exp)) is None
+    code, out = train_here([*tiny["args"], f"exp_dir={exp}", "epochs=3", "--resume"], capsys)
+    assert code == 0, out
+    assert (exp / "train.lock").read_text() == ""                           # emptied at the end of the run
+
+
+def write_state(path, state):
+    torch.save({"model": state}, path)
+    return str(path)
+
+
+def test_weights_beyond_the_rule_are_refused_wherever_they_are_loaded(tiny, trained, tmp_path):
+    """NaN, or x1e37, in one tensor: test.py --weights, --resume, pretrained= and base_learner= refuse the file with
+    one line naming the tensor (test.py used to score them: mIoU 0.00 or 1.00, rc 0)."""
+    import test as test_script
+    from engine.checkpoint import bad_weights
+    good = torch.load(os.path.join(trained[0], "last.pth"), weights_only=True)
+    name = "meta.cls.3.weight" if "meta.cls.3.weight" in good["model"] else sorted(good["model"])[-2]
+    for label, change in (("nan", lambda w: w.fill_(math.nan)), ("huge", lambda w: w.mul_(1e37).add_(1e30))):
+        state = {k: v.clone() for k, v in good["model"].items()}
+        change(state[name])
+        weights = write_state(tmp_path / f"{label}.pth", state)
+        with pytest.raises(ValueError) as info:
+            test_script.main([*tiny["args"], f"exp_dir={tmp_path / 'eval'}", "--weights", weights])
+        assert weights in str(info.value) and f"'{name}'" in str(info.value) and "\n" not in str(info.value)
+        resumed = tmp_path / f"resume_{label}"
+        resumed.mkdir()
+        torch.save({**good, "model": state}, resumed / "last.pth")
+        message = train_error([*tiny["args"], f"exp_dir={resumed}", "--resume"])
+        assert f"'{name}'" in message and "last.pth" in message
+    # backbone weights (pretrained=) and a stage-1 PSPNet (base_learner=)
+    import model as models
+    from conftest import tiny_cfg
+    pspnet = models.build_model(tiny_cfg(arch="pspnet", backbone="resnet18_deep")).state_dict()
+    pspnet["backbone.layer1.0.conv1.weight"] = pspnet["backbone.layer1.0.conv1.weight"].clone().fill_(math.inf)
+    stage1 = write_state(tmp_path / "stage1.pth", pspnet)
+    message = train_error([*tiny["args"], f"exp_dir={tmp_path}/p", f"pretrained={stage1}"])
+    assert stage1 in message and "'layer1.0.conv1.weight'" in message
+    message = train_error([*tiny["args"], f"exp_dir={tmp_path}/b", "arch=bam", f"base_learner={stage1}"])
+    assert stage1 in message and "'backbone.layer1.0.conv1.weight'" in message
+    # the rule: NaN/inf, or |w| > 1e6; a BatchNorm running variance is a squared scale (its root is compared)
+    assert [k for k, _ in bad_weights({"a.weight": torch.tensor([1e6]), "b.running_var": torch.tensor([1e12]),
+                                       "c.running_mean": torch.tensor([-2e6]), "d.running_var": torch.tensor([2e12]),
+                                       "e.num_batches_tracked": torch.tensor(10 ** 9)})] == ["c.running_mean",
+                                                                                             "d.running_var"]
+
+
+def test_divergence_rule_keeps_the_last_good_checkpoint_and_names_it(tiny, tmp_path, capsys):
+    """The issue's case (base_lr=1e3, batch_size=32): epoch 2's mean loss is ~1e8, far beyond 10x epoch 1's: the run
+    stops before validating or saving it; last.pth and best.pth stay epoch 1's, named as the last good one."""
+    from engine.checkpoint import diverged_tensors, loss_diverged
+    exp = tmp_path / "run"
+    code, out = train_here([*tiny["args"], f"exp_dir={exp}", "base_lr=1e3", "batch_size=32", "epochs=3"], capsys)
+    assert code == 1, out
+    assert "divergence rule" in out and f"The last good checkpoint is {exp / 'last.pth'} (epoch 1)" in out
+    for name in ("last.pth", "best.pth"):
+        saved = torch.load(exp / name, weights_only=True)
+        assert saved["epoch"] == 1 and diverged_tensors(saved["model"]) == []
+    assert loss_diverged(float("nan"), math.inf) and not loss_diverged(50.0, math.inf)
+    assert loss_diverged(5.01, 0.5) and not loss_diverged(5.0, 0.5) and not loss_diverged(0.09, 0.0)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_saved_checkpoints(tiny, trained, tmp_path, monkeypatch,
+                                                                               capsys):
+    """ENOSPC in the middle of torch.save's writes (fault injection: every write of a save is a fault point) used to
+    end in '[enforce fail at inline_container.cc] unexpected pos'."""
+    import train
+    from engine.checkpoint import CheckpointWriteError
+    exp = tmp_path / "run"
+    shutil.copytree(trained[0], exp)
+    before = {name: (exp / name).read_bytes() for name in ("last.pth", "best.pth")}
+    monkeypatch.setenv("FSS_TEST_FAULT", "last.pth.write:3:0:ENOSPC")
+    with pytest.raises(CheckpointWriteError) as info:
+        train.main([*tiny["args"], f"exp_dir={exp}", "epochs=3", "--resume"])
+    message = str(info.value)
+    assert isinstance(info.value, OSError)                                  # train.py's __main__: one line
+    assert "\n" not in message and f"cannot write {exp / 'last.pth'}: the disk is full" in message
+    assert "enforce fail" not in message
+    assert (exp / "last.pth").read_bytes() == before["last.pth"]            # the saved checkpoint untouched
+    assert not glob.glob(str(exp / ".last.pth.*"))                          # and no temporary left
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc", "read_only_folder"])
+def test_an_unwritable_exp_dir_or_out_is_one_line_before_anything_runs(where, tiny, trained, tmp_path):
+    import test as test_script
+    if where == "under_a_file":
+        (tmp_path / "file").write_text("x")
+        folder = tmp_path / "file" / "run"
+    elif where == "proc":
+        folder = "/proc/self/run"
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc")
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: permission bits do not stop writes")
+    message = train_error([*tiny["args"], f"exp_dir={folder}"])
+    assert f"exp_dir '{folder}'" in message and "not writable" in message
+    with pytest.raises(PermissionError) as info:                        # test.py: before any episode
+        test_script.main([*tiny["args"], f"exp_dir={trained[0]}", "--out", f"{folder}/r.json"])
+    assert f"--out folder '{folder}'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_duplicate_keys_and_empty_files_name_the_file_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("_base_: " + os.path.join(ROOT, "config", "demo.yaml") + "\nepochs: 1\nshot: 1\nepochs: 5\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path} line 4") + ".*'epochs' is given twice .*line 2"):
+        load_config(str(path))
+    path.write_text("nosvf: {base_lr: 0.1, base_lr: 0.2}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path} line 1") + ".*'base_lr' is given twice"):
+        load_config(str(path))
+    for text in ("", "# only a comment\n\n"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"'{path}' is empty")):
+            load_config(str(path))
+
+
+def test_results_json_is_strict_with_classes_without_episodes_named(tiny, trained, tmp_path):
+    """One test episode visits one of the fold's 5 classes: the others have no IoU: null and named, never NaN."""
+    import test as test_script
+    out = tmp_path / "r.json"
+    test_script.main([*tiny["args"], f"exp_dir={trained[0]}", "test_episodes=1", "--out", str(out)])
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the results JSON")
+    result = json.loads(out.read_text(), parse_constant=refuse)
+    (seed,) = result["per_seed"]
+    assert len(seed["classes_without_episodes"]) == 4
+    assert all(seed["class_iou"][str(c)] is None for c in seed["classes_without_episodes"])
+    assert all(result["class_iou"][str(c)] is None for c in seed["classes_without_episodes"])
+
+
+def test_stale_temporaries_are_reported_by_test_py_and_removed_by_any_new_run(tiny, trained, tmp_path, capsys):
+    import test as test_script
+    exp = tmp_path / "run"
+    shutil.copytree(trained[0], exp)
+    orphan = exp / ".last.pth.k2j3.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    with lock_held_by_another_process(exp):                                # a live training: maybe its own write
+        capsys.readouterr()
+        test_script.main([*tiny["args"], f"exp_dir={exp}"])
+        assert str(orphan) not in capsys.readouterr().out
+    test_script.main([*tiny["args"], f"exp_dir={exp}"])
+    assert f"note: {orphan} was left by an interrupted save" in capsys.readouterr().out
+    assert orphan.exists()                                                  # test.py never deletes in a run
+    message = train_error([*tiny["args"], f"exp_dir={exp}"])               # refused (last.pth exists) ...
+    assert "--resume" in message and not orphan.exists()                   # ... but the orphan is gone
+
+
+def test_train_sh_usage_dry_run_quoting_and_the_backbone_word_picks_its_weights():
+    import shlex
+    usage = subprocess.run(["sh", "train.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "set -eu" not in usage.stdout and usage.stdout.startswith("Train one fold")
+    out = subprocess.run(["sh", "train.sh", "pascal", "split0", "resnet101", "svf", "exp_dir=my runs/it's"], cwd=ROOT,
+                         capture_output=True, text=True, env={**ENV, "DRY_RUN": "1", "NPROC": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr
+    words = shlex.split(out.stdout.strip().splitlines()[-1])
+    assert words[-3:] == ["backbone=resnet101", "svf=true", "exp_dir=my runs/it's"]
+    cfg = load_config(os.path.join(ROOT, "config", "pascal_split0.yaml"), words[-3:])
+    assert (cfg.pretrained, cfg.stage1_pretrained) == ("initmodel/resnet101_v2.pth", "initmodel/resnet101_v2.pth")
+    cfg = load_config(os.path.join(ROOT, "config", "coco_split0.yaml"), ["backbone=vgg16_bn", "pretrained=mine.pth"])
+    assert (cfg.pretrained, cfg.stage1_pretrained) == ("mine.pth", "initmodel/vgg16_bn.pth")
+
+
+def make_lists_error(data, lists):
+    out = run(["dataset.make_lists", "pascal", "--data-root", str(data), "--list-dir", str(lists), "--workers", "0"],
+              module=True)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["corrupt_jpeg", "half_jpeg", "mask_size"])
+def test_make_lists_checks_what_the_readme_says_in_a_fresh_folder(damage, tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data"], data)
+    image = sorted(glob.glob(str(data / "JPEGImages" / "*.jpg")))[7]
+    mask = os.path.join(str(data), "SegmentationClassAug", os.path.basename(image)[:-4] + ".png")
+    if damage == "corrupt_jpeg":   # a JPEG header, its end marker, and nothing decodable between
+        with open(image, "rb") as fh:
+            head = fh.read(2)
+        with open(image, "wb") as fh:
+            fh.write(head + bytes(np.random.default_rng(0).integers(0, 255, 600, dtype=np.uint8)) + b"\xff\xd9")
+    elif damage == "half_jpeg":    # the first half of the file (an interrupted copy)
+        with open(image, "rb") as fh:
+            data_bytes = fh.read()
+        with open(image, "wb") as fh:
+            fh.write(data_bytes[: len(data_bytes) // 2])
+    else:
+        label = cv2.imread(mask, cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(mask, np.ascontiguousarray(label[:, :-3]))
+    out = make_lists_error(data, tmp_path / "lists")
+    if damage == "mask_size":
+        one_line_error(out, mask, image, "must match")
+    elif damage == "half_jpeg":
+        one_line_error(out, f"image file {image} is truncated")
+    else:
+        one_line_error(out, f"cannot decode image file {image}")
+
+
+def test_make_lists_cache_follows_edited_masks(tiny, tmp_path):
+    """A relabelled mask used to leave the cached class lists stale (the key covered the list file only)."""
+    from dataset.lists import class_pixel_counts, write_image_lists
+    data, lists = tmp_path / "data", tmp_path / "lists"
+    shutil.copytree(tiny["data"], data)
+    with pytest.warns(UserWarning):
+        write_image_lists("pascal", str(data), str(lists))
+    train_list = str(lists / "train.txt")
+    pairs, counts = class_pixel_counts(train_list, str(data), "pascal")
+    index = next(i for i, c in enumerate(counts) if c)
+    label = cv2.imread(pairs[index][1], cv2.IMREAD_GRAYSCALE)
+    old = max(counts[index], key=counts[index].get)
+    new = 20 if old != 20 else 19
+    label[label == old] = new                                             # relabel: same size, same pixel count
+    cv2.imwrite(pairs[index][1], label)
+    os.utime(pairs[index][1], ns=(1, 1))                                  # even with an old modification time
+    _, again = class_pixel_counts(train_list, str(data), "pascal")
+    assert old not in again[index] and again[index][new] == counts[index][old] + counts[index].get(new, 0)
