@@ -1,5 +1,6 @@
 """Episodes on a small generated VOC-layout dataset: determinism, sharding, base/novel rules, bad inputs."""
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -216,30 +217,33 @@ def test_bad_inputs_of_the_datasets(synthetic, tmp_path):
 
 
 def test_unreadable_image_and_mismatched_mask_name_the_file(synthetic, tmp_path):
+    """A file damaged after the lists were made fails in the loader, naming the file; make_lists' own check
+    (dataset.lists) refuses the damaged copy when the lists are rebuilt."""
     root, list_dir = synthetic
-    # a private copy of three images, one corrupt and one whose mask has the wrong size
     copy = tmp_path / "copy"
     (copy / "JPEGImages").mkdir(parents=True)
     (copy / "SegmentationClassAug").mkdir()
-    lines = []
-    for k, name in enumerate(sorted(os.listdir(os.path.join(root, "JPEGImages")))[:3]):
+    lines, labels = [], []
+    for name in sorted(os.listdir(os.path.join(root, "JPEGImages")))[:3]:
         stem = name[:-4]
-        image = cv2.imread(os.path.join(root, "JPEGImages", name))
-        label = cv2.imread(os.path.join(root, "SegmentationClassAug", stem + ".png"), cv2.IMREAD_UNCHANGED)
-        if k == 1:
-            label = label[:-1]
-        cv2.imwrite(str(copy / "JPEGImages" / name), image)
-        cv2.imwrite(str(copy / "SegmentationClassAug" / (stem + ".png")), label)
+        shutil.copy(os.path.join(root, "JPEGImages", name), copy / "JPEGImages" / name)
+        shutil.copy(os.path.join(root, "SegmentationClassAug", stem + ".png"), copy / "SegmentationClassAug")
+        labels.append(copy / "SegmentationClassAug" / (stem + ".png"))
         lines.append(f"JPEGImages/{name} SegmentationClassAug/{stem}.png\n")
-    (copy / "JPEGImages" / sorted(os.listdir(copy / "JPEGImages"))[0]).write_bytes(b"not a jpeg at all")
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "train.txt").write_text("".join(lines))
     from dataset.lists import fold_lists
     from dataset.episodes import BaseClassSegmentation
     lists = fold_lists(str(tmp_path / "lists" / "train.txt"), str(copy), "pascal", 0, "base", min_class_pixels=1)
     lists.images = [0, 1]
+    # then one image is damaged and one mask loses a row
+    label = cv2.imread(str(labels[1]), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(labels[1]), label[:-1])
+    (copy / "JPEGImages" / sorted(os.listdir(copy / "JPEGImages"))[0]).write_bytes(b"not a jpeg at all")
     data = BaseClassSegmentation(lists, TestTransform(32), 20)
     with pytest.raises(ValueError, match=r"cannot decode image file .*JPEGImages/.*\.jpg"):
         data[0]
     with pytest.raises(ValueError, match=r"image .*\.jpg is \d+x\d+ but its label map .*\.png is"):
         data[1]
+    with pytest.raises(ValueError, match=r"cannot decode image file .*JPEGImages/.*\.jpg"):
+        fold_lists(str(tmp_path / "lists" / "train.txt"), str(copy), "pascal", 0, "base", min_class_pixels=1)
