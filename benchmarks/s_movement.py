@@ -9,7 +9,7 @@ pipeline's optimizer (``model.param_groups`` + ``engine.optim.build_sgd``): the 
 base_lr 0.015 x svf_lr_mult 0.1 = 0.0015, momentum 0.9, weight decay 1e-4 on S, constant LR. Inputs: a few fixed
 batches of synthetic 1-shot episodes (``dataset.synthetic`` images through the training transform), cycled.
 
-Four runs from the same initial weights:
+Four runs from the same initial weights (one model, its initial state loaded before each run):
 - ``float32`` / ``float32+keep``: float32, plain SGD (what the released code ran) / with ``svf.keep_small_updates``
   (what train.py runs);
 - ``amp`` / ``amp+keep``: the same under autocast as train.py's ``amp=true`` (float16 + GradScaler on CUDA). On a
@@ -145,14 +145,22 @@ def s_values(backbone):
     return {n: p.detach().cpu().clone() for n, p in svf.singular_value_parameters(backbone).items()}
 
 
-def train_run(name, cfg, batches, args, device):
-    """One run: fresh model (seeded, so every run starts from the same weights), N steps; returns its figures and
-    the final S."""
-    amp, keep = name.startswith("amp"), name.endswith("+keep")
+def build(cfg, args, device):
+    """The pipeline's model, randomly initialised from ``args.seed``, and a copy of its initial state."""
     torch.manual_seed(args.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # randomly initialised: expected here
-        model = build_model(cfg).to(device).train()
+        model = build_model(cfg).to(device)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def train_run(name, cfg, model, initial, batches, args, device):
+    """One run from the initial state (loaded into ``model``; the folded-weight and merged-weight caches follow the
+    loaded tensors) with a new optimizer, N steps; returns its figures, its starting S and its final S."""
+    amp, keep = name.startswith("amp"), name.endswith("+keep")
+    model.load_state_dict(initial)
+    model.train()
+    torch.manual_seed(args.seed + 1)  # the same dropout draws in every run
     optimizer = build_sgd(param_groups(model, cfg), cfg.base_lr, cfg.momentum, cfg.weight_decay)
     s_group = next(g for g in optimizer.param_groups if g["name"] == "singular_values")
     if keep:
@@ -249,6 +257,7 @@ def main(argv=None):
     if args.steps < 1 or args.batch < 1 or args.batches < 1:
         ap.error("--steps, --batch and --batches must be positive")
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # speed only: S's updates are rounded in the optimizer, not the convs
     cfg = recipe_config(args)
     batches = synthetic_batches(cfg, args.batches, args.batch, args.seed)
     out = {"args": vars(args), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -261,9 +270,10 @@ def main(argv=None):
     print(f"S movement: {cfg.arch} + SVF, {cfg.backbone}, batch {args.batch} at {args.size}x{args.size}, "
           f"{args.steps} steps on {out['device']}; S lr {out['recipe']['lr_S']:g}, momentum {cfg.momentum}, "
           f"weight decay {out['recipe']['weight_decay_S']:g}", flush=True)
+    model, initial = build(cfg, args, device)
     finals, start = {}, None
     for name in args.runs:
-        out["runs"][name], s0, finals[name] = train_run(name, cfg, batches, args, device)
+        out["runs"][name], s0, finals[name] = train_run(name, cfg, model, initial, batches, args, device)
         if start is not None and any(not torch.equal(start[k], s0[k]) for k in start):
             raise RuntimeError(f"{name}: the runs did not start from the same singular values")
         start = s0

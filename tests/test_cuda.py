@@ -236,10 +236,12 @@ def test_test_py_same_miou_on_cuda_and_cpu(tmp_path):
 
 # --- adapters across devices, and small updates of S with CUDA's optimizer kernels --------------------------------
 
-def _tuned_backbone(seed=0):
-    """The demo backbone (resnet18_deep) resolved with the paper's freezing and its S moved off the SVD values."""
+@pytest.fixture(scope="module")
+def plain_and_tuned():
+    """The demo backbone (resnet18_deep, on the CPU) and a copy resolved with the paper's freezing and its S moved
+    off the SVD values; tests copy them before changing anything."""
     from model import build_backbone
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     plain = build_backbone("resnet18_deep", "torchvision").eval()
     tuned = svf.apply_paper_freezing(svf.resolver(copy.deepcopy(plain))).eval()
     with torch.no_grad():
@@ -249,11 +251,11 @@ def _tuned_backbone(seed=0):
 
 
 @pytest.mark.parametrize("into", ["plain", "resolved"])
-def test_adapter_saved_on_cpu_loads_on_gpu(into, tmp_path):
+def test_adapter_saved_on_cpu_loads_on_gpu(into, plain_and_tuned, tmp_path):
     """svf.save_adapter on the CPU, svf.load_adapter on the GPU: into the plain model (resolved there, its SVD on the
     GPU, the base-weight fingerprints checked against GPU tensors) or into a model resolved on the GPU; the singular
     values arrive bit for bit and the GPU model computes what the CPU one does."""
-    plain, tuned = _tuned_backbone()
+    plain, tuned = plain_and_tuned
     path = str(tmp_path / "s.pt")
     svf.save_adapter(tuned, path)
     target = copy.deepcopy(plain).cuda()
@@ -269,15 +271,16 @@ def test_adapter_saved_on_cpu_loads_on_gpu(into, tmp_path):
         assert rel(loaded(x.cuda())[-1].cpu(), tuned(x)[-1]) < 1e-5
 
 
-def test_adapter_saved_on_gpu_loads_on_cpu_and_refuses_other_weights_there(tmp_path):
+def test_adapter_saved_on_gpu_loads_on_cpu_and_refuses_other_weights_there(plain_and_tuned, tmp_path):
     """The other way round, and the fingerprint check still names the layer whose base weights differ."""
-    plain, tuned = _tuned_backbone()
+    plain, tuned = plain_and_tuned
     path = str(tmp_path / "s.pt")
-    svf.save_adapter(tuned.cuda(), path)
+    on_gpu = copy.deepcopy(tuned).cuda()
+    svf.save_adapter(on_gpu, path)
     loaded = svf.load_adapter(copy.deepcopy(plain), path).eval()
     x = torch.randn(2, 3, 41, 41)
     with torch.no_grad():
-        assert rel(loaded(x)[-1], tuned(x.cuda())[-1].cpu()) < 1e-5
+        assert rel(loaded(x)[-1], on_gpu(x.cuda())[-1].cpu()) < 1e-5
     other = copy.deepcopy(plain).cuda()
     with torch.no_grad():
         other.layer3[0].conv1.weight.add_(1e-3)
