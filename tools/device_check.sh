@@ -112,7 +112,8 @@ step loader_speed 40 $PYTHON benchmarks/loader_speed.py $LS_ARGS --json "$OUT/lo
 
 {
     echo
-    echo "device check on $(sed -n 2p "$OUT/env.txt")"
+    echo "device check on $(grep -v -e '^name, memory' -e '^torch ' "$OUT/env.txt" | head -n 1)" \
+        "($(grep '^torch ' "$OUT/env.txt"))"
     [ -f "$WORK/pytest_cuda.log" ] && echo "pytest -m cuda: $(tail -n 1 "$WORK/pytest_cuda.log")"
     [ -f "$WORK/train.log" ] && grep -h "loss" "$WORK/train.log" | tail -n 2
     [ -f "$WORK/test.log" ] && grep -h -E "^(mIoU|FB-IoU)" "$WORK/test.log"

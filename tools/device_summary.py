@@ -108,7 +108,11 @@ def summarize(folder):
     lines = []
     for title, name, fn in SECTIONS:
         res = _load(folder, name)
-        lines += ["", title] + (fn(res) if res is not None else _missing(name))
+        try:
+            body = fn(res) if res is not None else _missing(name)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a file from another version
+            body = [f"  {name}: unreadable ({type(exc).__name__}: {exc})"]
+        lines += ["", title] + body
     return "\n".join(lines)
 
 
