@@ -146,15 +146,20 @@ def main(argv=None):
         for precision in args.precisions:
             r[precision] = time_steps(model, optimizer, batch, args, device, precision == "amp")
         print(f"{method}: " + ", ".join(f"{p} {r[p]['min_s']:.4f} s" for p in args.precisions), flush=True)
+        write(out, args.json)  # after every method: a run stopped by a time limit keeps what it measured
         del model, optimizer
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report(out)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
     return out
+
+
+def write(out, path):
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

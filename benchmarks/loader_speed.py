@@ -168,12 +168,27 @@ def main(argv=None):
                     keys.append(f"min_class_pixels={min_pixels}")
                 r = time_loader(load_config(CONFIG, keys), args, workers, device)
                 out["results"][f"{shot}shot_w{workers}"] = {"shot": shot, "workers": workers, **r}
+                write(out, args.json)  # after every setting: a run stopped by a time limit keeps what it measured
                 print(f"{shot}-shot, {workers:>2} workers: {r['episodes_per_s']:8.1f} episodes/s "
                       f"(first batch after {r['first_batch_s']:.2f} s)", flush=True)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    out["gpu"] = gpu_step_times(args.against)
+    compare(out, gpu_step_times(args.against))
+    write(out, args.json)
+    return out
+
+
+def write(out, path):
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def compare(out, gpu):
+    """Each setting's loader/GPU ratio against the GPU's episodes per second at its shot (printed and in ``out``)."""
+    out["gpu"] = gpu
     for shot, g in sorted(out["gpu"].items()):
         need = g["batch"] / g["step_s"]
         g["episodes_per_s"] = need
@@ -186,10 +201,6 @@ def main(argv=None):
                 r["loader_over_gpu"] = r["episodes_per_s"] / need
                 verdict = "keeps up" if r["loader_over_gpu"] >= 1 else f"the GPU waits {1 / r['loader_over_gpu']:.1f}x"
                 print(f"  {r['workers']:>2} workers: loader/GPU {r['loader_over_gpu']:.2f} ({verdict})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
 
 
 if __name__ == "__main__":

@@ -278,14 +278,19 @@ def main(argv=None):
             raise RuntimeError(f"{name}: the runs did not start from the same singular values")
         start = s0
         print(f"{name}: done ({out['runs'][name]['seconds_per_step']:.3f} s/step)", flush=True)
-    for plain in ("float32", "amp"):
-        if plain in finals and plain + "+keep" in finals:
-            out["rounding_error"][plain] = rounding_error(start, finals[plain], finals[plain + "+keep"])
+        for plain in ("float32", "amp"):
+            if plain in finals and plain + "+keep" in finals:
+                out["rounding_error"][plain] = rounding_error(start, finals[plain], finals[plain + "+keep"])
+        write(out, args.json)  # after every run: a run stopped by a time limit keeps what it measured
     report(out)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
     return out
+
+
+def write(out, path):
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

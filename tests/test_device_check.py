@@ -77,3 +77,14 @@ def test_gpu_question_steps_at_toy_size_on_the_cpu(tmp_path):
         assert title in summary
     assert "unreadable" not in summary and "float32+keep  layer4" in summary
     assert "svf_ours+fold       0.5000" in summary  # Q2 from the given svf_speed.json
+
+
+def test_step_limits_fit_one_eight_minute_gpu_call():
+    """The per-step limits of the GPU run sum to at most 8 minutes (the device machine allows 10 a command)."""
+    import re
+    with open(os.path.join(ROOT, "tools", "device_check.sh")) as f:
+        text = f.read()
+    limits = {m.group(1): int(m.group(2)) for m in re.finditer(r"^step (\w+) (\d+) ", text, re.M)}
+    steps = re.search(r'^ALL_STEPS="([^"]+)"', text, re.M).group(1).split()
+    assert sorted(limits) == sorted(steps)  # every step has a limit and is listed
+    assert sum(limits.values()) <= 480
