@@ -25,7 +25,8 @@ Per stage (layer2/3/4) after the last step:
   of one step in units of float32's spacing at S (below 0.5, the gradient alone rounds away);
 and ``rounding_error``, per precision: ‖S_plain − S_keep‖ / ‖S₀‖, how far the plain run ended from the exactly
 accumulated one (compare it with ``rel_change_beyond_decay`` of the ``+keep`` run: equal or larger means float32
-rounding lost the gradient's movement). ``trajectory`` holds ``rel_change`` at a few steps. What this answers and its figures: docs/reproducing.md, "GPU questions".
+rounding lost the gradient's movement). ``trajectory`` holds ``rel_change`` at a few steps. What this answers,
+and its figures: docs/reproducing.md, "GPU questions".
 """
 import argparse
 import json

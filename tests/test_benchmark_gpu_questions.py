@@ -70,7 +70,8 @@ def test_stage_stats_and_rounding_error_by_hand():
     assert stats["layer3"]["rel_change_beyond_decay"] == pytest.approx(0.5)
     kept = s_movement.s_values(model)
     plain = {k: v.clone() for k, v in kept.items()}
-    plain["layer2.0.vector_S"] = plain["layer2.0.vector_S"] + torch.tensor([0.0, 0.3]).view_as(plain["layer2.0.vector_S"])
+    key = "layer2.0.vector_S"
+    plain[key] = plain[key] + torch.tensor([0.0, 0.3]).view_as(plain[key])
     err = s_movement.rounding_error(start, plain, kept)
     assert set(err) == {"layer0", "layer2"}  # the stages that moved in either run
     assert err["layer2"] == pytest.approx(0.3 / 5)

@@ -11,10 +11,12 @@
 #                   released form / ours / ours+fold, ResNet-50 backbone alone and baseline FSS model, batch 8, 473x473;
 #   s_movement      Q1: benchmarks/s_movement.py: per-stage movement of S in 200 steps of the released recipe at paper
 #                   size, float32 and AMP, with and without svf.keep_small_updates;
-#   finetune_speed  Q4: benchmarks/finetune_speed.py: step time and peak memory of every fine-tuning method (float32, AMP);
+#   finetune_speed  Q4: benchmarks/finetune_speed.py: step time and peak memory of every fine-tuning method
+#                   (float32, AMP);
 #   finetune_5shot  the SVF step at 5-shot (the loader's 5-shot comparison);
 #   loader_speed    Q3: benchmarks/loader_speed.py: episodes/s of train.py's loader (1-/5-shot, 4/8/16 workers) on
-#                   VOC-sized JPEGs made on the spot, against the GPU's consumption at batch 8 (svf_speed, finetune_5shot).
+#                   VOC-sized JPEGs made on the spot, against the GPU's consumption at batch 8 (svf_speed,
+#                   finetune_5shot).
 # Then tools/device_summary.py answers the four questions from the JSON files. Everything goes to $OUT (default
 # exp/device_check/<time>): summary.txt, steps.log (every step's output), pytest_cuda.xml, test_1shot.json,
 # svf_speed.json, s_movement.json, finetune_speed.json, finetune_5shot.json, loader_speed.json; data and checkpoints
@@ -104,9 +106,11 @@ step svf_speed 60 $PYTHON benchmarks/svf_speed.py $SPEED_ARGS --skip-inference \
 # shellcheck disable=SC2086
 step s_movement 95 $PYTHON benchmarks/s_movement.py $SM_ARGS --json "$OUT/s_movement.json"
 # shellcheck disable=SC2086
-step finetune_speed 60 $PYTHON benchmarks/finetune_speed.py $FT_ARGS --methods $FT_METHODS --json "$OUT/finetune_speed.json"
+step finetune_speed 60 $PYTHON benchmarks/finetune_speed.py $FT_ARGS --methods $FT_METHODS \
+    --json "$OUT/finetune_speed.json"
 # shellcheck disable=SC2086
-step finetune_5shot 20 $PYTHON benchmarks/finetune_speed.py $FT_ARGS --methods svf --shot 5 --json "$OUT/finetune_5shot.json"
+step finetune_5shot 20 $PYTHON benchmarks/finetune_speed.py $FT_ARGS --methods svf --shot 5 \
+    --json "$OUT/finetune_5shot.json"
 # shellcheck disable=SC2086
 step loader_speed 45 $PYTHON benchmarks/loader_speed.py $LS_ARGS --json "$OUT/loader_speed.json" \
     --against "$OUT/svf_speed.json" "$OUT/finetune_5shot.json"

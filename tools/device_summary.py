@@ -30,8 +30,8 @@ def _fmt(x, spec):
 
 def s_movement(res):
     lines = [f"  {res['recipe']['arch']} + SVF, {res['recipe']['backbone']}, batch {res['args']['batch']} at "
-             f"{res['args']['size']}², {res['args']['steps']} steps on {res['device']}; S lr {res['recipe']['lr_S']:g}, "
-             f"momentum {res['recipe']['momentum']}, weight decay on S {res['recipe']['weight_decay_S']:g}",
+             f"{res['args']['size']}², {res['args']['steps']} steps on {res['device']}; "
+             f"S lr {res['recipe']['lr_S']:g}, momentum {res['recipe']['momentum']}, weight decay on S {res['recipe']['weight_decay_S']:g}",
              f"  {'run':<13} {'stage':<7} {'‖S−S₀‖/‖S₀‖':>12} {'beyond decay':>13} {'unchanged':>10} {'grad/ulp':>9} "
              f"{'vs keep':>9}"]
     for name, r in res["runs"].items():
