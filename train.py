@@ -419,9 +419,8 @@ def train_one_epoch(run: Run, stage: Stage, state: RunState, epoch: int, mid_epo
     device, skip, iters_per_epoch = dist_info.device, state.iteration, run.iters_per_epoch
     run.sampler.set_epoch(epoch, skip)
     stage.train_set.set_epoch(epoch)
-    loader = DataLoader(stage.train_set, batch_size=run.sampler.batch_per_rank, sampler=run.sampler,
-                        num_workers=cfg.workers, drop_last=True, worker_init_fn=worker_init_fn,
-                        pin_memory=device.type == "cuda", generator=loader_generator(cfg.seed, epoch, dist_info.rank))
+    loader = train_loader(stage.train_set, run.sampler, run.sampler.batch_per_rank, cfg.workers, device,
+                          loader_generator(cfg.seed, epoch, dist_info.rank))
     run.net.train()
     bar = None
     if dist_info.is_main:
@@ -525,6 +524,13 @@ def check_divergence(state: RunState, what: str, whole_epoch: bool = True):
 def save(obj: dict, path: str):
     with interrupts_deferred():  # a Ctrl-C during the write lets it finish first
         atomic_save(obj, path)
+
+
+def train_loader(train_set: Dataset, sampler: Sampler, batch_per_rank: int, workers: int, device: torch.device,
+                 generator: torch.Generator) -> DataLoader:
+    """The training loader of one epoch (benchmarks/loader_speed.py times this very loader)."""
+    return DataLoader(train_set, batch_size=batch_per_rank, sampler=sampler, num_workers=workers, drop_last=True,
+                      worker_init_fn=worker_init_fn, pin_memory=device.type == "cuda", generator=generator)
 
 
 class EpochSampler(Sampler):

@@ -2,7 +2,7 @@
 
 Command line::
 
-    python -m dataset.synthetic --out PATH [--seed 0] [--num-train 600] [--num-val 200] [--size 160]
+    python -m dataset.synthetic --out PATH [--seed 0] [--num-train 600] [--num-val 200] [--size 160] [--workers 0]
 
 writes under PATH::
 
@@ -28,7 +28,9 @@ checker, dots): a fold's five novel classes are spread 72° apart around the col
 texture also occurs among the base classes of every fold, and classes whose hues are neighbours
 (18° apart) always differ in texture.
 
-Deterministic: image k is drawn from a Generator seeded with (seed, k) only.
+Deterministic: image k is drawn from a Generator seeded with (seed, k) only, so ``--workers N`` (N processes
+drawing images in parallel) writes the same files as one process. ``--size 500`` gives PASCAL VOC-sized images
+(VOC's are at most 500 px a side, mostly 500x375; here sides are drawn in 313..500).
 """
 import argparse
 import os
@@ -171,23 +173,36 @@ def make_sample(rng, max_size):
     return image.clip(0, 255).astype(np.uint8), label
 
 
-def write_dataset(out, seed=0, num_train=600, num_val=200, size=160):
-    """Write the dataset (see the module doc) and return {"train": ids, "val": ids}."""
-    if num_train < 1 or num_val < 1 or size < 32:
-        raise ValueError("need num_train >= 1, num_val >= 1 and size >= 32")
+def _write_sample(out, seed, index, size):
+    """Draw image ``index`` and write its JPEG and label PNG; returns its id."""
+    image_id = f"synth_{index:06d}"
+    image, label = make_sample(np.random.default_rng([seed, index]), size)
+    if not cv2.imwrite(os.path.join(out, "JPEGImages", image_id + ".jpg"),
+                       cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92]):
+        raise OSError(f"cannot write {os.path.join(out, 'JPEGImages', image_id + '.jpg')}")
+    if not cv2.imwrite(os.path.join(out, "SegmentationClassAug", image_id + ".png"), label):
+        raise OSError(f"cannot write {os.path.join(out, 'SegmentationClassAug', image_id + '.png')}")
+    return image_id
+
+
+def write_dataset(out, seed=0, num_train=600, num_val=200, size=160, workers=0):
+    """Write the dataset (see the module doc) and return {"train": ids, "val": ids}; ``workers`` > 0 draws the
+    images in that many processes (the same files)."""
+    if num_train < 1 or num_val < 1 or size < 32 or workers < 0:
+        raise ValueError("need num_train >= 1, num_val >= 1, size >= 32 and workers >= 0")
     for folder in ("JPEGImages", "SegmentationClassAug", os.path.join("ImageSets", "Segmentation"),
                    os.path.join("ImageSets", "SBD")):
         os.makedirs(os.path.join(out, folder), exist_ok=True)
-    ids = {"train": [], "val": []}
-    for index in range(num_train + num_val):
-        image_id = f"synth_{index:06d}"
-        image, label = make_sample(np.random.default_rng([seed, index]), size)
-        if not cv2.imwrite(os.path.join(out, "JPEGImages", image_id + ".jpg"),
-                           cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92]):
-            raise OSError(f"cannot write {os.path.join(out, 'JPEGImages', image_id + '.jpg')}")
-        if not cv2.imwrite(os.path.join(out, "SegmentationClassAug", image_id + ".png"), label):
-            raise OSError(f"cannot write {os.path.join(out, 'SegmentationClassAug', image_id + '.png')}")
-        ids["train" if index < num_train else "val"].append(image_id)
+    jobs = [(out, seed, index, size) for index in range(num_train + num_val)]
+    if workers:
+        import multiprocessing
+        # fork where the platform has it: a spawned worker would first re-import the caller's main module
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
+            all_ids = pool.starmap(_write_sample, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+    else:
+        all_ids = [_write_sample(*job) for job in jobs]
+    ids = {"train": all_ids[:num_train], "val": all_ids[num_train:]}
     train = ids["train"]
     voc_train = [i for k, i in enumerate(train) if k % 4 == 0]
     sbd_train = [i for k, i in enumerate(train) if k % 4 != 0 or k % 8 == 0]  # overlaps voc_train
@@ -206,9 +221,10 @@ def main(argv=None):
     parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-val", type=int, default=200)
     parser.add_argument("--size", type=int, default=160, help="largest image side; sides are in [5/8 size, size]")
+    parser.add_argument("--workers", type=int, default=0, help="processes drawing images (0: this one); same files")
     args = parser.parse_args(argv)
     start = time.time()
-    ids = write_dataset(args.out, args.seed, args.num_train, args.num_val, args.size)
+    ids = write_dataset(args.out, args.seed, args.num_train, args.num_val, args.size, args.workers)
     print(f"wrote {len(ids['train'])} train + {len(ids['val'])} val images to {args.out} "
           f"in {time.time() - start:.1f} s; next: python -m dataset.make_lists pascal --data-root {args.out} "
           f"--list-dir PATH --min-class-pixels 128")

@@ -232,3 +232,92 @@ def test_test_py_same_miou_on_cuda_and_cpu(tmp_path):
     assert abs(gpu["fbiou"] - cpu["fbiou"]) < 0.1, (gpu["fbiou"], cpu["fbiou"])
     for c in cpu["class_iou"]:
         assert abs(gpu["class_iou"][c] - cpu["class_iou"][c]) < 0.2, c
+
+
+# --- adapters across devices, and small updates of S with CUDA's optimizer kernels --------------------------------
+
+@pytest.fixture(scope="module")
+def plain_and_tuned():
+    """The demo backbone (resnet18_deep, on the CPU) and a copy resolved with the paper's freezing and its S moved
+    off the SVD values; tests copy them before changing anything."""
+    from model import build_backbone
+    torch.manual_seed(0)
+    plain = build_backbone("resnet18_deep", "torchvision").eval()
+    tuned = svf.apply_paper_freezing(svf.resolver(copy.deepcopy(plain))).eval()
+    with torch.no_grad():
+        for p in svf.singular_value_parameters(tuned).values():
+            p.mul_(1 + 0.05 * torch.randn_like(p))
+    return plain, tuned
+
+
+@pytest.mark.parametrize("into", ["plain", "resolved"])
+def test_adapter_saved_on_cpu_loads_on_gpu(into, plain_and_tuned, tmp_path):
+    """svf.save_adapter on the CPU, svf.load_adapter on the GPU: into the plain model (resolved there, its SVD on the
+    GPU, the base-weight fingerprints checked against GPU tensors) or into a model resolved on the GPU; the singular
+    values arrive bit for bit and the GPU model computes what the CPU one does."""
+    plain, tuned = plain_and_tuned
+    path = str(tmp_path / "s.pt")
+    svf.save_adapter(tuned, path)
+    target = copy.deepcopy(plain).cuda()
+    if into == "resolved":
+        target = svf.resolver(target)
+    loaded = svf.load_adapter(target, path).eval()
+    assert (loaded is target) == (into == "resolved")
+    saved, got = svf.singular_value_parameters(tuned), svf.singular_value_parameters(loaded)
+    assert set(saved) == set(got) and {p.device.type for p in got.values()} == {"cuda"}
+    assert all(torch.equal(saved[k], got[k].cpu()) for k in saved)
+    x = torch.randn(2, 3, 41, 41)
+    with torch.no_grad():
+        assert rel(loaded(x.cuda())[-1].cpu(), tuned(x)[-1]) < 1e-5
+
+
+def test_adapter_saved_on_gpu_loads_on_cpu_and_refuses_other_weights_there(plain_and_tuned, tmp_path):
+    """The other way round, and the fingerprint check still names the layer whose base weights differ."""
+    plain, tuned = plain_and_tuned
+    path = str(tmp_path / "s.pt")
+    on_gpu = copy.deepcopy(tuned).cuda()
+    svf.save_adapter(on_gpu, path)
+    loaded = svf.load_adapter(copy.deepcopy(plain), path).eval()
+    x = torch.randn(2, 3, 41, 41)
+    with torch.no_grad():
+        assert rel(loaded(x)[-1], on_gpu(x.cuda())[-1].cpu()) < 1e-5
+    other = copy.deepcopy(plain).cuda()
+    with torch.no_grad():
+        other.layer3[0].conv1.weight.add_(1e-3)
+    with pytest.raises(ValueError, match="layer3.0.conv1"):
+        svf.load_adapter(other, path)
+
+
+@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam"])
+def test_keep_small_updates_with_cuda_optimizer_kernels(opt_name, kernel):
+    """svf.keep_small_updates under CUDA's multi-tensor (foreach) and fused optimizer kernels: updates of S 1/12 of
+    float32's spacing accumulate (plain float32 rounds every one away), as the float64 reference computes them."""
+    n, lr = 50, 1.0
+    make = {"SGD": lambda ps, **kw: torch.optim.SGD(ps, lr=lr, momentum=0.9, **kw),
+            "Adam": lambda ps, **kw: torch.optim.Adam(ps, lr=1e-8, **kw)}[opt_name]
+    finals = {}
+    for keep in (False, True):
+        torch.manual_seed(0)  # the same layer both times
+        layer = svf.resolver(nn.Sequential(nn.Conv2d(8, 8, 3))).cuda()[0]
+        s0 = layer.vector_S.detach().clone()
+        opt = make([layer.vector_S], **{kernel: True})
+        if keep:
+            svf.keep_small_updates(opt, layer)
+        for _ in range(n):
+            layer.vector_S.grad = 1e-9 * s0.abs() if opt_name == "SGD" else torch.ones_like(s0)
+            opt.step()
+        finals[keep] = layer.vector_S.detach().double()
+    ref = s0.double().clone().requires_grad_(True)
+    ref_opt = make([ref])
+    for _ in range(n):
+        ref.grad = (1e-9 * s0.abs() if opt_name == "SGD" else torch.ones_like(s0)).double()
+        ref_opt.step()
+    if opt_name == "SGD":  # momentum: steps of up to ~5e-8 at |S| ~ 1, below half the spacing at first
+        assert torch.equal(finals[False], s0.double())
+    moved = (ref.detach() - s0.double()).abs()
+    assert ((finals[True] - ref.detach()).abs() <= 0.6 * torch.finfo(torch.float32).eps * s0.double().abs()).all()
+    assert (moved > torch.finfo(torch.float32).eps * s0.double().abs()).all()
+
+
+# --- added by other issues (keep each with its issue number) ---------------------------------------------------

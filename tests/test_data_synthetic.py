@@ -29,8 +29,9 @@ def test_layout_and_determinism(tmp_path):
                     "--size", "64"])
     write_dataset(str(tmp_path / "b"), seed=3, num_train=8, num_val=4, size=64)
     write_dataset(str(tmp_path / "c"), seed=4, num_train=8, num_val=4, size=64)
-    a, b, c = (read_tree(tmp_path / x) for x in "abc")
-    assert a == b  # byte for byte from the seed
+    write_dataset(str(tmp_path / "d"), seed=3, num_train=8, num_val=4, size=64, workers=2)
+    a, b, c, d = (read_tree(tmp_path / x) for x in "abcd")
+    assert a == b == d  # byte for byte from the seed, in one process or several
     assert a.keys() == c.keys() and a != c
     ids = [f"synth_{k:06d}" for k in range(12)]
     assert sorted(k for k in a if k.startswith("JPEGImages")) == [f"JPEGImages/{i}.jpg" for i in ids]
