@@ -110,8 +110,37 @@ def read_pair(image_path, label_path, num_classes):
     return image, label
 
 
+# The folders a list line's path is re-rooted at when it is an absolute path outside the data root (the released
+# fss_list files hold the authors' /root/paddlejob/.../VOC2012/JPEGImages/... paths): PASCAL's image and mask
+# folders, COCO's image folders and the label-map folders under annotations/.
+LIST_ANCHORS = ("JPEGImages", "SegmentationClassAug", "train2014", "val2014")
+
+
+def list_entry_path(field, data_root, where=""):
+    """The file a list line's path names: relative paths are under ``data_root``; an absolute path inside
+    ``data_root`` is kept; any other absolute path (another machine's) is mapped under ``data_root`` from its
+    last anchor folder (``LIST_ANCHORS``, with ``annotations/`` kept before train2014/val2014), so
+    ``/any/where/VOC2012/JPEGImages/x.jpg`` -> ``<data_root>/JPEGImages/x.jpg`` and
+    ``/any/coco/annotations/val2014/x.png`` -> ``<data_root>/annotations/val2014/x.png``."""
+    if not os.path.isabs(field):
+        return os.path.join(data_root, field)
+    root = os.path.abspath(data_root)
+    if os.path.normpath(field).startswith(root.rstrip(os.sep) + os.sep):
+        return field
+    parts = field.split("/")
+    for i in range(len(parts) - 2, -1, -1):  # the last anchor that has a file name after it
+        if parts[i] in LIST_ANCHORS:
+            start = i - 1 if parts[i] in ("train2014", "val2014") and i > 0 and parts[i - 1] == "annotations" else i
+            return os.path.join(data_root, *parts[start:])
+    raise ValueError(f"{where}: {field!r} is an absolute path outside the data root {root} and has none of the "
+                     f"folders {', '.join(a + '/' for a in LIST_ANCHORS)} to map it under the data root; write it "
+                     "relative to data_root (e.g. JPEGImages/<id>.jpg) or set data_root to the folder it is in")
+
+
 def read_list(list_path, data_root):
-    """Read a list file of ``image_rel label_rel`` lines; returns [(image_path, label_path)] under data_root."""
+    """Read a list file of ``image label`` lines; returns [(image_path, label_path)] under data_root, in the
+    file's order. Paths relative to data_root (our lists, PFENet's/BAM's/the SVF code's ``val.txt``) or absolute
+    (the released ``fss_list/*/data_list_N.txt`` hold the authors' paths: mapped by ``list_entry_path``)."""
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data root not found: {data_root} (set data_root / --data-root)")
     if not os.path.isfile(list_path):
@@ -125,7 +154,8 @@ def read_list(list_path, data_root):
                 continue
             if len(fields) != 2:
                 raise ValueError(f"{list_path}:{line_no}: expected 'image_path label_path', got {line!r}")
-            pairs.append((os.path.join(data_root, fields[0]), os.path.join(data_root, fields[1])))
+            where = f"{list_path}:{line_no}"
+            pairs.append(tuple(list_entry_path(field, data_root, where) for field in fields))
     if not pairs:
         raise ValueError(f"list file {list_path} is empty")
     return pairs

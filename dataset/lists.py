@@ -42,14 +42,15 @@ SBD_LIST_HINT = ("that list names SBD's 5,623 training images that are not in VO
 
 
 def pascal_image_lists(data_root, sbd_list=None, val_list=None):
-    """{"train": [(image_rel, label_rel)], "val": [...]} of PASCAL VOC2012 + SBD (files: see dataset/make_lists.py)."""
+    """{"train": [(image_rel, label_rel)], "val": [...]} of PASCAL VOC2012 + SBD (files: see dataset/make_lists.py).
+    val keeps the order of its list file (the released code's episodes follow it); train is sorted."""
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data root not found: {data_root}")
     seg_sets = os.path.join(data_root, "ImageSets", "Segmentation")
     voc_train = read_id_list(os.path.join(seg_sets, "train.txt"))
     voc_val = read_id_list(val_list or os.path.join(seg_sets, "val.txt"))
     sbd_train = read_id_list(sbd_list or os.path.join(data_root, PASCAL_SBD_LIST), missing_hint=SBD_LIST_HINT)
-    val_ids = sorted(set(voc_val))
+    val_ids = list(dict.fromkeys(voc_val))  # the file's order, each id once
     # Removing val ids again guards against an SBD list that overlaps VOC val (SBD's own train.txt).
     train_ids = sorted((set(voc_train) | set(sbd_train)) - set(val_ids))
     lists = {}
@@ -64,12 +65,18 @@ def pascal_image_lists(data_root, sbd_list=None, val_list=None):
     return lists
 
 
-def coco_image_lists(data_root):
-    """{"train": [...], "val": [...]} of COCO2014 from the label maps written by prepare_coco."""
+def coco_image_lists(data_root, val_list=None):
+    """{"train": [...], "val": [...]} of COCO2014 from the label maps written by prepare_coco (sorted by name);
+    with ``val_list`` (the released ``lists/coco/fss_list/val.txt``: ``val2014/<name>.jpg
+    annotations/val2014/<name>.png`` lines, relative or absolute), val is that file's pairs in its order."""
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data root not found: {data_root}")
     lists = {}
+    if val_list is not None:
+        lists["val"] = _listed_pairs(val_list, data_root)
     for split, folder in COCO_SPLIT_DIRS.items():
+        if split in lists:
+            continue
         label_dir = os.path.join(data_root, "annotations", folder)
         if not os.path.isdir(label_dir):
             raise FileNotFoundError(f"COCO label folder not found: {label_dir}; write it with "
@@ -83,7 +90,19 @@ def coco_image_lists(data_root):
             _check_pair_exists(data_root, image_rel, label_rel)
             pairs.append((image_rel, label_rel))
         lists[split] = pairs
-    return lists
+    return {split: lists[split] for split in COCO_SPLIT_DIRS}
+
+
+def _listed_pairs(list_path, data_root):
+    """The (image_rel, label_rel) pairs of a list file, in its order, relative to data_root (absolute paths
+    mapped by files.list_entry_path); every pair must exist."""
+    root = os.path.abspath(data_root)
+    pairs = []
+    for image_path, label_path in read_list(list_path, data_root):
+        rel = tuple(os.path.relpath(os.path.abspath(p), root) for p in (image_path, label_path))
+        _check_pair_exists(data_root, *rel)
+        pairs.append(rel)
+    return pairs
 
 
 def _check_pair_exists(data_root, image_rel, label_rel):
@@ -100,7 +119,9 @@ def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=No
     if benchmark == "pascal":
         lists = pascal_image_lists(data_root, sbd_list, val_list)
     elif benchmark == "coco":
-        lists = coco_image_lists(data_root)
+        if sbd_list is not None:
+            raise ValueError("--sbd-list is PASCAL's SBD list; COCO's training images come from annotations/train2014")
+        lists = coco_image_lists(data_root, val_list)
     else:
         raise ValueError(f"unknown benchmark {benchmark!r}: expected one of {BENCHMARKS}")
     for split, pairs in lists.items():

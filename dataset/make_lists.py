@@ -10,13 +10,21 @@ What it reads (all paths under --data-root):
 - pascal: ``ImageSets/Segmentation/train.txt`` and ``val.txt`` (VOC2012), the SBD list
   ``ImageSets/SBD/train_noval.txt`` (SBD's 5,623 training images that are not in VOC2012 val;
   another place with --sbd-list; PFENet's/BAM's ``voc_sbd_merge_noduplicate.txt`` is accepted there too,
-  and their ``val.txt`` with --val-list: lines ``JPEGImages/<id>.jpg SegmentationClassAug/<id>.png``),
+  and their ``val.txt`` or the SVF code's ``fss_list/val/data_list_N.txt`` with --val-list: lines
+  ``JPEGImages/<id>.jpg SegmentationClassAug/<id>.png``, or absolute paths of another machine),
   and for every id ``JPEGImages/<id>.jpg`` and
   ``SegmentationClassAug/<id>.png``. train = (VOC train ∪ SBD train_noval) − VOC val, de-duplicated
-  (5,953 images); val = VOC val (1,449).
+  (5,953 images, sorted); val = VOC val (1,449), in the val list's order.
 - coco: the label maps ``annotations/train2014/*.png`` / ``annotations/val2014/*.png`` written by
   ``python -m dataset.prepare_coco`` and their images ``train2014/<name>.jpg`` / ``val2014/<name>.jpg``
-  (82,081 / 40,137 images that have at least one annotation).
+  (82,081 / 40,137 images that have at least one annotation), sorted by name; --val-list takes the released
+  ``lists/coco/fss_list/val.txt`` instead (``val2014/<name>.jpg annotations/val2014/<name>.png`` lines, relative
+  or absolute), whose order (not sorted) is kept, so the released code's queries come in the same order.
+
+Absolute paths in a list (the released ``fss_list`` files hold the authors' paths) are mapped under --data-root
+from their last ``JPEGImages/``, ``SegmentationClassAug/``, ``train2014/`` or ``val2014/`` folder (``annotations/``
+kept before the last two); a path with none of them is an error naming the file and line. The same mapping
+applies when a list written elsewhere is used directly as ``<list_dir>/val.txt``.
 
 What it writes: ``<list-dir>/train.txt`` and ``val.txt`` (lines ``image_path label_path`` relative
 to the data root), and in ``<list-dir>/cache/`` the class pixel counts of every listed image and,
@@ -42,7 +50,9 @@ def main(argv=None):
     parser.add_argument("--list-dir", default=None, help="output folder (default lists/<benchmark>)")
     parser.add_argument("--sbd-list", default=None, help=f"SBD list for pascal (default <data-root>/{PASCAL_SBD_LIST})")
     parser.add_argument("--val-list", default=None,
-                        help="VOC val list for pascal (default <data-root>/ImageSets/Segmentation/val.txt)")
+                        help="val list, order kept: pascal's ids or 'image label' lines (default <data-root>/"
+                             "ImageSets/Segmentation/val.txt); coco's 'image label' lines (the released "
+                             "lists/coco/fss_list/val.txt; default: every annotations/val2014 label map, sorted)")
     parser.add_argument("--min-class-pixels", type=int, default=DEFAULT_MIN_CLASS_PIXELS,
                         help="pixels a class needs to count in an image (2048 in the papers)")
     parser.add_argument("--coco-split", choices=COCO_SPLITS, default="interleaved")

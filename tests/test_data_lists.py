@@ -257,3 +257,87 @@ def test_prepare_coco_bad_inputs(tmp_path):
         with pytest.warns(UserWarning):
             make_lists_main(["coco", "--data-root", str(tmp_path), "--list-dir", str(tmp_path / "l"),
                              "--workers", "1"])
+
+
+# ---------------------------------------------------------------- the released code's list files
+
+AUTHORS_VOC = "/root/paddlejob/workspace/env_run/datsets/voc/VOC2012"  # the prefix of the released fss_list files
+
+
+def test_released_pascal_lists_with_absolute_paths_keep_their_order(voc, tmp_path):
+    """The SVF code's fss_list/val/data_list_N.txt (the authors' absolute paths) used as val.txt, or given to
+    make_lists --val-list: the same images in the file's order (v3 before v1), the paths under our data root."""
+    root, _ = voc
+    released = tmp_path / "data_list_0.txt"
+    released.write_text("".join(f"{AUTHORS_VOC}/JPEGImages/{i}.jpg {AUTHORS_VOC}/SegmentationClassAug/{i}.png\n"
+                                for i in ("v3", "v2", "v1")))
+    val = fold_lists(str(released), root, "pascal", 0, "novel", min_class_pixels=100)
+    assert val.pairs[0] == (os.path.join(root, "JPEGImages", "v3.jpg"),
+                            os.path.join(root, "SegmentationClassAug", "v3.png"))
+    assert names(val, val.images) == ["v3", "v1"]  # v2's 50 pixels are too few; the file's order kept
+    assert {c: names(val, v) for c, v in val.class_images.items() if v} == {1: ["v1"], 3: ["v3"]}
+    list_dir = tmp_path / "lists"
+    with pytest.warns(UserWarning, match="not the standard"):
+        make_lists_main(["pascal", "--data-root", root, "--list-dir", str(list_dir), "--val-list", str(released),
+                         "--min-class-pixels", "100", "--workers", "1"])
+    assert (list_dir / "val.txt").read_text().splitlines() == [
+        f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png" for i in ("v3", "v2", "v1")]
+    assert "v1" not in (list_dir / "train.txt").read_text()  # still removed from train
+    # an absolute path inside the data root is used as it is; relative and absolute lines mix
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(f"{root}/JPEGImages/v1.jpg SegmentationClassAug/v1.png\n")
+    assert fold_lists(str(mixed), root, "pascal", 0, "novel", min_class_pixels=100).pairs == [
+        (os.path.join(root, "JPEGImages", "v1.jpg"), os.path.join(root, "SegmentationClassAug", "v1.png"))]
+
+
+def test_a_list_line_that_cannot_be_mapped_names_the_file_and_line(voc, tmp_path):
+    root, _ = voc
+    bad = tmp_path / "val.txt"
+    bad.write_text(f"{AUTHORS_VOC}/JPEGImages/v1.jpg {AUTHORS_VOC}/SegmentationClassAug/v1.png\n"
+                   "/somewhere/images/v3.jpg /somewhere/masks/v3.png\n")
+    with pytest.raises(ValueError, match=r"val\.txt:2: '/somewhere/images/v3\.jpg' is an absolute path outside "
+                                         r"the data root .* JPEGImages/, SegmentationClassAug/, train2014/, val2014/"):
+        fold_lists(str(bad), root, "pascal", 0, "novel", min_class_pixels=100)
+
+
+def write_coco_tree(root, labels):
+    """val2014/<name>.jpg and annotations/val2014/<name>.png (+ one train image) as prepare_coco lays them out."""
+    for split, items in (("val2014", labels), ("train2014", {"COCO_train2014_1": label_with((21, 300))})):
+        os.makedirs(os.path.join(root, "annotations", split), exist_ok=True)
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        for name, label in items.items():
+            cv2.imwrite(os.path.join(root, split, name + ".jpg"), np.dstack([label] * 3))
+            cv2.imwrite(os.path.join(root, "annotations", split, name + ".png"), label)
+
+
+def test_released_coco_val_list_keeps_its_unsorted_order(tmp_path):
+    """COCO's released lists/coco/fss_list/val.txt is not sorted: make_lists --val-list keeps its order (relative
+    or absolute lines), and the queries of a fold come out in that order; without it the label maps are sorted."""
+    root = str(tmp_path / "coco")
+    # fold 0 interleaved: 1, 5, 9 are novel; 2 is base
+    order = {"COCO_val2014_000000553141": label_with((5, 300)), "COCO_val2014_000000020925": label_with((1, 300)),
+             "COCO_val2014_000000470885": label_with((2, 300)), "COCO_val2014_000000000042": label_with((9, 300))}
+    write_coco_tree(root, order)
+    lines = [f"val2014/{n}.jpg annotations/val2014/{n}.png\n" for n in order]
+    released = tmp_path / "val.txt"
+    released.write_text("".join(lines))
+    absolute = tmp_path / "val_abs.txt"
+    absolute.write_text("".join(f"/data/authors/coco/{a} /data/authors/coco/{b}" for a, b in
+                            (line.split(" ") for line in lines)))
+    for given in (released, absolute):
+        list_dir = tmp_path / ("lists_" + given.stem)
+        with pytest.warns(UserWarning, match="not the standard"):
+            make_lists_main(["coco", "--data-root", root, "--list-dir", str(list_dir), "--val-list", str(given),
+                             "--min-class-pixels", "100", "--workers", "1"])
+        assert (list_dir / "val.txt").read_text() == released.read_text()
+        val = fold_lists(str(list_dir / "val.txt"), root, "coco", 0, "novel", min_class_pixels=100)
+        assert names(val, val.images) == ["COCO_val2014_000000553141", "COCO_val2014_000000020925",
+                                          "COCO_val2014_000000000042"]
+        direct = fold_lists(str(given), root, "coco", 0, "novel", min_class_pixels=100)  # the file itself
+        assert direct.pairs == val.pairs and direct.images == val.images
+    with pytest.warns(UserWarning, match="not the standard"):
+        make_lists_main(["coco", "--data-root", root, "--list-dir", str(tmp_path / "sorted"),
+                         "--min-class-pixels", "100", "--workers", "1"])
+    assert (tmp_path / "sorted" / "val.txt").read_text().splitlines() == sorted(line.strip() for line in lines)
+    with pytest.raises(ValueError, match="--sbd-list is PASCAL's"):
+        make_lists_main(["coco", "--data-root", root, "--list-dir", str(tmp_path / "x"), "--sbd-list", str(released)])
