@@ -135,6 +135,10 @@ def test_one_training_step_equals_the_released_step(arch):
     inputs, extra = batch(arch)
     logged, recomputed = released_step(released, arch, inputs, extra, seed=11)
     loss, terms = our_step(ours, cfg, inputs, extra, seed=11)
+    # the module modes that change what a step computes: every Dropout and BatchNorm as the released loop sets it
+    kinds = (torch.nn.Dropout, torch.nn.Dropout2d, torch.nn.BatchNorm2d)
+    modes = [{n: m.training for n, m in model.named_modules() if isinstance(m, kinds)} for model in (ours, released)]
+    assert modes[0] == modes[1] and any(modes[0].values()) and not all(modes[0].values())
     if arch == "pfenet":  # the released log's MainLoss, AuxLoss1 and Loss
         assert set(terms) == {"main", "aux1"} and abs(loss - logged) < 1e-4
         assert all(abs(terms[k] - recomputed[k]) < 1e-5 for k in terms)
