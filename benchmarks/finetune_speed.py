@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import svf  # noqa: E402
 from common.config import load_config  # noqa: E402
+from dataset.files import atomic_write_text  # noqa: E402
 from engine.loop import autocast  # noqa: E402
 from engine.optim import build_sgd  # noqa: E402
 from model import build_model, param_groups  # noqa: E402
@@ -157,9 +158,7 @@ def main(argv=None):
 
 def write(out, path):
     if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(path, json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

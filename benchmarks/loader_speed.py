@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dataset  # noqa: E402
 from common.config import load_config  # noqa: E402
+from dataset.files import atomic_write_text  # noqa: E402
 from dataset.make_lists import main as make_lists  # noqa: E402
 from dataset.synthetic import write_dataset  # noqa: E402
 from train import train_loader  # noqa: E402
@@ -181,9 +182,7 @@ def main(argv=None):
 
 def write(out, path):
     if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(path, json.dumps(out, indent=2))
 
 
 def compare(out, gpu):

@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import svf  # noqa: E402
 from common.config import load_config  # noqa: E402
+from dataset.files import atomic_write_text  # noqa: E402
 from dataset.build import _train_transform  # noqa: E402
 from dataset.episodes import binarize  # noqa: E402
 from dataset.synthetic import make_sample  # noqa: E402
@@ -289,9 +290,7 @@ def main(argv=None):
 
 def write(out, path):
     if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(path, json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
