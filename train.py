@@ -51,7 +51,7 @@ import svf
 from dataset.files import atomic_write_text, remove_stale_temporaries
 from engine.checkpoint import (BEST, LAST, NonFiniteWeights, atomic_save, config_differences, describe_differences,
                                evaluation_checkpoint, load_model_state, load_resume_checkpoint, unwrap)
-from engine.config import Config, dump_config, load_config, split_overrides
+from engine.config import FIELDS, Config, dump_config, finetune_method, load_config, split_overrides
 from engine.faults import (fault_point, hold_interrupts, install_interrupt_handlers, interrupts_deferred,
                            release_interrupts, restore_handlers)
 from engine.distributed import (DistInfo, all_reduce_sum_, cleanup_distributed, derive_seed,
@@ -212,9 +212,12 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
 
 def log_run(run: Run, stage: Stage):
     """The head of the log: trainable parameters, model and data, optimizer, checkpoint rule, output."""
+    from model.finetune import describe
     cfg, optimizer = run.cfg, run.optimizer
     svf.print_trainable_parameters(unwrap(run.net))
-    print0(f"{stage.name} | backbone {cfg.backbone} | svf {cfg.svf} | fold {cfg.fold} | shot {cfg.shot} | "
+    trainable, total = svf.count_parameters(unwrap(run.net).backbone)
+    print0(f"{describe(cfg)} | backbone trainable params: {trainable:,d} of {total:,d}")
+    print0(f"{stage.name} | backbone {cfg.backbone} | finetune {finetune_method(cfg)} | fold {cfg.fold} | shot {cfg.shot} | "
            f"{run.dist_info.world_size} process(es) on {run.dist_info.device.type} | "
            f"{len(stage.train_set)} training items, {run.iters_per_epoch} steps/epoch x {cfg.epochs} epochs")
     print0("optimizer: SGD momentum {} | base_lr {} | lr_schedule {}{}\n{}".format(
@@ -278,7 +281,8 @@ def stage1_config(cfg: Config) -> Config:
     backbone_lr_mult of it, validation at the crop size (its val_size = train_h) and only at epoch ends."""
     if not cfg.base_learner:
         raise ValueError("--stage1 needs base_learner (where the stage-1 checkpoint goes) in the config")
-    return cfg.replace(arch="pspnet", svf=False, pretrained=cfg.stage1_pretrained, epochs=cfg.stage1_epochs, batch_size=cfg.stage1_batch_size,
+    return cfg.replace(arch="pspnet", svf=False, finetune=None, finetune_stages=FIELDS["finetune_stages"].default,
+                       pretrained=cfg.stage1_pretrained, epochs=cfg.stage1_epochs, batch_size=cfg.stage1_batch_size,
                        base_lr=cfg.stage1_base_lr, lr_schedule="poly", head_lr_mult=1.0,
                        train_size=cfg.stage1_train_size, test_size=cfg.stage1_train_size,
                        scale_min=cfg.stage1_scale_min, scale_max=cfg.stage1_scale_max, val_mid_epoch=False,

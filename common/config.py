@@ -11,11 +11,18 @@ the closest valid key. Everything is checked before anything runs.
 
 String values may refer to other keys with `{key}`: `exp_dir: exp/{benchmark}/split{fold}/...`
 is filled in after the overrides, so `shot=5` or `svf=false` on the command line writes to its own
-folder. `{svf_tag}` is `svf` or `nosvf`.
+folder. `{svf_tag}` names how the backbone trains (`finetune_tag`): `svf` or `nosvf` for what `svf: true`
+/ `svf: false` run (as always), the method's own name for the other `finetune` methods.
 
-`nosvf` is a mapping of keys that replace the file's values when the run has `svf: false`: the
-released SVF code trains with SVF on at a constant LR, while its baselines (BAM's own recipe) use
-poly decay with a ×10 on the heads, so one config file states both recipes. Order of precedence:
+How the backbone trains is `finetune` (the methods of model/finetune.py); `finetune: null` (the default)
+derives it from `svf` (`finetune_method`): svf true -> `svf`, false -> `freeze` (few-shot models) or `full`
+(the stage-1 PSPNet). `svf` and `finetune` set in the same place (the file with its bases, or the command
+line) must agree; a later place overrides an earlier one (`finetune=full` on the command line over a
+file's `svf: true`), and the resolved `svf` is always true exactly when the method is `svf`.
+
+`nosvf` is a mapping of keys that replace the file's values when the run has `svf: false` (every method but
+`svf`): the released SVF code trains with SVF on at a constant LR, while its baselines (BAM's own recipe)
+use poly decay with a ×10 on the heads, so one config file states both recipes. Order of precedence:
 defaults <- file (over its `_base_` chain) <- the `nosvf` block (only with svf false) <- command line.
 
 A file may start from another: `_base_: pascal.yaml` (a path relative to the file) reads that file first and
@@ -43,17 +50,18 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
-__all__ = ["FIELDS", "Field", "Config", "ConfigKeyError", "RELATIONS", "SEED_RANGE", "BASE_KEY", "load_config",
+__all__ = ["FIELDS", "Field", "FINETUNE_METHODS", "SVF_FACTORS", "BACKBONE_STAGES", "DNA_MODES", "finetune_method",
+           "finetune_tag", "Config", "ConfigKeyError", "RELATIONS", "SEED_RANGE", "BASE_KEY", "load_config",
            "defaults", "read_config_file", "check_value", "check_pair", "check_relations", "parse_override",
            "split_overrides", "dump_config", "closest_key", "parse_interval", "in_interval", "yaml_error_location"]
 
 
 @dataclass(frozen=True)
 class Field:
-    type: str                 # int | float | bool | str | int_list | float_list | mapping
+    type: str                 # int | float | bool | str | int_list | float_list | str_list | mapping
     default: Any
     help: str
-    choices: Optional[tuple] = None
+    choices: Optional[tuple] = None  # str_list: of each item
     optional: bool = False    # None (YAML null) allowed
     valid: Optional[str] = None  # numbers (each item of a list): an interval like "[0, 1)" or "(0, inf)"
     min_items: int = 0        # lists: fewest items
@@ -81,6 +89,12 @@ def in_interval(value: float, text: str) -> bool:
 
 
 SEED_RANGE = "[0, 4294967295]"  # what NumPy's and torch's seeding accept
+
+# How the backbone trains: the methods of model/finetune.py's registry (a test checks the two agree).
+FINETUNE_METHODS = ("freeze", "svf", "full", "bias", "bn", "lora", "dna")
+SVF_FACTORS = ("S", "US", "SV", "USV")  # svf.tuning.FACTORS (this module imports nothing of the project)
+BACKBONE_STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")  # model.backbones.STAGES
+DNA_MODES = ("tune_U_S", "tune_V_S", "tune_all", "tune_U", "tune_V", "fix_low_rank", "fix_sparse")  # lrcc's
 
 
 FIELDS: dict[str, Field] = {
@@ -111,13 +125,40 @@ FIELDS: dict[str, Field] = {
                         ("auto", "every_block", "torchvision")),
     "pretrained": _f("str", None, "ImageNet (or stage-1) backbone weights file; null = random init",
                      optional=True),
-    "svf": _f("bool", True, "singular value fine-tuning of backbone layer2-4"),
+    "svf": _f("bool", True, "singular value fine-tuning of backbone layer2-4; the same as finetune: svf (true) "
+              "or the finetune that svf false derives (freeze, or full for the stage-1 PSPNet)"),
+    "finetune": _f("str", None, "how the backbone trains (docs/training.md): freeze | svf | full | bias (BitFit) | "
+                   "bn (BatchNorm gamma/beta) | lora | dna (lrcc's DnA modes, dna_mode); null = from svf: true -> "
+                   "svf, false -> freeze (few-shot models) or full (the stage-1 PSPNet, every stage)",
+                   FINETUNE_METHODS, optional=True),
+    "finetune_stages": _f("str_list", ["layer2", "layer3", "layer4"], "backbone stages that finetune trains; the "
+                          "other stages are frozen", BACKBONE_STAGES, min_items=1),
+    "svf_factors": _f("str", "S", "finetune svf: which SVD factors train: S (the paper's SVF) | US | SV | USV "
+                      "(the paper's ablation)", SVF_FACTORS),
     "fold_batchnorm": _f("bool", True, "fold each frozen BatchNorm into the conv before it at run time (svf.fold_batchnorm: "
                          "exact, same state dict, faster); false runs the BatchNorm passes"),
     "svf_lr_mult": _f("float", 0.1, "LR multiplier of the singular values relative to base_lr", valid="[0, inf)"),
     "svf_weight_decay": _f("bool", True, "apply weight decay to the singular values (the released SVF code does)"),
-    "backbone_lr_mult": _f("float", 0.1, "LR multiplier of a fully trained backbone (stage-1 PSPNet; BAM: heads x10)",
-                             valid="[0, inf)"),
+    "backbone_lr_mult": _f("float", 0.1, "LR multiplier of a fully trained backbone (finetune full; the stage-1 "
+                           "PSPNet; BAM: heads x10)", valid="[0, inf)"),
+    "bias_lr_mult": _f("float", 0.1, "LR multiplier of the backbone biases (finetune bias)", valid="[0, inf)"),
+    "bn_lr_mult": _f("float", 0.1, "LR multiplier of the backbone BatchNorm gamma/beta (finetune bn)",
+                     valid="[0, inf)"),
+    "lora_lr_mult": _f("float", 0.1, "LR multiplier of the LoRA factors (finetune lora)", valid="[0, inf)"),
+    "dna_lr_mult": _f("float", 0.1, "LR multiplier of the DnA factors (finetune dna)", valid="[0, inf)"),
+    "lrcc_rank": _f("int", 0, "finetune lora/dna: rank of every converted conv (per group); 0 = from lrcc_rank_ratio",
+                    valid="[0, inf)"),
+    "lrcc_rank_ratio": _f("float", 0.25, "finetune lora/dna with lrcc_rank 0: rank = int(in_channels/groups x this), "
+                          "at least 1, at most full rank", valid="(0, inf)"),
+    "lora_alpha": _f("float", None, "finetune lora: scale lora_alpha / rank of the low-rank update; null = scale 1 "
+                     "(lrcc's default)", optional=True, valid="(0, inf)"),
+    "dna_mode": _f("str", "tune_U_S", "finetune dna: which factors of W = U.V + S (+ residual) train (lrcc's modes)",
+                   DNA_MODES),
+    "dna_lambda_s": _f("float", 0.01, "finetune dna: threshold of the sparse part S", valid="[0, inf)"),
+    "dna_compress_step": _f("int", 50, "finetune dna: iterations of the low-rank + sparse decomposition",
+                            valid="[0, inf)"),
+    "dna_cache": _f("str", None, "finetune dna: file caching the decomposition (reused when the weights and settings "
+                    "match); null = decompose at every build", optional=True),
     "aux_loss_weight": _f("float", 1.0, "weight of the auxiliary losses (PFENet aux_weight, BAM aux_weight1)",
                             valid="[0, inf)"),
     "reduce_dim": _f("int", 256, "channels of the meta-learner features", valid="[1, inf)"),
@@ -240,6 +281,16 @@ def check_value(key: str, value: Any, source: str) -> Any:
     elif t == "str":
         if not isinstance(value, str):
             raise bad("a string")
+    elif t == "str_list":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of names like [layer2, layer3]")
+        value = list(value)
+        if field.choices is not None:
+            wrong = [v for v in value if v not in field.choices]
+            if wrong:
+                raise ValueError(f"{where}: {wrong[0]!r} is not one of {list(field.choices)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{where} names an item twice: {value!r}")
     elif t in ("int_list", "float_list"):
         if not isinstance(value, (list, tuple)):
             raise bad("a list like [1, 2, 3]")
@@ -255,15 +306,15 @@ def check_value(key: str, value: Any, source: str) -> Any:
         for k, v in value.items():
             if k not in FIELDS:
                 raise ConfigKeyError(f"{where}: unknown config key '{k}'; {closest_key(str(k))}")
-            if k == "svf" or FIELDS[k].type == "mapping":
+            if k in ("svf", "finetune") or FIELDS[k].type == "mapping":
                 raise ValueError(f"{where}: '{k}' cannot be set inside it")
             inner[k] = check_value(k, v, f"{source}, {key}")
         value = inner
     else:  # pragma: no cover - schema error
         raise TypeError(f"schema type {t} of {key}")
-    if field.choices is not None and value not in field.choices:
+    if field.choices is not None and t != "str_list" and value not in field.choices:
         raise ValueError(f"{where} must be one of {list(field.choices)}, got {value!r}")
-    if t in ("int_list", "float_list") and len(value) < field.min_items:
+    if t.endswith("_list") and len(value) < field.min_items:
         raise ValueError(f"{where} needs at least {field.min_items} item(s), got {value!r}")
     if field.valid is not None:
         items = value if t in ("int_list", "float_list") else [value]
@@ -282,6 +333,8 @@ RELATIONS = [
      "stage1_scale_min <= stage1_scale_max"),
     (("test_seeds",), lambda v: len(set(v["test_seeds"])) == len(v["test_seeds"]),
      "test_seeds are distinct (a repeated seed repeats the same episodes)"),
+    (("svf", "finetune"), lambda v: v["finetune"] is None or v["svf"] == (v["finetune"] == "svf"),
+     "svf is true exactly when finetune is svf (or finetune is null: derived from svf)"),
 ]
 
 
@@ -311,10 +364,40 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def finetune_method(values) -> str:
+    """The finetune method a config runs: `finetune`, or when null the one `svf` derives (svf true -> svf;
+    false -> freeze for the few-shot models, full for the stage-1 PSPNet). `values`: a dict or a Config."""
+    get = values.get if isinstance(values, dict) else (lambda k: getattr(values, k))
+    if get("finetune") is not None:
+        return get("finetune")
+    if get("svf"):
+        return "svf"
+    return "full" if get("arch") == "pspnet" else "freeze"
+
+
+def finetune_tag(values) -> str:
+    """The `{svf_tag}` of exp_dir: `svf` / `nosvf` for what svf true / false run (folders as always), else the
+    method's name (dna: `dna_<dna_mode>`), with the SVD factors when not S (`svf_US`) and the tuned stages when
+    not the default (`full_l34`), so that runs of different methods never share a folder."""
+    get = values.get if isinstance(values, dict) else (lambda k: getattr(values, k))
+    method = finetune_method(values)
+    derived_without_svf = "full" if get("arch") == "pspnet" else "freeze"
+    if method == "svf":
+        tag = "svf" if get("svf_factors") == "S" else f"svf_{get('svf_factors')}"
+    elif method == derived_without_svf:
+        tag = "nosvf"
+    else:
+        tag = f"dna_{get('dna_mode')}" if method == "dna" else method
+    stages = list(get("finetune_stages"))
+    if method != "freeze" and stages != FIELDS["finetune_stages"].default:
+        tag += "_l" + "".join(s[len("layer"):] for s in stages)
+    return tag
+
+
 def _format_templates(values: dict) -> dict:
     """Fill `{key}` references in string values (e.g. exp_dir) from the other values."""
     context = dict(values)
-    context["svf_tag"] = "svf" if values.get("svf") else "nosvf"
+    context["svf_tag"] = finetune_tag(values)
     out = dict(values)
     for key, value in values.items():
         if isinstance(value, str) and "{" in value:
@@ -384,13 +467,37 @@ def check_pair(key: str, value: Any, source: str) -> tuple[str, Any]:
     return key, check_value(key, value, source)
 
 
+def _svf_and_finetune(file_values: dict, command_line: dict, source: str) -> tuple[bool, Optional[str]]:
+    """The resolved (svf, finetune): within one place (file, command line) they must agree; a later place's
+    choice overrides an earlier one's, and svf follows an explicit finetune."""
+    svf, finetune = FIELDS["svf"].default, FIELDS["finetune"].default
+    for where, level in ((source.split(" + ")[0], file_values), ("command line", command_line)):
+        has_svf, has_finetune = "svf" in level, level.get("finetune") is not None
+        if has_svf and has_finetune and level["svf"] != (level["finetune"] == "svf"):
+            raise ValueError(f"config keys svf={level['svf']!r} and finetune={level['finetune']!r} (both from "
+                             f"{where}) contradict each other: svf true is finetune svf; set only finetune")
+        if has_finetune:
+            finetune = level["finetune"]
+        elif "finetune" in level:  # an explicit null: derived from svf again
+            finetune = None
+        if has_svf:
+            svf = level["svf"]
+            if finetune is not None and not has_finetune and svf != (finetune == "svf"):
+                finetune = None  # svf here overrides an earlier place's finetune: derived from svf
+    if finetune is not None:
+        svf = finetune == "svf"
+    return svf, finetune
+
+
 def _resolve(file_values: dict, command_line: Sequence[tuple[str, Any]], source: str) -> Config:
     values = {key: copy.deepcopy(field.default) for key, field in FIELDS.items()}
     values.update(file_values)
+    svf, finetune = _svf_and_finetune(file_values, dict(command_line), source)
     final = dict(values, **dict(command_line))
-    if not final["svf"]:
+    if not svf:
         values.update(final["nosvf"])  # svf false: the file's nosvf block, then the command line again
     values.update(command_line)
+    values["svf"], values["finetune"] = svf, finetune
     check_relations(values, source)
     return Config(**_format_templates(values))
 

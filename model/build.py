@@ -6,11 +6,13 @@ How the config chooses the model:
   ``dilation_rule`` (``auto``: BAM's rule for bam/pspnet, torchvision's for baseline/pfenet, as the released code);
 - ``pretrained``: backbone weights file (or null: random init, with a warning); for ``bam`` the backbone and
   the base learner come from ``base_learner`` (the stage-1 PSPNet checkpoint) instead;
-- ``svf``: on, the backbone goes through ``svf.resolver`` (exact SVD of every conv) and
+- ``finetune`` (or, when null, ``svf``): how the backbone trains, one entry of the registry in model/finetune.py.
+  ``svf`` (svf: true): the backbone goes through ``svf.resolver`` (exact SVD of every conv) and
   ``svf.apply_paper_freezing`` (layer0/1 frozen, layer2-4 train only ``vector_S``, BatchNorm frozen in eval
-  mode); for ``bam`` the base learner then reads a frozen plain copy of the stage-1 backbone (``base_backbone``),
-  as the released BAM+SVF; off, the backbone of the few-shot models is frozen (no grads, BatchNorm in eval) as
-  in PFENet/BAM, and the PSPNet backbone is trained fully (BAM's stage 1).
+  mode); ``freeze`` (svf: false, few-shot models): no grads, BatchNorm in eval, as in PFENet/BAM; ``full``
+  (svf: false, PSPNet): the whole backbone trains (BAM's stage 1); and ``bias``, ``bn``, ``lora``, ``dna``.
+  For ``bam`` the base learner reads a frozen plain copy of the stage-1 backbone (``base_backbone``) whenever
+  the method changes the backbone, as the released BAM+SVF.
 
 ``cfg`` is a complete config (``common.config.load_config`` from a file, or ``common.config.defaults(**keys)``
 without one); this module reads ``cfg.key`` and has no defaults of its own.
@@ -20,6 +22,7 @@ import warnings
 
 import svf
 
+from . import finetune
 from .backbones import build_backbone
 from .fewshot import BAM, PFENet, Baseline
 from .pspnet import PSPNet
@@ -79,18 +82,8 @@ def _pspnet(cfg, backbone):
 
 
 def _set_backbone_training(model, cfg):
-    """SVF on: exact SVD + the paper's freezing. SVF off: frozen few-shot backbone, fully trained PSPNet one."""
-    if cfg.svf:
-        plain = model.backbone
-        model.backbone = svf.resolver(plain)  # a converted copy; exact at ratio 1.0
-        if isinstance(model, BAM):  # the base learner keeps reading the original stage-1 backbone
-            model.set_base_backbone(plain)  # frozen, and kept in eval mode by train()
-        svf.apply_paper_freezing(model.backbone)
-        model.eval_modules = tuple(dict.fromkeys(model.eval_modules + ("backbone",)))
-    elif isinstance(model, PSPNet):
-        model.backbone.requires_grad_(True)
-    else:
-        model.backbone.requires_grad_(False)  # kept in eval mode by train() (FewShotModel.eval_modules)
+    """What the backbone trains: the ``finetune`` method's registry entry (model/finetune.py)."""
+    finetune.apply(model, cfg)
     if cfg.fold_batchnorm and not isinstance(model, PSPNet):  # exact, and only while a BatchNorm stays frozen
         svf.fold_batchnorm(model)
     model.train()
@@ -144,26 +137,14 @@ def param_groups(model, cfg):
     sets lr = base_lr * lr_mult; nothing else scales the LR):
     - ``heads``: every trainable parameter outside the backbone, lr_mult cfg.head_lr_mult (BAM's recipe: 10),
       weight decay cfg.weight_decay;
-    - ``singular_values`` (SVF on): the backbone's trainable ``vector_S``, lr_mult cfg.svf_lr_mult,
-      weight decay cfg.weight_decay only if cfg.svf_weight_decay;
-    - ``backbone`` (pspnet without SVF): lr_mult cfg.backbone_lr_mult, weight decay cfg.weight_decay.
+    - the backbone's trainable tensors, in the group the ``finetune`` method names, at its LR key
+      (model/finetune.py: ``singular_values`` at svf_lr_mult, weight decay only if svf_weight_decay;
+      ``backbone`` at backbone_lr_mult for full, the stage-1 PSPNet's; ``biases``, ``batchnorm``, ``lora``,
+      ``dna`` at bias/bn/lora/dna_lr_mult), weight decay cfg.weight_decay.
     Empty groups are left out."""
     model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
-    weight_decay = float(cfg.weight_decay)
     in_backbone = {id(p) for p in model.backbone.parameters()}
     heads = [p for p in model.parameters() if p.requires_grad and id(p) not in in_backbone]
-    backbone = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
     groups = [{"name": "heads", "params": heads, "lr_mult": float(cfg.head_lr_mult),
-               "weight_decay": weight_decay}]
-    if cfg.svf:
-        other = [n for n, _ in backbone if "vector_S" not in n]
-        if other:
-            raise ValueError(f"SVF is on but these backbone tensors are trainable too: {other[:5]} "
-                             f"({len(other)} in all); build the model with build_model")
-        groups.append({"name": "singular_values", "params": [p for _, p in backbone],
-                       "lr_mult": float(cfg.svf_lr_mult),
-                       "weight_decay": weight_decay if cfg.svf_weight_decay else 0.0})
-    else:
-        groups.append({"name": "backbone", "params": [p for _, p in backbone],
-                       "lr_mult": float(cfg.backbone_lr_mult), "weight_decay": weight_decay})
-    return [g for g in groups if g["params"]]
+               "weight_decay": float(cfg.weight_decay)}, finetune.backbone_group(model, cfg)]
+    return [g for g in groups if g and g["params"]]

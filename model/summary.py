@@ -1,7 +1,9 @@
-"""``python -m model.summary --config config/pascal_split0.yaml [--set key=value ...]``
+"""``python -m model.summary --config config/pascal_split0.yaml [key=value ...]``
 
-Builds the model the config describes and prints what trains: the trainable-parameter line
-(``svf.print_trainable_parameters``) and the counts per stage (``layer0`` .. ``layer4``) and per head.
+Builds the model the config describes and prints what trains: the finetune method (model/finetune.py), the
+trainable-parameter line (``svf.print_trainable_parameters``), the backbone's trainable count and the counts per
+stage (``layer0`` .. ``layer4``) and per head. Overrides are the same ``key=value`` words as train.py and test.py
+take (``--set key=value`` works too), e.g. ``finetune=lora lrcc_rank=8``.
 Works without the weights files: a ``pretrained`` / ``base_learner`` path that does not exist is replaced by
 random initialisation, with a note saying so.
 """
@@ -12,6 +14,7 @@ import warnings
 
 import svf
 
+from . import finetune
 from .backbones import STAGES
 from .build import build_model
 
@@ -35,8 +38,11 @@ def summarize(cfg, file=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-init notes were printed above
         model = build_model(cfg)
-    print(f"arch={cfg.arch} backbone={cfg.backbone} svf={bool(cfg.svf)}", file=file)
+    print(f"arch={cfg.arch} backbone={cfg.backbone} svf={bool(cfg.svf)} finetune={finetune.method_of(cfg).name}",
+          file=file)
+    print(finetune.describe(cfg), file=file)
     svf.print_trainable_parameters(model, file=file)
+    print(_count_line("backbone", model.backbone), file=file)
     for stage in STAGES:
         print(_count_line(stage, getattr(model.backbone, stage)), file=file)
     backbones = ("backbone", "base_backbone")  # base_backbone: BAM+SVF's frozen copy read by its base learner
@@ -53,11 +59,15 @@ def summarize(cfg, file=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="flat YAML config, e.g. config/pascal_split0.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable), e.g. --set svf=true")
-    args = parser.parse_args(argv)
-    from common.config import load_config  # the project's one config loader (defaults, checks, templates)
-    summarize(load_config(args.config, args.overrides))
+    parser.epilog = "Overrides: key=value or --set key=value (any config key), as train.py and test.py."
+    args, rest = parser.parse_known_args(argv)
+    # the project's one config loader (defaults, checks, templates) and override parser
+    from common.config import load_config, split_overrides
+    try:
+        overrides = split_overrides(rest)
+    except ValueError as exc:
+        parser.error(str(exc))
+    summarize(load_config(args.config, overrides))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import svf
 from model import build_model, param_groups
+from model.pspnet import PSPNet
 from model.layers import capped_bin, masked_average_pooling, prior_mask
 from conftest import random_episode, tiny_cfg
 
@@ -185,7 +186,8 @@ def test_bam_svf_base_learner_reads_the_original_backbone_without_gradients():
 
 
 def _short_run(model, batch_fn, steps, base_lr):
-    groups = param_groups(model, tiny_cfg(svf=getattr(model, "_svf", False)))
+    arch = "pspnet" if isinstance(model, PSPNet) else "baseline"  # the group rules follow the model's method
+    groups = param_groups(model, tiny_cfg(arch=arch, svf=getattr(model, "_svf", False)))
     opt = torch.optim.SGD([{"params": g["params"], "lr": base_lr * g["lr_mult"], "weight_decay": g["weight_decay"]}
                            for g in groups], momentum=0.9)
     inputs, target = batch_fn()

@@ -1,0 +1,312 @@
+"""How the backbone trains: ONE registry of fine-tuning methods (config key ``finetune``).
+
+Each ``Method`` declares, in one entry of ``METHODS``:
+- ``trains``: what trains, in words (docs, ``python -m model.summary``);
+- ``prepare(backbone, stages, cfg)``: converts / marks the backbone's ``finetune_stages`` (every other parameter
+  of the backbone is frozen first) and returns the backbone (a converted copy or the same object);
+- ``in_place``: whether ``prepare`` changes the backbone it is given (BAM then hands it a copy, so that its
+  base learner keeps reading the untouched stage-1 backbone);
+- ``group`` / ``lr_key``: the optimizer group of the backbone tensors that train and the config key of its LR
+  multiplier (``lr = base_lr * cfg.<lr_key>``); ``weight_decay_key``: a bool key that switches the group's weight
+  decay (svf: ``svf_weight_decay``), else the group has ``weight_decay``;
+- ``merge``: how the trained backbone becomes plain layers (svf: ``svf.merge``; lora/dna: ``lrcc.merge``;
+  exact up to float rounding), or None when the backbone already is plain;
+- ``trains_bn_statistics``: BatchNorm running statistics of the tuned stages update in training. Only ``full``
+  says so, and only the stage-1 PSPNet uses it (BAM's stage 1); the few-shot models always run their backbone
+  in eval mode (PFENet/BAM), and every other method keeps the statistics frozen;
+- ``refuses(backbone, stages, cfg)``: a one-line reason when the method cannot work on this backbone, or None.
+
+``apply(model, cfg)`` is what ``model.build.build_model`` calls; ``param_groups`` reads the group and LR key
+from here; ``trainable_names(backbone, cfg)`` is the exact set a method trains (tests, the checks below).
+``finetune: null`` derives the method from ``svf`` (``common.config.finetune_method``): the derived full
+training of the stage-1 PSPNet trains every stage (BAM's stage 1), whatever ``finetune_stages`` says by default.
+"""
+import copy
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch.nn as nn
+
+import svf
+from common.config import FIELDS, FINETUNE_METHODS, finetune_method
+
+from .backbones import STAGES
+
+__all__ = ["Method", "METHODS", "method_of", "tuned_stages", "apply", "trainable_names", "backbone_group",
+           "merged", "describe"]
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def _stage_modules(backbone, stages):
+    return [(s, getattr(backbone, s)) for s in stages]
+
+
+def _mark(backbone, stages, wanted):
+    """requires_grad on the parameters of ``stages`` for which ``wanted(module, param_name)`` holds."""
+    for stage, module in _stage_modules(backbone, stages):
+        for sub in module.modules():
+            for name, p in sub.named_parameters(recurse=False):
+                if wanted(sub, name):
+                    p.requires_grad_(True)
+    return backbone
+
+
+# ---- prepare: per method ---------------------------------------------------------------------------------
+
+def _prepare_freeze(backbone, stages, cfg):
+    return backbone
+
+
+def _prepare_svf(backbone, stages, cfg):
+    resolved = svf.resolver(backbone)  # a converted copy; exact at ratio 1.0
+    frozen = [s for s in STAGES if s not in stages]
+    svf.apply_paper_freezing(resolved, frozen, stages, factors=cfg.svf_factors)
+    return resolved
+
+
+def _prepare_full(backbone, stages, cfg):
+    for _, module in _stage_modules(backbone, stages):
+        module.requires_grad_(True)
+    return backbone
+
+
+def _prepare_bias(backbone, stages, cfg):
+    return _mark(backbone, stages, lambda m, n: n == "bias")
+
+
+def _prepare_bn(backbone, stages, cfg):
+    return _mark(backbone, stages, lambda m, n: isinstance(m, _BN))
+
+
+def _lrcc_convert(backbone, stages, mode, cfg):
+    import lrcc  # the sibling package: needed by lora/dna only
+
+    options = dict(r=int(cfg.lrcc_rank), r_ratio=float(cfg.lrcc_rank_ratio), verbose=False)
+    if mode == "lora_mode":
+        options["lora_alpha"] = cfg.lora_alpha
+    else:
+        options.update(compress_step=int(cfg.dna_compress_step), lambda_s=float(cfg.dna_lambda_s))
+    for stage in stages:
+        cache = None
+        if mode != "lora_mode" and cfg.dna_cache:  # one file per stage: the cache key is per call
+            root, ext = (cfg.dna_cache.rsplit(".", 1) + [""])[:2] if "." in cfg.dna_cache else (cfg.dna_cache, "")
+            cache = f"{root}.{stage}" + (f".{ext}" if ext else "")
+        converted = lrcc.model_convert_conv(getattr(backbone, stage), mode, cache_path=cache, **options)
+        setattr(backbone, stage, converted)  # the converted layers' own factors train (lrcc.TRAINABLE_BY_MODE)
+    return backbone
+
+
+def _prepare_lora(backbone, stages, cfg):
+    return _lrcc_convert(backbone, stages, "lora_mode", cfg)
+
+
+def _prepare_dna(backbone, stages, cfg):
+    return _lrcc_convert(backbone, stages, cfg.dna_mode, cfg)
+
+
+# ---- refusals ----------------------------------------------------------------------------------------------
+
+def _stages_without(backbone, stages, kind):
+    return [s for s, m in _stage_modules(backbone, stages) if not any(isinstance(x, kind) for x in m.modules())]
+
+
+def _refuses_bn(backbone, stages, cfg):
+    missing = _stages_without(backbone, stages, _BN)
+    if missing:
+        return (f"finetune=bn trains BatchNorm gamma/beta, but the {backbone.name} backbone's {missing[0]} has no "
+                "BatchNorm layer; use finetune=bias or full for it")
+    return None
+
+
+def _refuses_bias(backbone, stages, cfg):
+    missing = [s for s, m in _stage_modules(backbone, stages) if not any(n.endswith("bias") for n, _ in m.named_parameters())]
+    if missing:
+        return f"finetune=bias: the {backbone.name} backbone's {missing[0]} has no bias parameter to train"
+    return None
+
+
+def _refuses_lrcc(backbone, stages, cfg):
+    missing = _stages_without(backbone, stages, nn.Conv2d)
+    if missing:
+        return (f"finetune={cfg.finetune} converts nn.Conv2d layers (lrcc), but the {backbone.name} backbone's "
+                f"{missing[0]} has none (its blocks are Linear layers); use finetune=svf, bias or full for it")
+    return None
+
+
+# ---- trainable sets (independent of prepare: the tests and param_groups check one against the other) -------
+
+def _names_in(backbone, stages, wanted):
+    prefixes = tuple(f"{s}." for s in stages)
+    return {n for n, p in backbone.named_parameters() if n.startswith(prefixes) and wanted(n)}
+
+
+def _svf_factor_names(name, factors):
+    leaf = name.rsplit(".", 2)
+    owner = leaf[-2] if len(leaf) >= 2 else ""
+    if name.endswith("vector_S"):
+        return True
+    if leaf[-1] != "weight":
+        return False  # U's bias (the layer's original bias) never trains
+    return (("U" in factors and owner in ("conv_U", "fc_U")) or ("V" in factors and owner in ("conv_V", "fc_V")))
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    trains: str
+    prepare: Callable
+    in_place: bool
+    group: Optional[str]
+    lr_key: Optional[str]
+    trainable: Callable                      # (backbone, stages, cfg) -> set of parameter names
+    merge: Optional[Callable] = None
+    weight_decay_key: Optional[str] = None
+    trains_bn_statistics: bool = False
+    refuses: Callable = lambda backbone, stages, cfg: None
+
+
+def _lrcc_trainable(backbone, stages, cfg):
+    import lrcc
+    out = set()
+    for stage in stages:
+        for name, m in getattr(backbone, stage).named_modules():
+            if isinstance(m, lrcc.LowRankConv2d):
+                out.update(f"{stage}.{name}.{t}" for t in lrcc.TRAINABLE_BY_MODE[m.mode])
+    return out
+
+
+def _lrcc_merge(backbone):
+    import lrcc
+    return lrcc.merge(backbone)
+
+
+METHODS = {m.name: m for m in (
+    Method("freeze", "nothing in the backbone", _prepare_freeze, in_place=False, group=None, lr_key=None,
+           trainable=lambda b, s, c: set()),
+    Method("svf", "the singular values S of every conv/linear (svf_factors: also U and/or V)", _prepare_svf,
+           in_place=False, group="singular_values", lr_key="svf_lr_mult",
+           trainable=lambda b, s, c: _names_in(b, s, lambda n: _svf_factor_names(n, c.svf_factors)),
+           merge=svf.merge, weight_decay_key="svf_weight_decay"),
+    Method("full", "every parameter (BatchNorm gamma/beta included)", _prepare_full, in_place=True,
+           group="backbone", lr_key="backbone_lr_mult", trainable=lambda b, s, c: _names_in(b, s, lambda n: True),
+           trains_bn_statistics=True),
+    Method("bias", "every bias: conv/linear biases and BatchNorm/LayerNorm beta (BitFit)", _prepare_bias,
+           in_place=True, group="biases", lr_key="bias_lr_mult",
+           trainable=lambda b, s, c: _names_in(b, s, lambda n: n.rsplit(".", 1)[-1] == "bias"),
+           refuses=_refuses_bias),
+    Method("bn", "BatchNorm gamma and beta (statistics stay frozen)", _prepare_bn, in_place=True,
+           group="batchnorm", lr_key="bn_lr_mult",
+           trainable=lambda b, s, c: {f"{st}.{n}.{p}" for st in s for n, m in getattr(b, st).named_modules()
+                                      if isinstance(m, _BN) for p, _ in m.named_parameters(recurse=False)},
+           refuses=_refuses_bn),
+    Method("lora", "LoRA factors A, B of every conv (lrcc lora_mode; rank lrcc_rank / lrcc_rank_ratio)",
+           _prepare_lora, in_place=True, group="lora", lr_key="lora_lr_mult", trainable=_lrcc_trainable,
+           merge=_lrcc_merge, refuses=_refuses_lrcc),
+    Method("dna", "DnA factors of every conv, W = U.V + S (lrcc dna_mode; rank lrcc_rank / lrcc_rank_ratio)",
+           _prepare_dna, in_place=True, group="dna", lr_key="dna_lr_mult", trainable=_lrcc_trainable,
+           merge=_lrcc_merge, refuses=_refuses_lrcc),
+)}
+assert tuple(METHODS) == FINETUNE_METHODS, "common.config.FINETUNE_METHODS lists the registry's methods"
+
+
+def method_of(cfg) -> Method:
+    """The registry entry ``cfg`` runs (``finetune``, or the one ``svf`` derives)."""
+    return METHODS[finetune_method(cfg)]
+
+
+def _derived_stage1(cfg):
+    return cfg.finetune is None and not cfg.svf and cfg.arch == "pspnet"
+
+
+def tuned_stages(cfg) -> tuple:
+    """The backbone stages the method trains: ``finetune_stages``; every stage for the stage-1 PSPNet's derived
+    full training (BAM's stage 1), which refuses a finetune_stages other than the default."""
+    if _derived_stage1(cfg):
+        if list(cfg.finetune_stages) != FIELDS["finetune_stages"].default:
+            raise ValueError(f"finetune_stages={list(cfg.finetune_stages)} needs an explicit finetune: the stage-1 "
+                             "PSPNet with svf false (finetune null) trains every stage as BAM's stage 1; set "
+                             "finetune=full to train only some stages")
+        return STAGES
+    return tuple(s for s in STAGES if s in cfg.finetune_stages)
+
+
+def trainable_names(backbone, cfg) -> set:
+    """The names of the backbone parameters that ``cfg``'s method trains (after ``apply``)."""
+    return method_of(cfg).trainable(backbone, tuned_stages(cfg), cfg)
+
+
+def apply(model, cfg):
+    """Make ``model.backbone`` train as ``cfg`` says (see the module doc); returns the model. BAM: whenever the
+    method changes the backbone, its base learner keeps reading a frozen untouched copy (``set_base_backbone``)."""
+    from .fewshot import BAM
+    from .pspnet import PSPNet
+
+    method, stages = method_of(cfg), tuned_stages(cfg)
+    plain = model.backbone
+    reason = method.refuses(plain, stages, cfg)
+    if reason:
+        raise ValueError(f"arch={cfg.arch} backbone={cfg.backbone}: {reason}")
+    plain.requires_grad_(False)
+    changes = method.name != "freeze"
+    work = copy.deepcopy(plain) if changes and method.in_place and isinstance(model, BAM) else plain
+    model.backbone = method.prepare(work, stages, cfg)
+    if changes and isinstance(model, BAM):  # the base learner reads the original stage-1 backbone
+        shared = min(STAGES.index(s) for s in stages)  # the stages before the first tuned one are untouched
+        model.set_base_backbone(plain, shared_stages=shared)
+    keeps_statistics = isinstance(model, PSPNet) and method.trains_bn_statistics
+    if keeps_statistics:  # stage 1: the tuned stages update their statistics; the frozen ones do not
+        for stage in STAGES:
+            if stage not in stages:
+                svf.freeze_batchnorm(getattr(model.backbone, stage))
+    else:  # BatchNorm statistics (and Dropout) frozen: the backbone stays in eval mode (FrozenInEval)
+        model.eval_modules = tuple(dict.fromkeys(model.eval_modules + ("backbone",)))
+    expected = method.trainable(model.backbone, stages, cfg)
+    actual = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    if expected != actual:  # the registry's two descriptions of a method disagree: a bug here, not a user error
+        raise AssertionError(f"finetune={method.name}: trainable {sorted(actual ^ expected)[:5]} differ from the "
+                             "method's declared set")
+    return model
+
+
+def backbone_group(model, cfg) -> Optional[dict]:
+    """The optimizer group of the backbone's trainable tensors (None when nothing trains), checked against the
+    method's trainable set."""
+    method = method_of(cfg)
+    named = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
+    extra = sorted({n for n, _ in named} - trainable_names(model.backbone, cfg))
+    if extra:
+        raise ValueError(f"finetune={method.name} but these backbone tensors are trainable too: {extra[:5]} "
+                         f"({len(extra)} in all); build the model with build_model")
+    if not named:
+        return None
+    weight_decay = float(cfg.weight_decay)
+    if method.weight_decay_key and not getattr(cfg, method.weight_decay_key):
+        weight_decay = 0.0
+    return {"name": method.group, "params": [p for _, p in named], "lr_mult": float(getattr(cfg, method.lr_key)),
+            "weight_decay": weight_decay}
+
+
+def merged(model, cfg):
+    """A copy of ``model`` whose backbone is plain layers holding the trained weights (svf: ``svf.merge``;
+    lora/dna: ``lrcc.merge``); the same outputs up to float rounding. For a method that does not convert
+    layers, a plain copy. BatchNorm folding is dropped (``svf.unfold_batchnorm``) before merging."""
+    method = method_of(cfg)
+    out = copy.deepcopy(model)
+    if method.merge is not None:
+        svf.unfold_batchnorm(out.backbone)
+        out.backbone = method.merge(out.backbone)
+        out.backbone.requires_grad_(False)
+    return out
+
+
+def describe(cfg) -> str:
+    """One line: the method, its stages, what trains, its group and LR key."""
+    method, stages = method_of(cfg), tuned_stages(cfg)
+    if method.name == "freeze":
+        return "finetune freeze: the backbone is frozen"
+    extra = f", factors {cfg.svf_factors}" if method.name == "svf" else (
+        f", mode {cfg.dna_mode}" if method.name == "dna" else "")
+    return (f"finetune {method.name}{extra}: {method.trains} in {', '.join(stages)}; group {method.group} at "
+            f"{method.lr_key}={getattr(cfg, method.lr_key):g}; BatchNorm statistics "
+            f"{'update' if method.trains_bn_statistics and cfg.arch == 'pspnet' else 'frozen'}")
