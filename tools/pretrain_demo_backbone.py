@@ -1,7 +1,7 @@
 """Pretrain the demo's backbone on synthetic image classification: the demo's stand-in for ImageNet.
 
     python tools/pretrain_demo_backbone.py                      # writes exp/demo/pretrain/resnet18_deep_synthcls.pth
-    python tools/pretrain_demo_backbone.py --out FILE --epochs 4 --num-images 4000
+    python tools/pretrain_demo_backbone.py --out FILE --epochs 4 --num-images 3000
 
 As ImageNet weights relate to PASCAL-5i, the backbone learns another task (80-way classification) on other
 images and other categories than the few-shot data: ``dataset.synthetic_cls`` (hues half-way between the
@@ -126,7 +126,7 @@ def pretrain(args) -> dict:
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
     steps_per_epoch = args.num_images // args.batch_size
-    total = args.epochs * steps_per_epoch
+    total, warmup = args.epochs * steps_per_epoch, max(1, steps_per_epoch // 4)
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
     for epoch in range(args.epochs):
@@ -135,8 +135,8 @@ def pretrain(args) -> dict:
         loss_sum, correct = 0.0, 0
         for i in range(steps_per_epoch):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            for group in optimizer.param_groups:  # linear warm-up over the first epoch, then cosine decay
-                warm = min(1.0, (step + 1) / steps_per_epoch)
+            for group in optimizer.param_groups:  # linear warm-up over a quarter epoch, then cosine decay
+                warm = min(1.0, (step + 1) / warmup)
                 group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * step / total))
             logits = net(augment(x[idx], gen))
             loss = F.cross_entropy(logits, y[idx])
@@ -161,10 +161,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=DEFAULT_OUT, help="weights file (default %(default)s)")
     parser.add_argument("--backbone", default="resnet18_deep", choices=["resnet18_deep"])
-    parser.add_argument("--num-images", type=int, default=4000, help="training images (a balanced set)")
+    parser.add_argument("--num-images", type=int, default=2400, help="training images (a balanced set)")
     parser.add_argument("--heldout-images", type=int, default=800, help="new images for the accuracy check")
-    parser.add_argument("--size", type=int, default=64, help="image side")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--size", type=int, default=48, help="image side")
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.1, help="SGD (Nesterov momentum 0.9), warm-up + cosine")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
