@@ -9,6 +9,8 @@ printed only when all four folds are there; otherwise it is the mean of the fold
 with `*` and the number of folds. Results of `test.py --weights OTHER` (not the run's own checkpoint)
 get rows of their own, marked `[--weights FILE]`. When a fold has several results (e.g. two runs), the newest file wins.
 
+    python tools/summarize.py exp/demo/ablation --compare /other/clone/exp/demo/ablation
+
 Comparisons written by tools/ablate.py (`ablation.json`: one row per fine-tuning method, mean ± std over
 training seeds) are printed as their own tables after it; the test results of their runs stay out of the
 per-fold table.
@@ -184,11 +186,47 @@ def render_ablation(data: dict, markdown: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_ablations(a: dict, b: dict) -> tuple[str, float]:
+    """Lines comparing two runs of the same ablation (e.g. two machines or thread counts), and the largest
+    difference of a row's mean mIoU (points). Per method: mean mIoU in a and b, their difference, and the
+    largest difference of one training seed's mIoU."""
+    lines, worst = [f"{'method':<10} {'mIoU a':>8} {'mIoU b':>8} {'b - a':>7} {'max |run b - run a|':>20}"], 0.0
+    rows_b = {r["method"]: r for r in b["rows"]}
+    for ra in a["rows"]:
+        rb = rows_b.get(ra["method"])
+        if rb is None or ra["miou_mean"] is None or rb["miou_mean"] is None:
+            lines.append(f"{ra['method']:<10} (not in both)")
+            continue
+        runs_b = {run["seed"]: run["miou"] for run in rb["runs"]}
+        per_run = [abs(runs_b[run["seed"]] - run["miou"]) for run in ra["runs"] if run["seed"] in runs_b]
+        diff = 100 * (rb["miou_mean"] - ra["miou_mean"])
+        worst = max(worst, abs(diff))
+        lines.append(f"{ra['method']:<10} {100 * ra['miou_mean']:8.2f} {100 * rb['miou_mean']:8.2f} {diff:+7.2f} "
+                     f"{100 * max(per_run, default=float('nan')):20.2f}")
+    lines.append(f"largest difference of a row's mean mIoU: {worst:.2f} points")
+    return "\n".join(lines), worst
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", help="folder searched recursively for test_*shot*.json and ablation.json")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--compare", metavar="OTHER_ROOT", help="compare every ablation under root with the one at "
+                        "the same place under OTHER_ROOT (another machine's or thread count's run of it)")
     args = parser.parse_args(argv)
+    if args.compare:
+        parts = []
+        for path, data in find_ablations(args.root):
+            other = os.path.join(args.compare, os.path.relpath(path, args.root))
+            if not os.path.isfile(other):
+                raise FileNotFoundError(f"{other} not found (the counterpart of {path})")
+            with open(other) as fh:
+                text, _ = compare_ablations(data, json.load(fh))
+            parts.append(f"a = {path}\nb = {other}\n{text}")
+        if not parts:
+            raise FileNotFoundError(f"no ablation.json under '{args.root}'")
+        print("\n\n".join(parts))
+        return "\n\n".join(parts)
     results, ablations = find_results(args.root), find_ablations(args.root)
     if not results and not ablations:
         raise FileNotFoundError(f"no test results (test_*shot*.json) or ablations (ablation.json) under "
