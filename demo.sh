@@ -4,7 +4,7 @@
 #   2. pretrain the backbone on synthetic CLASSIFICATION (80 other categories, other images: the demo's
 #      ImageNet; tools/pretrain_demo_backbone.py, cached in exp/demo/pretrain/);
 #   3. tools/ablate.py: the SVF paper's baseline few-shot model with the backbone untrained-heads / frozen /
-#      SVF / fully fine-tuned / BatchNorm-tuned, 3 training seeds each, all tested on the same 2 x 200 episodes;
+#      SVF / fully fine-tuned / BatchNorm-tuned, 3 training seeds each, all tested on the same 2 x 100 episodes;
 #   4. print the table (mean ± std over training seeds, paired differences to the frozen backbone).
 # Usage: sh demo.sh                           # fold 0, about ten minutes on 2 cores
 #        FOLDS="0 1 2 3" sh demo.sh           # all four folds (four times as long)

@@ -86,7 +86,7 @@ def test_shipped_configs_set_every_key_and_their_fold():
 # 64 px data, 3 epochs, the last epoch tested, per-method LRs): these keys of config/demo.yaml, and only these,
 # may differ from the recorded values and defaults. The PASCAL and COCO configs may not change at all.
 DEMO_REDESIGNED = {"data_root", "list_dir", "min_class_pixels", "train_size", "test_size", "pretrained",
-                   "backbone_lr_mult", "bias_lr_mult", "bn_lr_mult", "epochs", "stage1_pretrained",
+                   "backbone_lr_mult", "bias_lr_mult", "bn_lr_mult", "epochs", "batch_size", "stage1_pretrained",
                    "stage1_train_size", "checkpoint_select", "val_every", "val_episodes"}
 
 

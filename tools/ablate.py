@@ -7,7 +7,8 @@
 
 For every method (a value of the `finetune` config key; before that key existed, `freeze` and `svf` map onto
 `svf=false|true`) and every training seed, train.py trains a run in OUT/<method>/seed<S> and test.py tests it;
-`untrained` (test.py --untrained: pretrained backbone, heads as initialised) is tested for every seed too.
+`untrained` (test.py --untrained: pretrained backbone, heads as initialised at the first training seed) is
+tested once: nothing trains in it, it is the floor the others start from.
 What a training seed is: the config's `seed`, which fixes the episode order, the augmentation, the heads'
 initialisation and dropout (train.py's reproducibility rules). So at one seed every method trains on exactly
 the same batches, and the seeds together measure how much a result moves when all of that changes. The test
@@ -254,8 +255,8 @@ def main(argv=None) -> dict:
                                 f"{cfg.shot}shot")
     seeds = training_seeds(args, cfg)
     methods = ([] if args.no_untrained else [UNTRAINED]) + args.method_list
-    runs = {m: [Run(args, args.overrides, m, s) for s in seeds] for m in methods}
-    order = [run for s in range(len(seeds)) for run in (runs[m][s] for m in methods)]  # seed by seed
+    runs = {m: [Run(args, args.overrides, m, s) for s in (seeds[:1] if m == UNTRAINED else seeds)] for m in methods}
+    order = [run for s in seeds for m in methods for run in runs[m] if run.seed == s]  # seed by seed
     print(f"ablation: {len(methods)} rows x {len(seeds)} training seeds {seeds} -> {args.out}", flush=True)
     out_json = os.path.join(args.out, ABLATION)
     os.makedirs(args.out, exist_ok=True)

@@ -126,7 +126,7 @@ def pretrain(args) -> dict:
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
     steps_per_epoch = args.num_images // args.batch_size
-    total, warmup = args.epochs * steps_per_epoch, max(1, steps_per_epoch // 4)
+    total, warmup = args.epochs * steps_per_epoch, max(1, steps_per_epoch // 2)
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
     for epoch in range(args.epochs):
@@ -135,7 +135,7 @@ def pretrain(args) -> dict:
         loss_sum, correct = 0.0, 0
         for i in range(steps_per_epoch):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            for group in optimizer.param_groups:  # linear warm-up over a quarter epoch, then cosine decay
+            for group in optimizer.param_groups:  # linear warm-up over half an epoch, then cosine decay
                 warm = min(1.0, (step + 1) / warmup)
                 group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * step / total))
             logits = net(augment(x[idx], gen))
@@ -161,12 +161,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=DEFAULT_OUT, help="weights file (default %(default)s)")
     parser.add_argument("--backbone", default="resnet18_deep", choices=["resnet18_deep"])
-    parser.add_argument("--num-images", type=int, default=2400, help="training images (a balanced set)")
+    parser.add_argument("--num-images", type=int, default=2000, help="training images (a balanced set)")
     parser.add_argument("--heldout-images", type=int, default=800, help="new images for the accuracy check")
     parser.add_argument("--size", type=int, default=48, help="image side")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.1, help="SGD (Nesterov momentum 0.9), warm-up + cosine")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD (Nesterov momentum 0.9), warm-up + cosine")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="retrain even if the file exists")
