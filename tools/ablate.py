@@ -47,7 +47,8 @@ from tools.summarize import ABLATION, render_ablation  # noqa: E402
 
 UNTRAINED = "untrained"
 RUN_STATS = "train_stats.json"  # train.py's RUN_STATS (train.py is not imported: it pulls in the whole engine)
-IGNORED_KEYS = ("workers",)      # settings that do not change a run's result
+# settings that do not change what a run trains: a folder trained without them is reused (and retested)
+IGNORED_KEYS = ("workers", "test_episodes", "test_seeds", "test_resize_smaller")
 
 
 def method_overrides(method: str) -> list[str]:
@@ -98,8 +99,10 @@ class Run:
             result = json.load(fh)
         if (result.get("episodes_per_seed"), result.get("seeds")) != (self.cfg.test_episodes, list(self.cfg.test_seeds)):
             return False
-        if self.method == UNTRAINED:
-            return True
+        if self.method == UNTRAINED:  # built from the pretrained weights: retested when they are newer
+            weights = self.cfg.pretrained
+            return not weights or not os.path.isfile(weights) or \
+                os.path.getmtime(self.result_path) >= os.path.getmtime(weights)
         checkpoint = evaluation_checkpoint(self.dir, self.cfg.checkpoint_select)
         return os.path.isfile(checkpoint) and os.path.getmtime(self.result_path) >= os.path.getmtime(checkpoint)
 
