@@ -525,9 +525,10 @@ class EpochSampler(Sampler):
 
 
 def trained_batchnorm(net: torch.nn.Module) -> list:
-    """(parent module, child name) of every BatchNorm whose parameters train."""
+    """(parent module, child name) of every BatchNorm whose parameters train and whose statistics update (train
+    mode after ``net.train()``: not those of a backbone kept in eval mode, e.g. under finetune=bn)."""
     return [(parent, name) for parent in net.modules() for name, child in parent.named_children()
-            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm)
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and child.training
             and any(p.requires_grad for p in child.parameters(recurse=False))]
 
 

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Train one fold:  sh train.sh DATASET SPLIT BACKBONE svf|nosvf [ARCH] [key=value ...]
+# Train one fold:  sh train.sh DATASET SPLIT BACKBONE svf|nosvf|METHOD [ARCH] [key=value ...]
 #   sh train.sh pascal split0 resnet50 svf            # = config/pascal_split0.yaml exactly
 #   sh train.sh pascal split0 resnet50 nosvf pfenet   # PFENet without SVF (own exp_dir)
 #   ARCH=bam sh train.sh coco split2 resnet50 svf shot=5
@@ -17,12 +17,14 @@ DATASET=$1; SPLIT=$2; BACKBONE=$3; MODE=$4; shift 4
 case "$MODE" in
     svf) SVF=true ;;
     nosvf) SVF=false ;;
-    *) echo "error: 4th word must be svf or nosvf, got '$MODE'" >&2; exit 2 ;;
+    freeze|full|bias|bn|lora|dna) SVF= ;;   # another finetune method (docs/training.md)
+    *) echo "error: 4th word must be svf, nosvf or a finetune method (freeze full bias bn lora dna), got '$MODE'" >&2; exit 2 ;;
 esac
+if [ -n "$SVF" ]; then CHOICE="svf=$SVF"; else CHOICE="finetune=$MODE"; fi
 if [ $# -gt 0 ] && [ "${1#*=}" = "$1" ]; then ARCH=$1; shift; fi
 CONFIG="config/${DATASET}_${SPLIT}.yaml"
 [ -f "$CONFIG" ] || { echo "error: $CONFIG not found (DATASET pascal|coco|demo, SPLIT split0..split3)" >&2; exit 2; }
-set -- "backbone=$BACKBONE" "svf=$SVF" ${ARCH:+"arch=$ARCH"} "$@"
+set -- "backbone=$BACKBONE" "$CHOICE" ${ARCH:+"arch=$ARCH"} "$@"
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 

@@ -438,11 +438,13 @@ def read_config_file(path: str, chain: Sequence[str] = ()) -> dict:
             raise ValueError(f"config file '{path}': {BASE_KEY} must name a config file relative to it, "
                              f"like 'pascal.yaml'; got {base!r}")
         values = read_config_file(os.path.join(os.path.dirname(path), base), (*chain, os.path.abspath(path)))
+    own = {}
     for key, value in data.items():
         if key not in FIELDS:
             raise ConfigKeyError(f"unknown config key '{key}' in {path}; {closest_key(str(key))}")
-        values[key] = check_value(key, value, path)
-    return values
+        own[key] = check_value(key, value, path)
+    values.update({k: v for k, v in own.items() if k not in ("svf", "finetune")})
+    return _choose_method(values, own, path)
 
 
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
@@ -467,37 +469,36 @@ def check_pair(key: str, value: Any, source: str) -> tuple[str, Any]:
     return key, check_value(key, value, source)
 
 
-def _svf_and_finetune(file_values: dict, command_line: dict, source: str) -> tuple[bool, Optional[str]]:
-    """The resolved (svf, finetune): within one place (file, command line) they must agree; a later place's
-    choice overrides an earlier one's, and svf follows an explicit finetune."""
-    svf, finetune = FIELDS["svf"].default, FIELDS["finetune"].default
-    for where, level in ((source.split(" + ")[0], file_values), ("command line", command_line)):
-        has_svf, has_finetune = "svf" in level, level.get("finetune") is not None
-        if has_svf and has_finetune and level["svf"] != (level["finetune"] == "svf"):
-            raise ValueError(f"config keys svf={level['svf']!r} and finetune={level['finetune']!r} (both from "
-                             f"{where}) contradict each other: svf true is finetune svf; set only finetune")
-        if has_finetune:
-            finetune = level["finetune"]
-        elif "finetune" in level:  # an explicit null: derived from svf again
-            finetune = None
-        if has_svf:
-            svf = level["svf"]
-            if finetune is not None and not has_finetune and svf != (finetune == "svf"):
-                finetune = None  # svf here overrides an earlier place's finetune: derived from svf
+def _choose_method(values: dict, level: dict, where: str) -> dict:
+    """Put the svf / finetune choice of one place (a file over its base, or the command line over the files)
+    into ``values``: in one place they must agree; a later place's choice overrides an earlier one's, and svf
+    follows an explicit finetune. Returns ``values``."""
+    has_svf, finetune = "svf" in level, level.get("finetune")
+    if has_svf and finetune is not None and level["svf"] != (finetune == "svf"):
+        raise ValueError(f"config keys svf={level['svf']!r} and finetune={finetune!r} (both from {where}) "
+                         "contradict each other: svf true is finetune svf; set only finetune")
     if finetune is not None:
-        svf = finetune == "svf"
-    return svf, finetune
+        values["finetune"], values["svf"] = finetune, finetune == "svf"
+        return values
+    if "finetune" in level:  # an explicit null: derived from svf
+        values["finetune"] = None
+    if has_svf:
+        values["svf"] = level["svf"]
+        earlier = values.get("finetune")
+        if earlier is not None and level["svf"] != (earlier == "svf"):
+            values["finetune"] = None  # svf here overrides an earlier place's finetune: derived from svf
+    return values
 
 
 def _resolve(file_values: dict, command_line: Sequence[tuple[str, Any]], source: str) -> Config:
     values = {key: copy.deepcopy(field.default) for key, field in FIELDS.items()}
     values.update(file_values)
-    svf, finetune = _svf_and_finetune(file_values, dict(command_line), source)
+    choice = _choose_method(dict(values), dict(command_line), "the command line")
     final = dict(values, **dict(command_line))
-    if not svf:
+    if not choice["svf"]:
         values.update(final["nosvf"])  # svf false: the file's nosvf block, then the command line again
     values.update(command_line)
-    values["svf"], values["finetune"] = svf, finetune
+    values["svf"], values["finetune"] = choice["svf"], choice["finetune"]
     check_relations(values, source)
     return Config(**_format_templates(values))
 

@@ -242,7 +242,9 @@ def test_train_sh_arch_word_env_and_multinode():
     assert "stage 1:" in out.stdout and "--stage1" in out.stdout    # bam: base learner missing -> trained first
     assert "--nnodes 2 --node_rank 1 --nproc_per_node 1 --master_addr 10.0.0.1" in out.stdout
     bad = run_sh("train.sh", "pascal", "split0", "resnet50", "svd")
-    assert bad.returncode != 0 and "svf or nosvf" in bad.stderr
+    assert bad.returncode != 0 and "svf, nosvf or a finetune method" in bad.stderr
+    out = run_sh("train.sh", "pascal", "split0", "resnet50", "lora", "lrcc_rank=8")  # a finetune method as 4th word
+    assert out.returncode == 0 and "backbone=resnet50 finetune=lora lrcc_rank=8" in out.stdout, out.stderr
 
 
 def test_config_cli_get(tmp_path):
