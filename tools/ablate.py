@@ -45,8 +45,9 @@ from dataset.files import atomic_write_text  # noqa: E402
 from engine.checkpoint import config_differences, describe_differences, evaluation_checkpoint  # noqa: E402
 from tools.summarize import ABLATION, render_ablation  # noqa: E402
 
+from train import RUN_STATS  # noqa: E402  (exp_dir/train_stats.json, written by train.py when a run completes)
+
 UNTRAINED = "untrained"
-RUN_STATS = "train_stats.json"  # train.py's RUN_STATS (train.py is not imported: it pulls in the whole engine)
 # settings that do not change what a run trains: a folder trained without them is reused (and retested)
 IGNORED_KEYS = ("workers", "test_episodes", "test_seeds", "test_resize_smaller")
 
