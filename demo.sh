@@ -1,42 +1,37 @@
 #!/bin/sh
-# The demo, end to end on the CPU with a synthetic dataset (no downloads):
-#   1. generate data/synthetic (PASCAL VOC layout, 20 classes) and lists/demo;
-#   2. stage 1: train a PSPNet with the small deep-stem ResNet-18 on the fold's 15 base classes
-#      (stands in for ImageNet pretraining, which cannot be downloaded here);
-#   3. evaluate the few-shot model before training (backbone from stage 1, heads untrained);
-#   4. train the few-shot model (the SVF paper's baseline with SVF) and test it;
-#   5. the same with the backbone frozen (svf=false: same seeds, episodes and heads' LR), SVF's reference;
-#   6. print the per-fold table (tools/summarize.py): untrained / frozen backbone / +SVF rows.
-# Usage: sh demo.sh                  # fold 0
-#        FOLDS="0 1 2 3" sh demo.sh  # all four folds (about four times as long)
-# Re-running reuses the data, the lists and finished runs (unfinished ones are resumed).
+# The demo, end to end on the CPU with synthetic data (no downloads): which way of tuning the backbone works?
+#   1. generate the segmentation data (PASCAL VOC layout, 20 classes, 40-64 px images) and its lists;
+#   2. pretrain the backbone on synthetic CLASSIFICATION (80 other categories, other images: the demo's
+#      ImageNet; tools/pretrain_demo_backbone.py, cached in exp/demo/pretrain/);
+#   3. tools/ablate.py: the SVF paper's baseline few-shot model with the backbone untrained-heads / frozen /
+#      SVF / fully fine-tuned / BatchNorm-tuned, 3 training seeds each, all tested on the same 2 x 100 episodes;
+#   4. print the table (mean ± std over training seeds, paired differences to the frozen backbone).
+# Usage: sh demo.sh                           # fold 0; estimated ~30 minutes on 2 cores (docs/demo.md)
+#        FOLDS="0 1 2 3" sh demo.sh           # all four folds (four times as long)
+#        METHODS=freeze,svf,full,bn,bias SEEDS=5 sh demo.sh
+# Re-running reuses the data, the pretrained backbone and finished runs (unfinished ones are resumed).
 set -eu
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 FOLDS=${FOLDS:-0}
+METHODS=${METHODS:-freeze,svf,full,bn}
+SEEDS=${SEEDS:-3}
 START=$(date +%s)
-if [ ! -f data/synthetic/ImageSets/Segmentation/val.txt ]; then
-    $PYTHON -m dataset.synthetic --out data/synthetic --num-train 400 --num-val 150
+DATA=$($PYTHON -m engine.config config/demo.yaml --get data_root)
+LISTS=$($PYTHON -m engine.config config/demo.yaml --get list_dir)
+PIXELS=$($PYTHON -m engine.config config/demo.yaml --get min_class_pixels)
+if [ ! -f "$DATA/ImageSets/Segmentation/val.txt" ]; then
+    $PYTHON -m dataset.synthetic --out "$DATA" --num-train 400 --num-val 150 --size 64
 fi
-$PYTHON -m dataset.make_lists pascal --data-root data/synthetic --list-dir lists/demo --min-class-pixels 128
+$PYTHON -m dataset.make_lists pascal --data-root "$DATA" --list-dir "$LISTS" --min-class-pixels "$PIXELS" --workers 0
+echo "=== pretraining the backbone on synthetic classification (the demo's ImageNet)"
+$PYTHON tools/pretrain_demo_backbone.py --out "$($PYTHON -m engine.config config/demo.yaml --get pretrained)"
 for FOLD in $FOLDS; do
-    CFG=config/demo_split$FOLD.yaml
-    STAGE1_DIR=$(dirname "$($PYTHON -m engine.config "$CFG" --get base_learner)")
-    EXP_DIR=$($PYTHON -m engine.config "$CFG" --get exp_dir)
-    echo "=== fold $FOLD: stage 1 (PSPNet on the base classes) -> $STAGE1_DIR"
-    RESUME=""; [ -f "$STAGE1_DIR/last.pth" ] && RESUME=--resume
-    $PYTHON train.py --config "$CFG" --stage1 $RESUME
-    echo "=== fold $FOLD: few-shot model before training"
-    $PYTHON test.py --config "$CFG" --untrained
-    echo "=== fold $FOLD: few-shot training (baseline + SVF) -> $EXP_DIR"
-    RESUME=""; [ -f "$EXP_DIR/last.pth" ] && RESUME=--resume
-    $PYTHON train.py --config "$CFG" $RESUME
-    $PYTHON test.py --config "$CFG" --vis 4
-    FROZEN_DIR=$($PYTHON -m engine.config "$CFG" svf=false --get exp_dir)
-    echo "=== fold $FOLD: few-shot training with the backbone frozen (svf=false) -> $FROZEN_DIR"
-    RESUME=""; [ -f "$FROZEN_DIR/last.pth" ] && RESUME=--resume
-    $PYTHON train.py --config "$CFG" svf=false $RESUME
-    $PYTHON test.py --config "$CFG" svf=false
+    echo "=== fold $FOLD: methods untrained,$METHODS x $SEEDS training seeds"
+    $PYTHON tools/ablate.py --config "config/demo_split$FOLD.yaml" --methods "$METHODS" --train-seeds "$SEEDS" \
+        --out "exp/demo/ablation/split$FOLD"
 done
-$PYTHON tools/summarize.py exp/demo
-echo "demo finished in $(( $(date +%s) - START )) s"
+$PYTHON tools/summarize.py exp/demo/ablation --markdown
+echo "demo finished in $(( $(date +%s) - START )) s wall-clock (OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}); CPU time"
+echo "(user, system) of this shell and of every command it ran:"
+times

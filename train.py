@@ -353,10 +353,13 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
     # the released code validates after iteration round(n/2) (0-based) of every epoch but the first
     mid_epoch_step = round(run.iters_per_epoch / 2) if cfg.val_mid_epoch and run.iters_per_epoch > 1 else None
     previous_handlers = install_interrupt_handlers()
+    timing = {"seconds": 0.0, "steps": 0}  # this invocation's training steps (data loading included)
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.time()
+            t0, steps_before = time.time(), state.iteration
             train_one_epoch(run, stage, state, epoch, mid_epoch_step if epoch > 0 else None)
+            timing["seconds"] += time.time() - t0
+            timing["steps"] += state.iteration - steps_before
             mean_loss = state.epoch_loss()
             loss_text = f"{mean_loss:.4f}" if state.loss_steps else "n/a (no step of it was logged)"
             line = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_text}{state.epoch_terms()} ({time.time() - t0:.0f}s)"
@@ -409,7 +412,38 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
             writer.close()
     print0(f"done: best validation mIoU {100 * state.best_miou:.2f} at epoch {state.best_epoch}; "
            f"test.py evaluates {evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)}")
+    if is_main:
+        write_run_stats(run, timing)
     return 0
+
+
+RUN_STATS = "train_stats.json"
+
+
+def write_run_stats(run: Run, timing: dict):
+    """exp_dir/train_stats.json, written when a run completes: trainable parameters (all, backbone), the mean
+    wall time of this invocation's steps (data loading and mid-epoch validation included, end-of-epoch
+    validation not) and its peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS).
+    tools/ablate.py reads it."""
+    import json
+    import resource
+
+    path = os.path.join(run.cfg.exp_dir, RUN_STATS)
+    if not timing["steps"] and os.path.exists(path):
+        return  # a finished run resumed again: keep the figures of the invocations that trained
+    net, device = unwrap(run.net), run.dist_info.device
+    count = lambda params: sum(p.numel() for p in params if p.requires_grad)  # noqa: E731
+    if device.type == "cuda":
+        memory, kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    else:
+        memory, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
+    stats = {"trainable": count(net.parameters()), "trainable_backbone": count(net.backbone.parameters()),
+             "total_parameters": sum(p.numel() for p in net.parameters()),
+             "steps_timed": timing["steps"],
+             "step_time_s": timing["seconds"] / timing["steps"] if timing["steps"] else None,
+             "peak_memory_bytes": int(memory), "memory_kind": kind, "device": device.type,
+             "world_size": run.dist_info.world_size, "torch_threads": torch.get_num_threads()}
+    atomic_write_text(path, json.dumps(stats, indent=1) + "\n")
 
 
 def train_one_epoch(run: Run, stage: Stage, state: RunState, epoch: int, mid_epoch_step: Optional[int] = None):

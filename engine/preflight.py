@@ -55,6 +55,11 @@ def check_pretrained(cfg, config_path: str = "CONFIG"):
         raise FileNotFoundError(
             f"backbone weights '{cfg.pretrained}' (config key pretrained) are the stage-1 PSPNet checkpoint, which "
             f"is not there yet; make it with: python train.py --config {config_path} --stage1")
+    if os.path.basename(cfg.pretrained).endswith("_synthcls.pth"):  # the demo's (tools/pretrain_demo_backbone.py)
+        raise FileNotFoundError(
+            f"backbone weights '{cfg.pretrained}' (config key pretrained in {config_path}) not found; the demo's "
+            f"backbone is pretrained on synthetic classification by: python tools/pretrain_demo_backbone.py "
+            f"--out {cfg.pretrained} (sh demo.sh runs it)")
     raise FileNotFoundError(
         f"backbone weights '{cfg.pretrained}' (config key pretrained in {config_path}) not found; ImageNet weights "
         f"cannot be downloaded here: put resnet50_v2.pth (PSPNet/PFENet's initmodel) or a torchvision state dict "

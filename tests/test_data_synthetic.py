@@ -107,3 +107,35 @@ def test_novel_classes_recognisable_from_one_support(tmp_path):
     assert right > 0.5 and wrong < 0.1, (right, wrong)
     print(f"raw-colour prototype mIoU: right support {right:.3f}, other class {wrong:.3f}")
     assert torch.is_tensor(items[0]["query_img"])
+
+
+def test_pretraining_classes_are_none_of_the_segmentation_classes():
+    """The demo's stand-in for ImageNet (dataset.synthetic_cls): 80 categories, each (hue, texture) new; every
+    hue half-way between two segmentation hues, every texture one the segmentation data never draws."""
+    from dataset.synthetic_cls import NUM_CLASSES, PRETRAIN_TEXTURES, pretrain_class_appearance
+    seg = [class_appearance(c) for c in range(1, 21)]
+    seg_hues = {hue for hue, _ in seg}
+    looks = [pretrain_class_appearance(c) for c in range(NUM_CLASSES)]
+    assert NUM_CLASSES == 80 and len(set(looks)) == 80
+    assert not {texture for _, texture in looks} & set(TEXTURES)
+    assert {texture for _, texture in looks} == set(PRETRAIN_TEXTURES)
+    for hue, _ in looks:  # 4.5 OpenCV units (9 degrees) from the nearest segmentation hue; jitter is +-1.5
+        assert min(min(abs(hue - h), 180 - abs(hue - h)) for h in seg_hues) == 4.5
+    assert not set(looks) & set(seg)
+
+
+def test_pretraining_images_show_their_class_and_are_deterministic():
+    from dataset.synthetic_cls import NUM_CLASSES, make_classification_set, pretrain_class_appearance
+    images, labels = make_classification_set(NUM_CLASSES, size=48, seed=0)
+    again, _ = make_classification_set(NUM_CLASSES, size=48, seed=0)
+    other, _ = make_classification_set(NUM_CLASSES, size=48, seed=1)
+    assert np.array_equal(images, again) and not np.array_equal(images, other)  # deterministic from the seed
+    assert labels.tolist() == list(range(NUM_CLASSES)) and images.shape == (NUM_CLASSES, 48, 48, 3)
+    for k in range(0, NUM_CLASSES, 7):  # the saturated (object) pixels carry the class's hue
+        hsv = cv2.cvtColor(images[k], cv2.COLOR_RGB2HSV)
+        saturated = hsv[..., 1] > 150
+        assert saturated.sum() > 50
+        hue = pretrain_class_appearance(int(labels[k]))[0]
+        angles = hsv[..., 0][saturated].astype(float) * np.pi / 90
+        mean_hue = (np.degrees(np.arctan2(np.sin(angles).mean(), np.cos(angles).mean())) / 2) % 180
+        assert min(abs(mean_hue - hue), 180 - abs(mean_hue - hue)) < 4, (k, mean_hue, hue)

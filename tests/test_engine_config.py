@@ -82,22 +82,32 @@ def test_shipped_configs_set_every_key_and_their_fold():
             assert f"split{fold}" in cfg.exp_dir
 
 
+# The demo's protocol was redesigned on purpose (issue 21: a backbone pretrained on synthetic classification,
+# 64 px data, batch 4 x 2 epochs, 2 x 100 test episodes, the last epoch tested, per-method LRs): these keys of config/demo.yaml, and only these,
+# may differ from the recorded values and defaults. The PASCAL and COCO configs may not change at all.
+DEMO_REDESIGNED = {"data_root", "list_dir", "min_class_pixels", "train_size", "test_size", "pretrained",
+                   "backbone_lr_mult", "bias_lr_mult", "bn_lr_mult", "epochs", "batch_size", "stage1_pretrained",
+                   "stage1_train_size", "checkpoint_select", "val_every", "val_episodes", "test_episodes"}
+
+
 def test_shipped_configs_resolve_as_before_the_base_files():
     """Each of the 12 split files resolves exactly as it did when it spelled out every key (the values
     recorded then, with and without svf=false, are tests/data/resolved_configs.json, never regenerated):
-    every recorded key keeps its value and type, and every key added since holds its schema default."""
+    every recorded key keeps its value and type, and every key added since holds its schema default
+    (the demo's DEMO_REDESIGNED keys aside)."""
     with open(os.path.join(ROOT, "tests", "data", "resolved_configs.json")) as fh:
         recorded = json.load(fh)
     assert len(recorded) == 12
     for name, runs in recorded.items():
+        free = DEMO_REDESIGNED if name.startswith("demo") else set()
         for override, values in runs.items():
             cfg = load_config(os.path.join(ROOT, "config", name), [override] if override else [])
             got = cfg.to_dict()
             assert set(values) <= set(got), f"{name}: keys no longer resolved: {set(values) - set(got)}"
-            differ = {k: (got[k], v) for k, v in values.items() if got[k] != v}
+            differ = {k: (got[k], v) for k, v in values.items() if got[k] != v and k not in free}
             assert not differ, f"{name} {override}: {differ}"
             assert all(type(got[k]) is type(v) for k, v in values.items() if v is not None), name
-            new = {k: got[k] for k in set(got) - set(values)}
+            new = {k: got[k] for k in set(got) - set(values) - free}
             assert new == {k: FIELDS[k].default for k in new}, f"{name} {override}: a new key is not at its default"
 
 

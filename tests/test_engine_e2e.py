@@ -43,7 +43,7 @@ def tiny(tmp_path_factory, tiny_voc):
     assert "checkpoint rule: best.pth = highest base-class mIoU" in out.stdout
     assert os.path.isfile(stage1) and os.path.isfile(str(tmp / "stage1" / "last.pth"))
     fss = common + [f"pretrained={stage1}", "epochs=2", "batch_size=4", "base_lr=0.01", "val_episodes=4",
-                    "test_episodes=6", "test_seeds=[1,2]"]
+                    "test_episodes=6", "test_seeds=[1,2]", "checkpoint_select=best", "val_every=1"]
     return {"tmp": tmp, "args": ["--config", "config/demo_split0.yaml", *fss], "stage1": stage1}
 
 

@@ -133,7 +133,7 @@ def test_mid_epoch_validation_and_early_stop(tmp_path):
     args = ["--config", "config/demo_split0.yaml", f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16",
             "train_size=32", "test_size=40", "workers=0", "reduce_dim=16", "pretrained=null", "svf=false",
             "epochs=6", "batch_size=16", "base_lr=0.01", "head_lr_mult=0", "lr_schedule=constant", "val_episodes=3", "val_mid_epoch=true",
-            "early_stop_epochs=2", f"exp_dir={exp}"]
+            "early_stop_epochs=2", "checkpoint_select=best", "val_every=1", f"exp_dir={exp}"]
     out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -134,7 +134,7 @@ def tiny(tmp_path_factory, tiny_voc):
     args = ["--config", "config/demo_split0.yaml", f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16",
             "train_size=32", "test_size=40", "workers=0", "reduce_dim=8", "svf=false",
             "pretrained=null", "base_learner=null", "epochs=2", "batch_size=4", "base_lr=0.01", "val_episodes=4",
-            "test_episodes=4", "test_seeds=[1]"]
+            "test_episodes=4", "test_seeds=[1]", "checkpoint_select=best", "val_every=1"]
     return {"tmp": tmp, "data": data, "lists": lists, "args": args}
 
 

@@ -8,6 +8,12 @@ fold0..fold3 and their mean for 1-shot and 5-shot (mIoU %, mean over the test se
 printed only when all four folds are there; otherwise it is the mean of the folds present, marked
 with `*` and the number of folds. Results of `test.py --weights OTHER` (not the run's own checkpoint)
 get rows of their own, marked `[--weights FILE]`. When a fold has several results (e.g. two runs), the newest file wins.
+
+    python tools/summarize.py exp/demo/ablation --compare /other/clone/exp/demo/ablation
+
+Comparisons written by tools/ablate.py (`ablation.json`: one row per fine-tuning method, mean ± std over
+training seeds) are printed as their own tables after it; the test results of their runs stay out of the
+per-fold table.
 """
 from __future__ import annotations
 
@@ -20,12 +26,19 @@ SHOTS = (1, 5)
 FOLDS = (0, 1, 2, 3)
 
 
+ABLATION = "ablation.json"  # what tools/ablate.py writes at the top of its runs' folder
+
+
 def find_results(root: str) -> list[tuple[str, dict]]:
-    """(path, result) of every test result JSON under root, oldest first."""
+    """(path, result) of every test result JSON under root, oldest first; the runs of an ablation (a folder with
+    an ablation.json) are left out: find_ablations reads them."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"results folder '{root}' not found; test.py writes exp_dir/test_{{K}}shot.json")
     found = []
-    for folder, _, files in os.walk(root):
+    for folder, subfolders, files in os.walk(root):
+        if ABLATION in files:
+            subfolders[:] = []
+            continue
         for name in files:
             if name.startswith("test_") and "shot" in name and name.endswith(".json"):
                 path = os.path.join(folder, name)
@@ -103,15 +116,124 @@ def render(table: dict, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+def find_ablations(root: str) -> list[tuple[str, dict]]:
+    """(path, data) of every ablation.json under root (tools/ablate.py), sorted by path."""
+    found = []
+    for folder, _, files in os.walk(root):
+        if ABLATION in files:
+            path = os.path.join(folder, ABLATION)
+            with open(path) as fh:
+                try:
+                    data = json.load(fh)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path} is not valid JSON: {exc}") from None
+            if data.get("kind") != "ablation" or not isinstance(data.get("rows"), list):
+                raise ValueError(f"{path} is not an ablation written by tools/ablate.py (no kind: ablation / rows)")
+            found.append((path, data))
+    return sorted(found)
+
+
+def _pm(mean, std, scale=100.0) -> str:
+    return "-" if mean is None else f"{scale * mean:.2f} ± {scale * (std or 0.0):.2f}"
+
+
+def _count(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K" if n >= 1e3 else str(n)
+
+
+ABLATION_HEADER = ["method", "backbone params trained", "mIoU %", "per training seed", "per test seed",
+                   "Δ mIoU vs {ref} (paired)", "FB-IoU %", "s/step", "peak memory MiB"]
+
+
+def ablation_rows(data: dict) -> list[list[str]]:
+    """The cells of an ablation's table, one row per method (see ABLATION_HEADER)."""
+    rows = []
+    for r in data["rows"]:
+        runs = r["runs"]
+        seeds = " / ".join(f"{100 * run['miou']:.2f}" for run in runs) if runs else "-"
+        tests = " / ".join(f"{100 * v:.2f}" for v in r.get("miou_per_test_seed") or []) or "-"
+        delta = "-" if r.get("delta_mean") is None else f"{100 * r['delta_mean']:+.2f} ± {100 * r['delta_std']:.2f}"
+        step = "-" if r.get("step_time_s") is None else f"{r['step_time_s']:.3f}"
+        memory = "-" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2 ** 20:.0f}"
+        rows.append([r["method"], _count(r.get("trainable_backbone")), _pm(r["miou_mean"], r["miou_std"]), seeds,
+                     tests, delta, _pm(r["fbiou_mean"], r["fbiou_std"]), step, memory])
+    return rows
+
+
+def render_ablation(data: dict, markdown: bool = False) -> str:
+    """An ablation's table (tools/ablate.py's JSON) with a title line and its footnote."""
+    header = [h.format(ref=data.get("reference") or "-") for h in ABLATION_HEADER]
+    rows = ablation_rows(data)
+    memory = {"cuda_max_allocated": "torch.cuda.max_memory_allocated", "cpu_peak_rss": "peak RSS of the process"}
+    title = (f"{data['benchmark']} fold {data['fold']} {data['shot']}-shot, {data['arch']} {data['backbone']}: "
+             f"{len(data['train_seeds'])} training seed(s) {data['train_seeds']}, test seeds {data['test_seeds']} x "
+             f"{data['test_episodes']} episodes (the same in every row)")
+    lines = [title]
+    if markdown:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(header, widths))))
+        lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                  for r in rows]
+    kinds = sorted({memory.get(r.get("memory_kind"), r.get("memory_kind")) for r in data["rows"] if r.get("memory_kind")})
+    lines.append(f"mIoU / FB-IoU: mean ± sample std over training seeds of each run's mean over the test seeds; "
+                 f"s/step: training wall time per step (data loading included); memory: {', '.join(kinds) or '-'}"
+                 + ("" if data.get("complete", True) else "; INCOMPLETE: some runs are missing"))
+    return "\n".join(lines) + "\n"
+
+
+def compare_ablations(a: dict, b: dict) -> tuple[str, float]:
+    """Lines comparing two runs of the same ablation (e.g. two machines or thread counts), and the largest
+    difference of a row's mean mIoU (points). Per method: mean mIoU in a and b, their difference, and the
+    largest difference of one training seed's mIoU."""
+    lines, worst = [f"{'method':<10} {'mIoU a':>8} {'mIoU b':>8} {'b - a':>7} {'max |run b - run a|':>20}"], 0.0
+    rows_b = {r["method"]: r for r in b["rows"]}
+    for ra in a["rows"]:
+        rb = rows_b.get(ra["method"])
+        if rb is None or ra["miou_mean"] is None or rb["miou_mean"] is None:
+            lines.append(f"{ra['method']:<10} (not in both)")
+            continue
+        runs_b = {run["seed"]: run["miou"] for run in rb["runs"]}
+        per_run = [abs(runs_b[run["seed"]] - run["miou"]) for run in ra["runs"] if run["seed"] in runs_b]
+        diff = 100 * (rb["miou_mean"] - ra["miou_mean"])
+        worst = max(worst, abs(diff))
+        lines.append(f"{ra['method']:<10} {100 * ra['miou_mean']:8.2f} {100 * rb['miou_mean']:8.2f} {diff:+7.2f} "
+                     f"{100 * max(per_run, default=float('nan')):20.2f}")
+    lines.append(f"largest difference of a row's mean mIoU: {worst:.2f} points")
+    return "\n".join(lines), worst
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("root", help="folder searched recursively for test_*shot*.json")
+    parser.add_argument("root", help="folder searched recursively for test_*shot*.json and ablation.json")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--compare", metavar="OTHER_ROOT", help="compare every ablation under root with the one at "
+                        "the same place under OTHER_ROOT (another machine's or thread count's run of it)")
     args = parser.parse_args(argv)
-    results = find_results(args.root)
-    if not results:
-        raise FileNotFoundError(f"no test results (test_*shot*.json) under '{args.root}'; run test.py first")
-    text = render(build_table(results), args.markdown)
+    if args.compare:
+        parts = []
+        for path, data in find_ablations(args.root):
+            other = os.path.join(args.compare, os.path.relpath(path, args.root))
+            if not os.path.isfile(other):
+                raise FileNotFoundError(f"{other} not found (the counterpart of {path})")
+            with open(other) as fh:
+                text, _ = compare_ablations(data, json.load(fh))
+            parts.append(f"a = {path}\nb = {other}\n{text}")
+        if not parts:
+            raise FileNotFoundError(f"no ablation.json under '{args.root}'")
+        print("\n\n".join(parts))
+        return "\n\n".join(parts)
+    results, ablations = find_results(args.root), find_ablations(args.root)
+    if not results and not ablations:
+        raise FileNotFoundError(f"no test results (test_*shot*.json) or ablations (ablation.json) under "
+                                f"'{args.root}'; run test.py or tools/ablate.py first")
+    parts = [render(build_table(results), args.markdown)] if results else []
+    parts += [f"ablation {os.path.dirname(path)}\n" + render_ablation(data, args.markdown) for path, data in ablations]
+    text = "\n".join(parts)
     print(text)
     return text
 

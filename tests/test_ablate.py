@@ -1,0 +1,137 @@
+"""The demo's pieces: the classification pretraining of its backbone (tools/pretrain_demo_backbone.py) and
+the ablation runner (tools/ablate.py: methods x training seeds -> one table and ablation.json, read by
+tools/summarize.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+# ------------------------------------------------------------------------------------------ pretraining
+
+def test_undilated_backbone_has_the_same_tensors_and_stride_32():
+    from model.backbones import build_backbone
+    from tools.pretrain_demo_backbone import undilate
+    dilated = build_backbone("resnet18_deep", "every_block")
+    plain = undilate(build_backbone("resnet18_deep", "every_block"))
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in dilated.state_dict().items()}
+    feats = plain(torch.randn(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats] == [16, 16, 8, 4, 2]   # an ImageNet-style ResNet: stride 32
+    assert dilated(torch.randn(1, 3, 64, 64))[-1].shape[-1] == 8
+
+
+def test_pretraining_writes_weights_the_configs_load_and_is_cached(tmp_path, capsys):
+    from model import build_backbone, load_backbone_weights
+    from tools.pretrain_demo_backbone import main
+    out = str(tmp_path / "w.pth")
+    tiny = ["--out", out, "--num-images", "32", "--heldout-images", "16", "--size", "32", "--epochs", "1",
+            "--batch-size", "16"]
+    main(tiny)
+    saved = torch.load(out, weights_only=True)
+    assert saved["pretrain"]["num_images"] == 32 and 0 <= saved["heldout_accuracy"] <= 1
+    assert set(saved["model"]) - {k for k in saved["model"] if k.startswith("backbone.")} == \
+        {"classifier.weight", "classifier.bias"}
+    backbone = build_backbone("resnet18_deep", "every_block")       # the few-shot models' dilated backbone
+    load_backbone_weights(backbone, out)                              # strict: every tensor found
+    key = "layer3.0.conv1.weight"
+    assert torch.equal(backbone.state_dict()[key], saved["model"]["backbone." + key])
+    capsys.readouterr()
+    main(tiny)                                                        # same settings: reused, not retrained
+    assert "reused" in capsys.readouterr().out
+    assert torch.equal(torch.load(out, weights_only=True)["model"]["backbone." + key], saved["model"]["backbone." + key])
+    with pytest.raises(FileExistsError, match="other settings"):
+        main(tiny[:-2] + ["--batch-size", "8"])
+
+
+# ------------------------------------------------------------------------------------------ ablate.py
+
+def fake_result(miou, seeds=(1, 2)):
+    return {"miou": miou, "fbiou": miou + 0.2, "episodes_per_seed": 4, "seeds": list(seeds),
+            "per_seed": [{"seed": s, "miou": miou + 0.01 * (i - 0.5) * 2, "fbiou": miou + 0.2} for i, s in enumerate(seeds)]}
+
+
+def test_table_statistics_from_run_folders(tmp_path):
+    """mean ± std over training seeds, per test seed, paired difference to freeze, stats from train_stats.json."""
+    from tools import ablate
+    from tools.summarize import find_ablations, find_results, main as summarize_main
+    words = ["pretrained=null", "test_episodes=4", "test_seeds=[1,2]"]
+    args = ablate.parse_args(["--config", "config/demo_split0.yaml", "--methods", "freeze,svf", "--seeds", "5,6",
+                              "--out", str(tmp_path), *words])
+    cfg = ablate.load_config(args.config, args.overrides)
+    runs = {m: [ablate.Run(args, args.overrides, m, s) for s in (5, 6)] for m in ("untrained", "freeze", "svf")}
+    mious = {"untrained": (0.10, 0.12), "freeze": (0.40, 0.44), "svf": (0.43, 0.45)}
+    for method, group in runs.items():
+        for run, miou in zip(group, mious[method]):
+            os.makedirs(run.dir)
+            with open(run.result_path, "w") as fh:
+                json.dump(fake_result(miou), fh)
+            if method != "untrained":
+                with open(os.path.join(run.dir, "train_stats.json"), "w") as fh:
+                    json.dump({"trainable": 1000, "trainable_backbone": 0 if method == "freeze" else 4032,
+                               "step_time_s": 0.5 if run.seed == 5 else 0.7, "peak_memory_bytes": 2 ** 30,
+                               "memory_kind": "cpu_peak_rss"}, fh)
+    data = ablate.summarise(args, runs, [5, 6], cfg, ["untrained", "freeze", "svf"])
+    rows = {r["method"]: r for r in data["rows"]}
+    assert data["complete"] and data["reference"] == "freeze"
+    assert rows["freeze"]["miou_mean"] == pytest.approx(0.42) and rows["freeze"]["miou_std"] == pytest.approx(0.02 ** 0.5 * 0.2)
+    assert rows["svf"]["delta_mean"] == pytest.approx(0.02) and rows["svf"]["delta_std"] == pytest.approx(0.02 ** 0.5 * 0.1 * 0.2 * 5)
+    assert rows["freeze"]["delta_mean"] is None and rows["untrained"]["delta_mean"] is None
+    assert rows["svf"]["miou_per_test_seed"] == pytest.approx([0.43, 0.45])
+    assert rows["svf"]["trainable_backbone"] == 4032 and rows["untrained"]["trainable_backbone"] == 0
+    assert rows["svf"]["step_time_s"] == pytest.approx(0.6) and rows["svf"]["peak_memory_bytes"] == 2 ** 30
+    with open(tmp_path / "ablation.json", "w") as fh:
+        json.dump(data, fh)
+    # summarize.py prints the ablation's table and keeps its runs out of the per-fold table
+    assert find_results(str(tmp_path)) == [] and len(find_ablations(str(tmp_path))) == 1
+    text = summarize_main([str(tmp_path)])
+    svf_line = next(line for line in text.splitlines() if line.startswith("svf"))
+    assert "4.0 K" in svf_line and "44.00 ± 1.41" in svf_line and "43.00 / 45.00" in svf_line
+    assert "+2.00 ± 1.41" in svf_line and "0.600" in svf_line and "1024" in svf_line
+    from tools.summarize import compare_ablations                     # two machines' runs of one ablation
+    assert compare_ablations(data, data)[1] == 0
+    other = json.loads(json.dumps(data))
+    other["rows"][2]["miou_mean"] += 0.005
+    other["rows"][2]["runs"][1]["miou"] += 0.01
+    text, worst = compare_ablations(data, other)
+    assert worst == pytest.approx(0.5) and "+0.50" in text and "1.00" in text.splitlines()[3]
+    os.remove(runs["svf"][1].result_path)                             # a missing run: the table says so
+    assert not ablate.summarise(args, runs, [5, 6], cfg, ["untrained", "freeze", "svf"])["complete"]
+
+
+def test_methods_map_onto_the_config_and_bad_input_is_refused(tmp_path):
+    from tools import ablate
+    assert ablate.method_overrides("full") == ["finetune=full"]
+    assert ablate.method_overrides("untrained") == ["finetune=freeze"]
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--config", "config/demo_split0.yaml", "--methods", "svf,svf"])
+    with pytest.raises(ValueError, match="finetune"):               # every run's config is checked first
+        ablate.main(["--config", "config/demo_split0.yaml", "--methods", "freeze,nonsense", "--out", str(tmp_path)])
+
+
+def test_ablate_end_to_end_then_reuses_everything(tiny_voc, tmp_path):
+    """A tiny real run (train.py and test.py as subprocesses), then the same command again: nothing reruns."""
+    data, lists = tiny_voc
+    out = str(tmp_path / "abl")
+    command = [sys.executable, "tools/ablate.py", "--config", "config/demo_split0.yaml", "--methods", "freeze",
+               "--train-seeds", "1", "--out", out, f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16",
+               "train_size=32", "test_size=40", "workers=0", "reduce_dim=16", "pretrained=null", "epochs=1",
+               "batch_size=8", "val_episodes=2", "test_episodes=4", "test_seeds=[1,2]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "[2/2] freeze seed 321: train" in first.stdout and "mIoU / FB-IoU: mean ± sample std" in first.stdout
+    with open(os.path.join(out, "ablation.json")) as fh:
+        saved = json.load(fh)
+    assert [r["method"] for r in saved["rows"]] == ["untrained", "freeze"] and saved["complete"]
+    assert saved["rows"][1]["trainable_backbone"] == 0 and saved["rows"][1]["step_time_s"] > 0
+    assert os.path.isfile(os.path.join(out, "freeze", "seed321", "train.log"))
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count(": reused ") == 2, again.stdout + again.stderr
+    changed = subprocess.run(command + ["base_lr=0.5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert changed.returncode != 0 and "trained with other settings (base_lr" in changed.stderr

@@ -1,0 +1,191 @@
+"""Pretrain the demo's backbone on synthetic image classification: the demo's stand-in for ImageNet.
+
+    python tools/pretrain_demo_backbone.py                      # writes exp/demo/pretrain/resnet18_deep_synthcls.pth
+    python tools/pretrain_demo_backbone.py --out FILE --epochs 4 --num-images 3000
+
+As ImageNet weights relate to PASCAL-5i, the backbone learns another task (80-way classification) on other
+images and other categories than the few-shot data: ``dataset.synthetic_cls`` (hues half-way between the
+segmentation classes' hues, 4 textures the segmentation data never uses, 1 object per image, no masks).
+It trains undilated (layer3/layer4 strided, output stride 32, like an ImageNet classifier) with a global
+average pool and a linear classifier, BatchNorm in training mode; the few-shot models then load the same
+weights into their dilated backbone (same tensors, as ImageNet weights), and the classifier is dropped.
+
+The file is a checkpoint dict ``{"model": {"backbone.*": ..., "classifier.*": ...}, "pretrain": settings,
+"heldout_accuracy": ...}`` that ``pretrained=FILE`` loads (only ``backbone.*`` is read). It is cached: with the
+file present and written with the same settings the command only says so (``--force`` retrains); with other
+settings it stops with an error instead of overwriting. Deterministic on a given machine and thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset.synthetic_cls import NUM_CLASSES, make_classification_set  # noqa: E402
+from engine.checkpoint import atomic_save, torch_load  # noqa: E402
+from model.backbones import build_backbone  # noqa: E402
+
+DEFAULT_OUT = "exp/demo/pretrain/resnet18_deep_synthcls.pth"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the few-shot data's normalisation (ImageNet's)
+
+
+def undilate(backbone: nn.Module) -> nn.Module:
+    """Turn a dilated ResNet (layer3/4: stride 1, dilation 2/4) into the plain stride-32 network with the same
+    tensors: the first block of layer3 and layer4 strides by 2 (its 3x3 conv and its downsample), every 3x3 conv
+    has dilation 1. In place; returns ``backbone``."""
+    for stage in ("layer3", "layer4"):
+        for index, block in enumerate(getattr(backbone, stage)):
+            for conv in (m for m in block.modules() if isinstance(m, nn.Conv2d)):
+                if conv.kernel_size == (3, 3):
+                    conv.dilation, conv.padding = (1, 1), (1, 1)
+                    if index == 0 and conv is first_3x3(block):
+                        conv.stride = (2, 2)
+                elif index == 0 and conv.kernel_size == (1, 1) and block.downsample is not None \
+                        and conv is block.downsample[0]:
+                    conv.stride = (2, 2)
+    backbone.output_stride = 32
+    return backbone
+
+
+def first_3x3(block: nn.Module) -> nn.Conv2d:
+    """The 3x3 conv of a residual block that carries its stride (BasicBlock: conv1, Bottleneck: conv2)."""
+    return next(m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+
+
+class Classifier(nn.Module):
+    """backbone (undilated) -> global average pool of layer4 -> linear."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.channels["layer4"], num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.backbone(x)[-1].mean((2, 3)))
+
+
+def to_tensor(images) -> torch.Tensor:
+    """uint8 (N, H, W, 3) RGB -> normalised float (N, 3, H, W)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and a random shift of up to 1/8 of the side (reflect padding), per image."""
+    n, _, h, w = x.shape
+    pad = h // 8
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 200) -> float:
+    net.eval()
+    correct = sum(int((net(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    return correct / len(x)
+
+
+def settings_of(args) -> dict:
+    return {"backbone": args.backbone, "num_images": args.num_images, "size": args.size, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
+            "num_classes": NUM_CLASSES, "generator": "dataset.synthetic_cls"}
+
+
+def pretrain(args) -> dict:
+    settings = settings_of(args)
+    if os.path.exists(args.out) and not args.force:
+        saved = torch_load(args.out, "pretrained backbone").get("pretrain")
+        if saved == settings:
+            print(f"pretrained backbone: {args.out} exists with these settings; reused (--force retrains)")
+            return saved
+        raise FileExistsError(f"{args.out} was written with other settings ({json.dumps(saved)}); delete it, "
+                              f"pass --force, or choose another --out")
+    start = time.time()
+    torch.manual_seed(args.seed)
+    images, labels = make_classification_set(args.num_images, args.size, args.seed)
+    held_images, held_labels = make_classification_set(args.heldout_images, args.size, args.seed + 1)
+    x, y = to_tensor(images), torch.from_numpy(labels)
+    held_x, held_y = to_tensor(held_images), torch.from_numpy(held_labels)
+    print(f"pretraining {args.backbone} on {args.num_images} synthetic images ({NUM_CLASSES} classes, none of them "
+          f"a segmentation class), {args.size} px, {args.epochs} epochs (data made in {time.time() - start:.1f} s)")
+
+    net = Classifier(undilate(build_backbone(args.backbone, "every_block")), NUM_CLASSES)
+    decay = [p for n, p in net.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
+    steps_per_epoch = args.num_images // args.batch_size
+    total, warmup = args.epochs * steps_per_epoch, max(1, steps_per_epoch // 2)
+    gen = torch.Generator().manual_seed(args.seed)
+    step = 0
+    for epoch in range(args.epochs):
+        net.train()
+        order = torch.randperm(args.num_images, generator=gen)
+        loss_sum, correct = 0.0, 0
+        for i in range(steps_per_epoch):
+            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            for group in optimizer.param_groups:  # linear warm-up over half an epoch, then cosine decay
+                warm = min(1.0, (step + 1) / warmup)
+                group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * step / total))
+            logits = net(augment(x[idx], gen))
+            loss = F.cross_entropy(logits, y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item()
+            correct += int((logits.argmax(1) == y[idx]).sum())
+            step += 1
+        print(f"epoch {epoch + 1}/{args.epochs} loss {loss_sum / steps_per_epoch:.3f} train accuracy "
+              f"{100 * correct / (steps_per_epoch * args.batch_size):.1f}% ({time.time() - start:.0f} s)", flush=True)
+    heldout = accuracy(net, held_x, held_y)
+    print(f"held-out accuracy {100 * heldout:.1f}% on {args.heldout_images} new images (chance "
+          f"{100 / NUM_CLASSES:.1f}%)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic_save({"model": net.state_dict(), "pretrain": settings, "heldout_accuracy": heldout}, args.out)
+    print(f"wrote {args.out} in {time.time() - start:.0f} s; the few-shot configs read it with pretrained={args.out}")
+    return settings
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=DEFAULT_OUT, help="weights file (default %(default)s)")
+    parser.add_argument("--backbone", default="resnet18_deep", choices=["resnet18_deep"])
+    parser.add_argument("--num-images", type=int, default=2000, help="training images (a balanced set)")
+    parser.add_argument("--heldout-images", type=int, default=800, help="new images for the accuracy check")
+    parser.add_argument("--size", type=int, default=48, help="image side")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD (Nesterov momentum 0.9), warm-up + cosine")
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="retrain even if the file exists")
+    args = parser.parse_args(argv)
+    for name in ("num_images", "heldout_images", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_images < args.batch_size:
+        parser.error(f"--num-images ({args.num_images}) must be at least --batch-size ({args.batch_size})")
+    return args
+
+
+def main(argv=None) -> int:
+    pretrain(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
