@@ -42,11 +42,7 @@ def find_results(root: str) -> list[tuple[str, dict]]:
         for name in files:
             if name.startswith("test_") and "shot" in name and name.endswith(".json"):
                 path = os.path.join(folder, name)
-                with open(path) as fh:
-                    try:
-                        result = json.load(fh)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+                result = read_json(path)
                 if "miou" in result and "fold" in result:
                     found.append((path, result))
     found.sort(key=lambda item: os.path.getmtime(item[0]))
@@ -116,17 +112,22 @@ def render(table: dict, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+def read_json(path: str):
+    """The JSON in ``path``; an error naming the file when it is not valid JSON."""
+    with open(path) as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
 def find_ablations(root: str) -> list[tuple[str, dict]]:
     """(path, data) of every ablation.json under root (tools/ablate.py), sorted by path."""
     found = []
     for folder, _, files in os.walk(root):
         if ABLATION in files:
             path = os.path.join(folder, ABLATION)
-            with open(path) as fh:
-                try:
-                    data = json.load(fh)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path} is not valid JSON: {exc}") from None
+            data = read_json(path)
             if data.get("kind") != "ablation" or not isinstance(data.get("rows"), list):
                 raise ValueError(f"{path} is not an ablation written by tools/ablate.py (no kind: ablation / rows)")
             found.append((path, data))
