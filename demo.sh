@@ -6,9 +6,13 @@
 #   3. tools/ablate.py: the SVF paper's baseline few-shot model with the backbone untrained-heads / frozen /
 #      SVF / fully fine-tuned / BatchNorm-tuned, 3 training seeds each, all tested on the same 2 x 100 episodes;
 #   4. print the table (mean ± std over training seeds, paired differences to the frozen backbone).
-# Usage: sh demo.sh                           # fold 0; about 31 minutes on 2 cores (measured; docs/demo.md)
+# Usage: sh demo.sh                           # fold 0; about 15 minutes on 2 cores (measured; docs/demo.md)
 #        FOLDS="0 1 2 3" sh demo.sh           # all four folds (four times as long)
 #        METHODS=freeze,svf,full,bn,bias SEEDS=5 sh demo.sh
+#        JOBS=1 OMP_NUM_THREADS=2 PRETRAIN_THREADS=1 sh demo.sh   # other thread counts everywhere (the check)
+# JOBS runs at once (default 2), each on OMP_NUM_THREADS threads (default 1); the pretraining runs on
+# PRETRAIN_THREADS threads (default JOBS x OMP_NUM_THREADS). The figures do not depend on JOBS; they move a
+# little with the thread counts (float rounding), within the tolerance docs/demo.md states.
 # Re-running reuses the data, the pretrained backbone and finished runs (unfinished ones are resumed).
 set -eu
 cd "$(dirname "$0")"
@@ -16,22 +20,28 @@ PYTHON=${PYTHON:-python}
 FOLDS=${FOLDS:-0}
 METHODS=${METHODS:-freeze,svf,full,bn}
 SEEDS=${SEEDS:-3}
+JOBS=${JOBS:-2}
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export OMP_NUM_THREADS
+PRETRAIN_THREADS=${PRETRAIN_THREADS:-$((JOBS * OMP_NUM_THREADS))}
 START=$(date +%s)
 DATA=$($PYTHON -m engine.config config/demo.yaml --get data_root)
 LISTS=$($PYTHON -m engine.config config/demo.yaml --get list_dir)
 PIXELS=$($PYTHON -m engine.config config/demo.yaml --get min_class_pixels)
 if [ ! -f "$DATA/ImageSets/Segmentation/val.txt" ]; then
-    $PYTHON -m dataset.synthetic --out "$DATA" --num-train 400 --num-val 150 --size 64
+    $PYTHON -m dataset.synthetic --out "$DATA" --num-train 400 --num-val 150 --size 64 --workers "$JOBS"
 fi
 $PYTHON -m dataset.make_lists pascal --data-root "$DATA" --list-dir "$LISTS" --min-class-pixels "$PIXELS" --workers 0
 echo "=== pretraining the backbone on synthetic classification (the demo's ImageNet)"
-$PYTHON tools/pretrain_demo_backbone.py --out "$($PYTHON -m engine.config config/demo.yaml --get pretrained)"
+OMP_NUM_THREADS=$PRETRAIN_THREADS \
+    $PYTHON tools/pretrain_demo_backbone.py --out "$($PYTHON -m engine.config config/demo.yaml --get pretrained)"
 for FOLD in $FOLDS; do
     echo "=== fold $FOLD: methods untrained,$METHODS x $SEEDS training seeds"
     $PYTHON tools/ablate.py --config "config/demo_split$FOLD.yaml" --methods "$METHODS" --train-seeds "$SEEDS" \
-        --out "exp/demo/ablation/split$FOLD"
+        --jobs "$JOBS" --out "exp/demo/ablation/split$FOLD"
 done
 $PYTHON tools/summarize.py exp/demo/ablation --markdown
-echo "demo finished in $(( $(date +%s) - START )) s wall-clock (OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}); CPU time"
+echo "demo finished in $(( $(date +%s) - START )) s wall-clock (JOBS=$JOBS, OMP_NUM_THREADS=$OMP_NUM_THREADS,
+PRETRAIN_THREADS=$PRETRAIN_THREADS); CPU time"
 echo "(user, system) of this shell and of every command it ran:"
 times

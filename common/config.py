@@ -122,7 +122,8 @@ FIELDS: dict[str, Field] = {
     # --- model
     "arch": _f("str", "baseline", "model", ("baseline", "pfenet", "bam", "pspnet")),
     "backbone": _f("str", "resnet50", "backbone",
-                   ("resnet50", "resnet101", "resnet18_deep", "vgg16_bn", "resnet50_tv", "swin_t", "swin_s", "swin_b")),
+                   ("resnet50", "resnet101", "resnet18_deep", "resnet18_deep_half", "vgg16_bn", "resnet50_tv", "swin_t",
+                    "swin_s", "swin_b")),
     "dilation_rule": _f("str", "auto", "which ResNet 3x3 convs layer3/4 dilate: every_block (BAM, PFENet's own "
                         "code) | torchvision (the SVF code's baseline and PFENet: first block of layer3 1, of layer4 2) "
                         "| auto = every_block for bam/pspnet, torchvision for baseline/pfenet",

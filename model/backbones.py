@@ -8,7 +8,10 @@
   ``torchvision`` (``replace_stride_with_dilation``, the SVF code's baseline and PFENet: the first block
   of layer3 keeps dilation 1 and the first block of layer4 has dilation 2). Same shapes, different
   function: a released checkpoint reproduces its outputs only under its own rule.
-- ``resnet18_deep``: the same deep stem and dilation with BasicBlocks [2, 2, 2, 2]; small, for the demo and tests.
+- ``resnet18_deep``: the same deep stem and dilation with BasicBlocks [2, 2, 2, 2]; small, for the tests.
+- ``resnet18_deep_half``: ``resnet18_deep`` with half the channels in every conv (stem 32-32-64, stages 32, 64,
+  128, 256; a quarter of the compute, 2.8 M parameters): the demo's backbone, small enough to pretrain to
+  convergence on a CPU in minutes.
 - ``resnet50_tv``: torchvision's ResNet-50 (7x7 stem: ``layer0`` = conv1, bn1, relu, maxpool), dilated the same way.
 - ``swin_t`` / ``swin_s`` / ``swin_b``: torchvision's Swin Transformers, stages as in ``model/swin.py``; output stride 32.
 - ``vgg16_bn``: torchvision's VGG16-bn ``features`` split into stages as PFENet/BAM do (indices 0-6, 7-13,
@@ -134,14 +137,17 @@ def _init_resnet(module):
             nn.init.zeros_(m.bias)
 
 
-def _resnet(name, block, layers, deep_stem, dilation_rule):
+def _resnet(name, block, layers, deep_stem, dilation_rule, width=64):
+    """A dilated ResNet; ``width`` is the first stage's channel count (64 as published; every other width scales
+    with it)."""
     if deep_stem:
+        half, full = width, 2 * width
         layer0 = nn.Sequential(OrderedDict([
-            ("conv1", _conv3x3(3, 64, stride=2)), ("bn1", nn.BatchNorm2d(64)), ("relu1", nn.ReLU(inplace=True)),
-            ("conv2", _conv3x3(64, 64)), ("bn2", nn.BatchNorm2d(64)), ("relu2", nn.ReLU(inplace=True)),
-            ("conv3", _conv3x3(64, 128)), ("bn3", nn.BatchNorm2d(128)), ("relu3", nn.ReLU(inplace=True)),
+            ("conv1", _conv3x3(3, half, stride=2)), ("bn1", nn.BatchNorm2d(half)), ("relu1", nn.ReLU(inplace=True)),
+            ("conv2", _conv3x3(half, half)), ("bn2", nn.BatchNorm2d(half)), ("relu2", nn.ReLU(inplace=True)),
+            ("conv3", _conv3x3(half, full)), ("bn3", nn.BatchNorm2d(full)), ("relu3", nn.ReLU(inplace=True)),
             ("maxpool", nn.MaxPool2d(3, stride=2, padding=1))]))
-        inplanes = 128
+        inplanes = full
     else:
         layer0 = nn.Sequential(OrderedDict([
             ("conv1", nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)), ("bn1", nn.BatchNorm2d(64)),
@@ -151,7 +157,8 @@ def _resnet(name, block, layers, deep_stem, dilation_rule):
     # (planes, stride, dilation) per stage: layer3/4 dilated instead of strided -> output stride 8; under the
     # torchvision rule a stage's first block keeps the previous stage's dilation
     dilations = (1, 1, 2, 4)
-    for i, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), layers, (1, 2, 1, 1))):
+    planes_per_stage = (width, 2 * width, 4 * width, 8 * width)
+    for i, (planes, blocks, stride) in enumerate(zip(planes_per_stage, layers, (1, 2, 1, 1))):
         first = dilations[i] if dilation_rule == "every_block" else dilations[max(i - 1, 0)]
         stages.append(_resnet_stage(block, inplanes, planes, blocks, stride, dilations[i], first))
         inplanes = planes * block.expansion
@@ -190,6 +197,7 @@ BACKBONES = {
     "resnet50": lambda rule: _resnet("resnet50", Bottleneck, (3, 4, 6, 3), True, rule),
     "resnet101": lambda rule: _resnet("resnet101", Bottleneck, (3, 4, 23, 3), True, rule),
     "resnet18_deep": lambda rule: _resnet("resnet18_deep", BasicBlock, (2, 2, 2, 2), True, rule),
+    "resnet18_deep_half": lambda rule: _resnet("resnet18_deep_half", BasicBlock, (2, 2, 2, 2), True, rule, width=32),
     "resnet50_tv": lambda rule: _resnet("resnet50_tv", Bottleneck, (3, 4, 6, 3), False, rule),
     "vgg16_bn": lambda rule: _vgg16_bn("vgg16_bn"),  # not dilated: the rule does not apply
     "swin_t": lambda rule: _swin("swin_t"), "swin_s": lambda rule: _swin("swin_s"),  # nor here

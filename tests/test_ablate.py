@@ -135,3 +135,39 @@ def test_ablate_end_to_end_then_reuses_everything(tiny_voc, tmp_path):
     assert again.returncode == 0 and again.stdout.count(": reused ") == 2, again.stdout + again.stderr
     changed = subprocess.run(command + ["base_lr=0.5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert changed.returncode != 0 and "trained with other settings (base_lr" in changed.stderr
+
+
+def test_parallel_runs_give_the_same_table_and_a_failure_stops_the_rest(tiny_voc, tmp_path, monkeypatch):
+    """--jobs 2 runs two train.py/test.py processes at once: every figure equals the one-at-a-time run's (each
+    run is its own process on the same thread count). A run that fails is the error ablate stops with."""
+    from tools import ablate
+    data, lists = tiny_voc
+    words = [f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16", "train_size=32", "test_size=40",
+             "workers=0", "reduce_dim=16", "pretrained=null", "epochs=1", "batch_size=8", "val_episodes=2",
+             "test_episodes=4", "test_seeds=[1,2]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    tables = []
+    for jobs in (1, 2):
+        out = str(tmp_path / f"jobs{jobs}")
+        command = [sys.executable, "tools/ablate.py", "--config", "config/demo_split0.yaml", "--methods",
+                   "freeze,svf", "--train-seeds", "1", "--jobs", str(jobs), "--out", out, *words]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        with open(os.path.join(out, "ablation.json")) as fh:
+            tables.append(json.load(fh))
+    for one, two in zip(tables[0]["rows"], tables[1]["rows"]):
+        assert one["method"] == two["method"]
+        assert [(r["miou"], r["fbiou"], r["per_test_seed"]) for r in one["runs"]] == \
+            [(r["miou"], r["fbiou"], r["per_test_seed"]) for r in two["runs"]], one["method"]
+    assert tables[1]["complete"] and [r["method"] for r in tables[1]["rows"]] == ["untrained", "freeze", "svf"]
+
+    def fail_one(run, index, total):
+        if run.method == "svf" and run.seed == 6:
+            raise RuntimeError(f"train.py failed; the end of {run.dir}/train.log")
+        return {}
+    monkeypatch.setattr(ablate, "execute", fail_one)
+    with pytest.raises(RuntimeError, match="svf/seed6/train.log"):
+        ablate.main(["--config", "config/demo_split0.yaml", "--methods", "freeze,svf", "--seeds", "5,6",
+                     "--jobs", "2", "--out", str(tmp_path / "failing"), *words])
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--config", "config/demo_split0.yaml", "--jobs", "0"])

@@ -45,6 +45,7 @@ def _assert_same_state(a, b):
     ("resnet50", 8, (128, 256, 512, 1024, 2048)),
     ("resnet101", 8, (128, 256, 512, 1024, 2048)),
     ("resnet18_deep", 8, (128, 64, 128, 256, 512)),
+    ("resnet18_deep_half", 8, (64, 32, 64, 128, 256)),
     ("resnet50_tv", 8, (64, 256, 512, 1024, 2048)),
     ("vgg16_bn", 16, (64, 128, 256, 512, 512)),
 ])
@@ -70,6 +71,25 @@ def test_resnet50_deep_stem_and_dilation():
             assert block.conv2.dilation == (d, d) and block.conv2.padding == (d, d) and block.conv2.stride == (1, 1)
         assert getattr(b, stage)[0].downsample[0].stride == (1, 1)
     assert b.layer2[0].conv2.stride == (2, 2) and b.layer2[0].conv1.stride == (1, 1)  # stride on the 3x3
+
+
+def test_half_width_resnet18_is_resnet18_deep_with_half_the_channels():
+    """The demo's backbone: the same layers, names, strides and dilations as resnet18_deep, every conv and
+    BatchNorm with half the channels (the RGB input aside), so a quarter of the parameters of every 3x3 conv."""
+    full, half = build_backbone("resnet18_deep"), build_backbone("resnet18_deep_half")
+    modules = dict(half.named_modules())
+    assert list(modules) == [n for n, _ in full.named_modules()]
+    for name, a in full.named_modules():
+        b = modules[name]
+        assert type(a) is type(b), name
+        if isinstance(a, torch.nn.Conv2d):
+            assert (b.in_channels, b.out_channels) == (3 if a.in_channels == 3 else a.in_channels // 2,
+                                                       a.out_channels // 2), name
+            assert (b.kernel_size, b.stride, b.dilation, b.padding) == \
+                (a.kernel_size, a.stride, a.dilation, a.padding), name
+        elif isinstance(a, torch.nn.BatchNorm2d):
+            assert b.num_features == a.num_features // 2, name
+    assert sum(p.numel() for p in half.parameters()) == 2_834_208
 
 
 def test_layer4_mask_and_frozen_stage_without_autograd():

@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import yaml
 
@@ -224,12 +225,17 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="folder of the runs and ablation.json (default exp/ablation/<benchmark>/"
                         "<arch>_<backbone>/split<fold>/<shot>shot)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torch.distributed.run; GPUs)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default %(default)s); on a CPU, JOBS runs "
+                        "of OMP_NUM_THREADS threads each use JOBS x OMP_NUM_THREADS cores. A run's figures do not "
+                        "depend on it (each is its own process); its step time does")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     parser.add_argument("--verbose", action="store_true", help="also print train.py's and test.py's output")
     args, rest = parser.parse_known_args(argv)
     args.overrides = split_overrides(rest)
     if args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.method_list or len(set(args.method_list)) != len(args.method_list) or UNTRAINED in args.method_list:
         parser.error(f"--methods needs distinct method names (untrained is added by itself), got {args.methods!r}")
@@ -265,11 +271,19 @@ def main(argv=None) -> dict:
     out_json = os.path.join(args.out, ABLATION)
     os.makedirs(args.out, exist_ok=True)
     cpu = 0.0
-    for i, run in enumerate(order, 1):
-        cost = execute(run, i, len(order))
-        cpu += sum(c["cpu_s"] for c in cost.values())
-        data = summarise(args, runs, seeds, cfg, methods)
-        atomic_write_text(out_json, json.dumps(data, indent=1) + "\n")
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own process: threads only wait
+        pending = {pool.submit(execute, run, i, len(order)) for i, run in enumerate(order, 1)}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:  # let the runs in flight finish, start no more
+                    for other in pending:
+                        other.cancel()
+                    wait(pending)
+                    raise future.exception()
+                cpu += sum(c["cpu_s"] for c in future.result().values())
+            data = summarise(args, runs, seeds, cfg, methods)
+            atomic_write_text(out_json, json.dumps(data, indent=1) + "\n")
     data["wall_s"], data["cpu_s"] = time.time() - start, cpu
     atomic_write_text(out_json, json.dumps(data, indent=1) + "\n")
     print("\n" + render_ablation(data, args.markdown))

@@ -33,7 +33,7 @@ from dataset.synthetic_cls import NUM_CLASSES, make_classification_set  # noqa: 
 from engine.checkpoint import atomic_save, torch_load  # noqa: E402
 from model.backbones import build_backbone  # noqa: E402
 
-DEFAULT_OUT = "exp/demo/pretrain/resnet18_deep_synthcls.pth"
+DEFAULT_OUT = "exp/demo/pretrain/resnet18_deep_half_synthcls.pth"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the few-shot data's normalisation (ImageNet's)
 
 
@@ -160,11 +160,11 @@ def pretrain(args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=DEFAULT_OUT, help="weights file (default %(default)s)")
-    parser.add_argument("--backbone", default="resnet18_deep", choices=["resnet18_deep"])
-    parser.add_argument("--num-images", type=int, default=2000, help="training images (a balanced set)")
+    parser.add_argument("--backbone", default="resnet18_deep_half", choices=["resnet18_deep", "resnet18_deep_half"])
+    parser.add_argument("--num-images", type=int, default=4000, help="training images (a balanced set)")
     parser.add_argument("--heldout-images", type=int, default=800, help="new images for the accuracy check")
     parser.add_argument("--size", type=int, default=48, help="image side")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05, help="SGD (Nesterov momentum 0.9), warm-up + cosine")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
