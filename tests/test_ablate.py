@@ -37,7 +37,8 @@ def test_pretraining_writes_weights_the_configs_load_and_is_cached(tmp_path, cap
     assert saved["pretrain"]["num_images"] == 32 and 0 <= saved["heldout_accuracy"] <= 1
     assert set(saved["model"]) - {k for k in saved["model"] if k.startswith("backbone.")} == \
         {"classifier.weight", "classifier.bias"}
-    backbone = build_backbone("resnet18_deep", "every_block")       # the few-shot models' dilated backbone
+    assert saved["pretrain"]["threads"] == 2 and saved["pretrain"]["backbone"] == "resnet18_deep_half"
+    backbone = build_backbone("resnet18_deep_half", "every_block")  # the few-shot models' dilated backbone
     load_backbone_weights(backbone, out)                              # strict: every tensor found
     key = "layer3.0.conv1.weight"
     assert torch.equal(backbone.state_dict()[key], saved["model"]["backbone." + key])
@@ -47,6 +48,26 @@ def test_pretraining_writes_weights_the_configs_load_and_is_cached(tmp_path, cap
     assert torch.equal(torch.load(out, weights_only=True)["model"]["backbone." + key], saved["model"]["backbone." + key])
     with pytest.raises(FileExistsError, match="other settings"):
         main(tiny[:-2] + ["--batch-size", "8"])
+
+
+def test_pretraining_computes_on_its_own_thread_count_whatever_the_process_uses(tmp_path):
+    """The backbone depends on the rounding, hence on the thread count: the pretraining always computes on
+    --threads, so a process on 1 thread and one on 3 write the same tensors, and each gets its own count back."""
+    from tools.pretrain_demo_backbone import main
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for process_threads in (1, 3):
+            torch.set_num_threads(process_threads)
+            out = str(tmp_path / f"w{process_threads}.pth")
+            main(["--out", out, "--num-images", "32", "--heldout-images", "8", "--size", "32", "--epochs", "1",
+                  "--batch-size", "16", "--threads", "2"])
+            assert torch.get_num_threads() == process_threads
+            weights.append(torch.load(out, weights_only=True)["model"])
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 # ------------------------------------------------------------------------------------------ ablate.py

@@ -1,7 +1,7 @@
 """Pretrain the demo's backbone on synthetic image classification: the demo's stand-in for ImageNet.
 
-    python tools/pretrain_demo_backbone.py                      # writes exp/demo/pretrain/resnet18_deep_synthcls.pth
-    python tools/pretrain_demo_backbone.py --out FILE --epochs 4 --num-images 3000
+    python tools/pretrain_demo_backbone.py                      # writes exp/demo/pretrain/resnet18_deep_half_synthcls.pth
+    python tools/pretrain_demo_backbone.py --out FILE --epochs 4 --num-images 2000
 
 As ImageNet weights relate to PASCAL-5i, the backbone learns another task (80-way classification) on other
 images and other categories than the few-shot data: ``dataset.synthetic_cls`` (hues half-way between the
@@ -13,7 +13,12 @@ weights into their dilated backbone (same tensors, as ImageNet weights), and the
 The file is a checkpoint dict ``{"model": {"backbone.*": ..., "classifier.*": ...}, "pretrain": settings,
 "heldout_accuracy": ...}`` that ``pretrained=FILE`` loads (only ``backbone.*`` is read). It is cached: with the
 file present and written with the same settings the command only says so (``--force`` retrains); with other
-settings it stops with an error instead of overwriting. Deterministic on a given machine and thread count.
+settings it stops with an error instead of overwriting.
+
+It always computes on ``--threads`` threads (default 2), whatever OMP_NUM_THREADS says: float rounding depends on
+the thread count, and 1,000 steps of training from scratch turn a rounding difference into another backbone (as
+different as another seed). With the count fixed, every machine with the same CPU kernels writes the same file, as
+everybody downloads the same ImageNet weights; the few-shot runs after it may use any thread count.
 """
 from __future__ import annotations
 
@@ -97,7 +102,7 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 200)
 
 
 def settings_of(args) -> dict:
-    return {"backbone": args.backbone, "num_images": args.num_images, "size": args.size, "epochs": args.epochs,
+    return {"threads": args.threads, "backbone": args.backbone, "num_images": args.num_images, "size": args.size, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
             "num_classes": NUM_CLASSES, "generator": "dataset.synthetic_cls"}
 
@@ -111,6 +116,16 @@ def pretrain(args) -> dict:
             return saved
         raise FileExistsError(f"{args.out} was written with other settings ({json.dumps(saved)}); delete it, "
                               f"pass --force, or choose another --out")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the rounding, hence the backbone, depends on it (module doc)
+    try:
+        train_and_save(args, settings)
+    finally:
+        torch.set_num_threads(previous)
+    return settings
+
+
+def train_and_save(args, settings: dict):
     start = time.time()
     torch.manual_seed(args.seed)
     images, labels = make_classification_set(args.num_images, args.size, args.seed)
@@ -153,8 +168,8 @@ def pretrain(args) -> dict:
           f"{100 / NUM_CLASSES:.1f}%)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_save({"model": net.state_dict(), "pretrain": settings, "heldout_accuracy": heldout}, args.out)
-    print(f"wrote {args.out} in {time.time() - start:.0f} s; the few-shot configs read it with pretrained={args.out}")
-    return settings
+    print(f"wrote {args.out} in {time.time() - start:.0f} s on {args.threads} threads; the few-shot configs read it "
+          f"with pretrained={args.out}")
 
 
 def parse_args(argv=None):
@@ -169,9 +184,11 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=0.05, help="SGD (Nesterov momentum 0.9), warm-up + cosine")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="threads it computes on, whatever OMP_NUM_THREADS "
+                        "says (the backbone depends on it; default %(default)s)")
     parser.add_argument("--force", action="store_true", help="retrain even if the file exists")
     args = parser.parse_args(argv)
-    for name in ("num_images", "heldout_images", "epochs", "batch_size"):
+    for name in ("num_images", "heldout_images", "epochs", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.num_images < args.batch_size:
