@@ -89,7 +89,7 @@ def test_shipped_configs_set_every_key_and_their_fold():
 DEMO_REDESIGNED = {"data_root", "list_dir", "min_class_pixels", "train_size", "test_size", "pretrained", "backbone",
                    "reduce_dim", "backbone_lr_mult", "bias_lr_mult", "bn_lr_mult", "epochs", "batch_size",
                    "stage1_pretrained", "stage1_train_size", "checkpoint_select", "val_every", "val_episodes",
-                   "test_episodes"}
+                   "test_episodes", "exp_dir"}  # exp_dir: the same template, resolved with the new {backbone}
 
 
 def test_shipped_configs_resolve_as_before_the_base_files():
@@ -252,4 +252,4 @@ def test_train_sh_arch_word_env_and_multinode():
 def test_config_cli_get(tmp_path):
     out = subprocess.run([sys.executable, "-m", "engine.config", "config/demo_split3.yaml", "shot=5", "--get", "exp_dir"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.stdout.strip() == "exp/demo/baseline_svf/resnet18_deep/split3/5shot"
+    assert out.stdout.strip() == "exp/demo/baseline_svf/resnet18_deep_half/split3/5shot"
