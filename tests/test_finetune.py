@@ -278,6 +278,7 @@ def test_merged_export_loads_into_a_plain_build_with_the_same_outputs(tmp_path):
 def test_summary_takes_key_value_words(capsys):
     from model.summary import main
     main(["--config", os.path.join(ROOT, "config", "demo_split0.yaml"), "pretrained=null", "finetune=bn",
+          "backbone=resnet18_deep",
           "--set", "finetune_stages=[layer4]"])
     out = capsys.readouterr().out
     assert "finetune=bn" in out and "finetune bn:" in out

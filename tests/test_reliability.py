@@ -444,7 +444,8 @@ def test_weights_beyond_the_rule_are_refused_wherever_they_are_loaded(tiny, trai
     # backbone weights (pretrained=) and a stage-1 PSPNet (base_learner=)
     import model as models
     from conftest import tiny_cfg
-    pspnet = models.build_model(tiny_cfg(arch="pspnet", backbone="resnet18_deep")).state_dict()
+    demo_backbone = load_config("config/demo_split0.yaml").backbone  # what tiny["args"] trains
+    pspnet = models.build_model(tiny_cfg(arch="pspnet", backbone=demo_backbone)).state_dict()
     pspnet["backbone.layer1.0.conv1.weight"] = pspnet["backbone.layer1.0.conv1.weight"].clone().fill_(math.inf)
     stage1 = write_state(tmp_path / "stage1.pth", pspnet)
     message = train_error([*tiny["args"], f"exp_dir={tmp_path}/p", f"pretrained={stage1}"])

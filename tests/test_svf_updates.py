@@ -150,13 +150,13 @@ def test_singular_value_change_by_hand():
 
 @pytest.mark.filterwarnings("ignore:.*randomly initialised")
 def test_a_few_svf_steps_move_layer4_of_the_demo_model():
-    """The demo's model (resnet18_deep, baseline + SVF, the demo config's LRs), trained as train.py does:
+    """The demo's model (its backbone, baseline + SVF, the demo config's LRs), trained as train.py does:
     three SGD steps change the singular values of layer2, layer3 and layer4 (non-zero, finite)."""
     from engine.config import load_config
     from engine.optim import build_sgd
     from model import build_model, param_groups
     demo = load_config("config/demo_split0.yaml", ["pretrained=null", "base_learner=null"])
-    cfg = tiny_cfg(svf=True, svf_lr_mult=demo.svf_lr_mult, svf_weight_decay=demo.svf_weight_decay,
+    cfg = tiny_cfg(svf=True, backbone=demo.backbone, svf_lr_mult=demo.svf_lr_mult, svf_weight_decay=demo.svf_weight_decay,
                    weight_decay=demo.weight_decay)
     torch.manual_seed(0)
     net = build_model(cfg).train()

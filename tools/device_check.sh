@@ -6,7 +6,7 @@
 #                   device+dtype, adapters saved on one device and loaded on the other, keep_small_updates under
 #                   CUDA's foreach/fused optimizer kernels;
 #   data, stage1, train, test   a small synthetic dataset (PASCAL VOC layout), stage 1 (PSPNet, resnet18_deep),
-#                   `sh train.sh demo split0 resnet18_deep svf` with amp=true (2 epochs each), test.py on that run;
+#                   `sh train.sh demo split0 resnet18_deep_half svf` with amp=true (2 epochs each), test.py on that run;
 #   svf_speed       Q2: benchmarks/svf_speed.py --paper-size: step time and peak memory of floor / floor+fold /
 #                   released form / ours / ours+fold, ResNet-50 backbone alone and baseline FSS model, batch 8, 473x473;
 #   s_movement      Q1: benchmarks/s_movement.py: per-stage movement of S in 200 steps of the released recipe at paper
@@ -97,7 +97,7 @@ step data 20 sh -c "$PYTHON -m dataset.synthetic --out $DATA --num-train 200 --n
 # shellcheck disable=SC2086  # $SET and the *_ARGS are lists of words
 step stage1 35 $PYTHON train.py --config config/demo_split0.yaml $SET --stage1
 # shellcheck disable=SC2086
-step train 35 env NPROC=1 sh train.sh demo split0 resnet18_deep svf $SET
+step train 35 env NPROC=1 sh train.sh demo split0 resnet18_deep_half svf $SET
 # shellcheck disable=SC2086
 step test 25 $PYTHON test.py --config config/demo_split0.yaml $SET --out "$OUT/test_1shot.json"
 # shellcheck disable=SC2086
