@@ -10,8 +10,8 @@
   function: a released checkpoint reproduces its outputs only under its own rule.
 - ``resnet18_deep``: the same deep stem and dilation with BasicBlocks [2, 2, 2, 2]; small, for the tests.
 - ``resnet18_deep_half``: ``resnet18_deep`` with half the channels in every conv (stem 32-32-64, stages 32, 64,
-  128, 256; a quarter of the compute, 2.8 M parameters): the demo's backbone, small enough to pretrain to
-  convergence on a CPU in minutes.
+  128, 256; a quarter of the compute, 2.8 M parameters): the demo's backbone, small enough to pretrain and to
+  fine-tune a dozen times on a 2-core CPU in a quarter of an hour.
 - ``resnet50_tv``: torchvision's ResNet-50 (7x7 stem: ``layer0`` = conv1, bn1, relu, maxpool), dilated the same way.
 - ``swin_t`` / ``swin_s`` / ``swin_b``: torchvision's Swin Transformers, stages as in ``model/swin.py``; output stride 32.
 - ``vgg16_bn``: torchvision's VGG16-bn ``features`` split into stages as PFENet/BAM do (indices 0-6, 7-13,

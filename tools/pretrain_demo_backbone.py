@@ -102,8 +102,8 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 200)
 
 
 def settings_of(args) -> dict:
-    return {"threads": args.threads, "backbone": args.backbone, "num_images": args.num_images, "size": args.size, "epochs": args.epochs,
-            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
+    return {"threads": args.threads, "backbone": args.backbone, "num_images": args.num_images, "size": args.size,
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
             "num_classes": NUM_CLASSES, "generator": "dataset.synthetic_cls"}
 
 
