@@ -36,8 +36,10 @@ state the Ctrl-C handler saves.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -425,20 +427,16 @@ def write_run_stats(run: Run, timing: dict):
     wall time of this invocation's steps (data loading and mid-epoch validation included, end-of-epoch
     validation not) and its peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS).
     tools/ablate.py reads it."""
-    import json
-    import resource
-
     path = os.path.join(run.cfg.exp_dir, RUN_STATS)
     if not timing["steps"] and os.path.exists(path):
         return  # a finished run resumed again: keep the figures of the invocations that trained
     net, device = unwrap(run.net), run.dist_info.device
-    count = lambda params: sum(p.numel() for p in params if p.requires_grad)  # noqa: E731
+    (trainable, total), (trainable_backbone, _) = svf.count_parameters(net), svf.count_parameters(net.backbone)
     if device.type == "cuda":
         memory, kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     else:
         memory, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
-    stats = {"trainable": count(net.parameters()), "trainable_backbone": count(net.backbone.parameters()),
-             "total_parameters": sum(p.numel() for p in net.parameters()),
+    stats = {"trainable": trainable, "trainable_backbone": trainable_backbone, "total_parameters": total,
              "steps_timed": timing["steps"],
              "step_time_s": timing["seconds"] / timing["steps"] if timing["steps"] else None,
              "peak_memory_bytes": int(memory), "memory_kind": kind, "device": device.type,

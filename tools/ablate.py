@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 from common.config import FIELDS, load_config, split_overrides  # noqa: E402
 from dataset.files import atomic_write_text  # noqa: E402
 from engine.checkpoint import config_differences, describe_differences, evaluation_checkpoint  # noqa: E402
-from tools.summarize import ABLATION, render_ablation  # noqa: E402
+from tools.summarize import ABLATION, read_json, render_ablation  # noqa: E402
 
 from train import RUN_STATS  # noqa: E402  (exp_dir/train_stats.json, written by train.py when a run completes)
 
@@ -97,8 +97,7 @@ class Run:
     def result_is_current(self) -> bool:
         if not os.path.isfile(self.result_path):
             return False
-        with open(self.result_path) as fh:
-            result = json.load(fh)
+        result = read_json(self.result_path)
         if (result.get("episodes_per_seed"), result.get("seeds")) != (self.cfg.test_episodes, list(self.cfg.test_seeds)):
             return False
         if self.method == UNTRAINED:  # built from the pretrained weights: retested when they are newer
@@ -157,11 +156,6 @@ def execute(run: Run, index: int, total: int) -> dict:
     else:
         print(f"{label}: reused {run.dir}", flush=True)
     return cost
-
-
-def read_json(path: str) -> dict:
-    with open(path) as fh:
-        return json.load(fh)
 
 
 def mean_std(values: list) -> tuple:

@@ -221,8 +221,7 @@ def main(argv=None) -> str:
             other = os.path.join(args.compare, os.path.relpath(path, args.root))
             if not os.path.isfile(other):
                 raise FileNotFoundError(f"{other} not found (the counterpart of {path})")
-            with open(other) as fh:
-                text, _ = compare_ablations(data, json.load(fh))
+            text, _ = compare_ablations(data, read_json(other))
             parts.append(f"a = {path}\nb = {other}\n{text}")
         if not parts:
             raise FileNotFoundError(f"no ablation.json under '{args.root}'")
