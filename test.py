@@ -137,7 +137,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         print0(f"weights: {weights}{epoch}; checkpoint rule: "
                f"{'--weights' if args.weights else cfg.checkpoint_select}")
     net.eval()
-    class_ids = dataset.novel_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
+    class_ids = dataset.novel_classes_of(cfg)
     amp = cfg.amp and dist_info.device.type == "cuda"
 
     per_seed = []
@@ -147,7 +147,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         if i == 0 and args.vis > 0:
             tag = results_tag(shot, args.untrained, args.weights, cfg)
             vis_dir = os.path.join(os.path.dirname(args.out) if args.out else cfg.exp_dir, f"vis_{tag}")
-            on_episode = make_visualiser(vis_dir, args.vis, cfg.benchmark, cfg.test_resize_smaller)
+            on_episode = make_visualiser(vis_dir, args.vis, dataset.benchmark_of(cfg), cfg.test_resize_smaller)
         t0 = time.time()
         metric = evaluate_episodes(net, episodes, class_ids, dist_info, cfg.workers, amp,
                                    progress=True, on_episode=on_episode)
