@@ -75,6 +75,10 @@ def check_enough_images(lists, shot, role):
     """Every class needs ``shot`` supports besides the query: raise a clear error otherwise."""
     if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
         raise ValueError(f"shot must be a positive integer, got {shot!r}")
+    if not lists.classes:
+        raise ValueError(f"no {role} class in this fold of {lists.list_file}: a dataset whose classes are all novel "
+                         "(e.g. one class) trains with train_classes=all (on its own labelled images), or is only "
+                         "tested (with a model trained elsewhere: test.py --weights)")
     if not lists.images:
         raise ValueError(f"no image of {lists.list_file} has a {role} class of this fold: check the "
                          "list, the fold and min_class_pixels")
