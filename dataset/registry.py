@@ -13,7 +13,7 @@ A family says, for every dataset of its kind on disk:
 folds of the dataset at ``cfg.data_root``. Everything downstream (lists, caches, episodes, the metric's classes,
 BAM's base classes, the figures' class names) asks the ``Benchmark``, never the family's name.
 
-Adding a family is adding an entry to ``FAMILIES`` (and its name to ``common.config.BENCHMARKS``, which imports
+Adding a family is adding an entry to ``_families()`` (and its name to ``common.config.BENCHMARKS``, which imports
 nothing of the project; a test checks the two agree).
 """
 from __future__ import annotations
