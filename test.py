@@ -137,7 +137,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         print0(f"weights: {weights}{epoch}; checkpoint rule: "
                f"{'--weights' if args.weights else cfg.checkpoint_select}")
     net.eval()
-    class_ids = dataset.novel_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
+    class_ids = dataset.novel_classes_of(cfg)
     amp = cfg.amp and dist_info.device.type == "cuda"
 
     per_seed = []
@@ -147,7 +147,7 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         if i == 0 and args.vis > 0:
             tag = results_tag(shot, args.untrained, args.weights, cfg)
             vis_dir = os.path.join(os.path.dirname(args.out) if args.out else cfg.exp_dir, f"vis_{tag}")
-            on_episode = make_visualiser(vis_dir, args.vis, cfg.benchmark, cfg.test_resize_smaller)
+            on_episode = make_visualiser(vis_dir, args.vis, dataset.benchmark_of(cfg), cfg.test_resize_smaller)
         t0 = time.time()
         metric = evaluate_episodes(net, episodes, class_ids, dist_info, cfg.workers, amp,
                                    progress=True, on_episode=on_episode)
@@ -163,7 +163,10 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     miou_mean, miou_std = mean_std([r["miou"] for r in per_seed])
     fbiou_mean, fbiou_std = mean_std([r["fbiou"] for r in per_seed])
     class_iou = {str(c): mean_std([r["class_iou"][str(c)] for r in per_seed])[0] for c in class_ids}
-    result = {"benchmark": cfg.benchmark, "fold": cfg.fold, "shot": shot, "trained_shot": cfg.shot,
+    bench = dataset.benchmark_of(cfg)
+    result = {"benchmark": cfg.benchmark, "data_root": cfg.data_root, "num_folds": bench.num_folds,
+              "class_names": {str(c): bench.class_name(c) for c in class_ids},
+              "fold": cfg.fold, "shot": shot, "trained_shot": cfg.shot,
               "arch": cfg.arch, "backbone": cfg.backbone, "svf": cfg.svf, "coco_split": cfg.coco_split,
               "filter_novel": cfg.filter_novel, "weights": weights, "untrained": bool(args.untrained),
               "checkpoint_select": "--weights" if other_weights(args.weights, cfg) else cfg.checkpoint_select,
@@ -173,9 +176,9 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
               "device": dist_info.device.type}
 
     print0(f"\n{cfg.benchmark} fold {cfg.fold} {shot}-shot, {len(cfg.test_seeds)} seed(s) x {cfg.test_episodes} episodes")
-    print0("class  IoU %")
+    print0("class  IoU %   name")
     for c in class_ids:
-        print0(f"{c:>5}  {percent(class_iou[str(c)]):>6}")
+        print0(f"{c:>5}  {percent(class_iou[str(c)]):>6}   {bench.class_name(c)}")
     print0(f"mIoU   {percent(miou_mean)} ± {percent(miou_std)}")
     print0(f"FB-IoU {percent(fbiou_mean)} ± {percent(fbiou_std)}")
     if dist_info.is_main:

@@ -271,7 +271,7 @@ def build_stage(cfg: Config, dist_info: DistInfo, use_amp: bool) -> Stage:
 
     train_set = dataset.build_train_dataset(cfg)
     val_set = dataset.build_test_dataset(cfg, cfg.seed, cfg.val_episodes)
-    class_ids = dataset.novel_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
+    class_ids = dataset.novel_classes_of(cfg)
 
     def episode_loss(net, batch):
         # BAM removes the episode's class from its base learner's output in training; its base-class label

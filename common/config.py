@@ -15,7 +15,8 @@ folder. `{svf_tag}` names how the backbone trains (`finetune_tag`): `svf` or `no
 / `svf: false` run (as always), the method's own name for the other `finetune` methods;
 `{backbone_weights}` the backbone's usual ImageNet weights file
 (resnet50_v2.pth for resnet50, resnet101_v2.pth for resnet101, <backbone>.pth otherwise), so the shipped
-`pretrained: initmodel/{backbone_weights}` follows `backbone=...` unless `pretrained=` is given too.
+`pretrained: initmodel/{backbone_weights}` follows `backbone=...` unless `pretrained=` is given too;
+`{data_name}` the last folder name of data_root (a folder benchmark's runs go to their own exp_dir).
 A config file that is empty, or that gives a key twice, is an error naming the file (and the line).
 
 How the backbone trains is `finetune` (the methods of model/finetune.py); `finetune: null` (the default)
@@ -54,7 +55,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
-__all__ = ["FIELDS", "Field", "FINETUNE_METHODS", "SVF_FACTORS", "BACKBONE_STAGES", "DNA_MODES", "finetune_method",
+__all__ = ["FIELDS", "Field", "BENCHMARKS", "FINETUNE_METHODS", "SVF_FACTORS", "BACKBONE_STAGES", "DNA_MODES", "finetune_method",
            "finetune_tag", "Config", "ConfigKeyError", "RELATIONS", "SEED_RANGE", "BASE_KEY", "load_config",
            "defaults", "read_config_file", "check_value", "check_pair", "check_relations", "parse_override",
            "split_overrides", "dump_config", "closest_key", "parse_interval", "in_interval", "yaml_error_location"]
@@ -94,6 +95,8 @@ def in_interval(value: float, text: str) -> bool:
 
 SEED_RANGE = "[0, 4294967295]"  # what NumPy's and torch's seeding accept
 
+# Dataset families: the entries of dataset/registry.py (a test checks the two agree).
+BENCHMARKS = ("pascal", "coco", "folder")
 # How the backbone trains: the methods of model/finetune.py's registry (a test checks the two agree).
 FINETUNE_METHODS = ("freeze", "svf", "full", "bias", "bn", "lora", "dna")
 SVF_FACTORS = ("S", "US", "SV", "USV")  # svf.tuning.FACTORS (this module imports nothing of the project)
@@ -103,10 +106,21 @@ DNA_MODES = ("tune_U_S", "tune_V_S", "tune_all", "tune_U", "tune_V", "fix_low_ra
 
 FIELDS: dict[str, Field] = {
     # --- data
-    "benchmark": _f("str", "pascal", "dataset family", ("pascal", "coco")),
+    "benchmark": _f("str", "pascal", "dataset family (dataset/registry.py): pascal | coco | folder (your own images "
+                    "and masks: docs/own_data.md)", BENCHMARKS),
     "data_root": _f("str", "data/VOCdevkit/VOC2012", "root of the images and label maps"),
     "list_dir": _f("str", "lists/{benchmark}", "folder of train.txt / val.txt and per-class lists"),
-    "fold": _f("int", 0, "fold i of PASCAL-5i / COCO-20i", (0, 1, 2, 3)),
+    "fold": _f("int", 0, "fold i of the benchmark (0..3 for PASCAL-5i / COCO-20i; 0..num_folds-1 for a folder)",
+               valid="[0, inf)"),
+    "classes_file": _f("str", None, "benchmark folder: the class names, one per line (line i = class i); null = "
+                       "<data_root>/classes.txt (or the class folders' names)", optional=True),
+    "num_folds": _f("int", None, "benchmark folder: k folds of consecutive classes, as PASCAL-5i (null = min(4, "
+                    "classes)); PASCAL/COCO: fixed at 4", optional=True, valid="[1, inf)"),
+    "novel_classes": _f("str_list", None, "benchmark folder: the novel (test) classes by name, one fold (the others "
+                        "are base classes); null = num_folds folds", optional=True, min_items=1),
+    "train_classes": _f("str", "base", "classes of the training episodes: base (the fold's base classes) | all "
+                        "(every class: a model for other datasets, PATNet's fold 4; or a one-class dataset tuned on "
+                        "its labelled images)", ("base", "all")),
     "shot": _f("int", 1, "support images per episode (K)", valid="[1, inf)"),
     "coco_split": _f("str", "interleaved", "COCO-20i fold convention", ("interleaved", "consecutive")),
     "filter_novel": _f("bool", True, "the † filter: drop training images containing a novel class"),
@@ -345,6 +359,8 @@ RELATIONS = [
     (("scale_min", "scale_max"), lambda v: v["scale_min"] <= v["scale_max"], "scale_min <= scale_max"),
     (("stage1_scale_min", "stage1_scale_max"), lambda v: v["stage1_scale_min"] <= v["stage1_scale_max"],
      "stage1_scale_min <= stage1_scale_max"),
+    (("benchmark", "fold"), lambda v: v["benchmark"] not in ("pascal", "coco") or v["fold"] <= 3,
+     "fold in 0..3 for pascal and coco (PASCAL-5i / COCO-20i have 4 folds)"),
     (("test_seeds",), lambda v: len(set(v["test_seeds"])) == len(v["test_seeds"]),
      "test_seeds are distinct (a repeated seed repeats the same episodes)"),
     (("svf", "finetune"), lambda v: v["finetune"] is None or v["svf"] == (v["finetune"] == "svf"),
@@ -413,6 +429,7 @@ def _format_templates(values: dict) -> dict:
     context = dict(values)
     context["svf_tag"] = finetune_tag(values)
     context["backbone_weights"] = backbone_weights_file(values.get("backbone", ""))
+    context["data_name"] = os.path.basename(os.path.normpath(str(values.get("data_root", ""))))
     out = dict(values)
     for key, value in values.items():
         if isinstance(value, str) and "{" in value:

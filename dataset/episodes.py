@@ -75,6 +75,10 @@ def check_enough_images(lists, shot, role):
     """Every class needs ``shot`` supports besides the query: raise a clear error otherwise."""
     if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
         raise ValueError(f"shot must be a positive integer, got {shot!r}")
+    if not lists.classes:
+        raise ValueError(f"no {role} class in this fold of {lists.list_file}: a dataset whose classes are all novel "
+                         "(e.g. one class) trains with train_classes=all (on its own labelled images), or is only "
+                         "tested (with a model trained elsewhere: test.py --weights)")
     if not lists.images:
         raise ValueError(f"no image of {lists.list_file} has a {role} class of this fold: check the "
                          "list, the fold and min_class_pixels")
@@ -163,11 +167,12 @@ def released_test_episodes(lists, shot, num_episodes, seed, image_classes, worke
 
 
 class _ListDataset(Dataset):
-    """Shared loading of (image, label) pairs by index, and the epoch of the random transforms."""
+    """Shared loading of (image, label) pairs by index, and the epoch of the random transforms. ``labels``: the
+    ``dataset.registry.Benchmark`` whose family reads the masks, or a number of classes (label maps 0..n, 255)."""
 
-    def __init__(self, lists, num_classes):
+    def __init__(self, lists, labels):
         self.lists = lists
-        self.num_classes = num_classes
+        self.labels = labels
         # in shared memory, so that set_epoch also reaches persistent data-loader workers
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -181,14 +186,14 @@ class _ListDataset(Dataset):
 
     def _load(self, index):
         image_path, label_path = self.lists.pairs[index]
-        return read_pair(image_path, label_path, self.num_classes)
+        return read_pair(image_path, label_path, self.labels)
 
 
 class TrainEpisodes(_ListDataset):
     """Training episodes over the base classes; call ``set_epoch`` every epoch."""
 
-    def __init__(self, lists, shot, transform, num_classes, seed, image_classes, base_labels=False):
-        super().__init__(lists, num_classes)
+    def __init__(self, lists, shot, transform, labels, seed, image_classes, base_labels=False):
+        super().__init__(lists, labels)
         check_enough_images(lists, shot, "base")
         self.shot, self.transform, self.seed = shot, transform, seed
         self.image_classes = image_classes  # as returned by classes_of_images
@@ -226,8 +231,8 @@ class TrainEpisodes(_ListDataset):
 class TestEpisodes(_ListDataset):
     """A precomputed list of test episodes (``self.episodes``); items carry the original label."""
 
-    def __init__(self, lists, episodes, transform, num_classes):
-        super().__init__(lists, num_classes)
+    def __init__(self, lists, episodes, transform, labels):
+        super().__init__(lists, labels)
         self.episodes, self.transform = episodes, transform
 
     def __len__(self):
@@ -256,8 +261,8 @@ class BaseClassSegmentation(_ListDataset):
     None: validation (deterministic test transform).
     """
 
-    def __init__(self, lists, transform, num_classes, seed=None):
-        super().__init__(lists, num_classes)
+    def __init__(self, lists, transform, labels, seed=None):
+        super().__init__(lists, labels)
         self.transform, self.seed = transform, seed
         self.lut = base_class_lut(lists.classes)
 

@@ -100,10 +100,11 @@ def check_label_values(label, num_classes, path, histogram=None):
                          "instance PNG instead of SegmentationClassAug)?")
 
 
-def read_pair(image_path, label_path, num_classes):
-    """Read an image and its label map and check they have the same height and width."""
+def read_pair(image_path, label_path, labels):
+    """Read an image and its label map and check they have the same height and width. ``labels``: what reads the
+    mask (a ``dataset.registry.Benchmark``: its family's rule), or a number of classes (a label map 0..n, 255)."""
     image = read_image(image_path)
-    label = read_label(label_path, num_classes)
+    label = labels.read_label(label_path) if hasattr(labels, "read_label") else read_label(label_path, labels)
     if image.shape[:2] != label.shape:
         raise ValueError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label map "
                          f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must match")

@@ -15,6 +15,7 @@ Class presence (PFENet/BAM rule): a class counts in an image only if it covers a
 ``min_class_pixels`` pixels (2·32·32 = 2048 in the papers). "†" (``drop_novel_images``): training
 drops every image that has any pixel of a novel class; without it, novel pixels become background.
 """
+import argparse
 import hashlib
 import json
 import multiprocessing
@@ -23,11 +24,10 @@ import warnings
 from dataclasses import dataclass
 
 from .files import (atomic_write_json, atomic_write_text, check_image_decodes, label_histogram, read_id_list,
-                    read_label, read_list)
-from .splits import BENCHMARKS, base_classes, novel_classes, num_classes
+                    read_list)
+from .registry import Benchmark, as_benchmark, family
 
 DEFAULT_MIN_CLASS_PIXELS = 2 * 32 * 32
-EXPECTED_COUNTS = {"pascal": {"train": 5953, "val": 1449}, "coco": {"train": 82081, "val": 40137}}
 PASCAL_SBD_LIST = os.path.join("ImageSets", "SBD", "train_noval.txt")
 COCO_SPLIT_DIRS = {"train": "train2014", "val": "val2014"}
 CACHE_VERSION = 2  # 2: the key covers every image's and mask's size and mtime_ns
@@ -114,23 +114,31 @@ def _check_pair_exists(data_root, image_rel, label_rel):
                                 "listed image needs its mask (SegmentationClassAug for PASCAL)")
 
 
-def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=None):
-    """Write ``<list_dir>/train.txt`` and ``val.txt``; print counts, warn when not the standard ones."""
-    if benchmark == "pascal":
-        lists = pascal_image_lists(data_root, sbd_list, val_list)
-    elif benchmark == "coco":
-        if sbd_list is not None:
-            raise ValueError("--sbd-list is PASCAL's SBD list; COCO's training images come from annotations/train2014")
-        lists = coco_image_lists(data_root, val_list)
-    else:
-        raise ValueError(f"unknown benchmark {benchmark!r}: expected one of {BENCHMARKS}")
+def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=None, **family_args):
+    """Write ``<list_dir>/train.txt`` and ``val.txt`` of a family (a name or a ``Benchmark``) from the pairs its
+    ``image_lists`` finds; print counts, warn when not the standard ones. ``sbd_list``, ``val_list`` and
+    ``family_args`` (e.g. the folder family's ``val_fraction``) are the make_lists options; one the family does not
+    read is an error."""
+    fam = benchmark.family if isinstance(benchmark, Benchmark) else family(benchmark)
+    given = {k: v for k, v in dict(family_args, sbd_list=sbd_list, val_list=val_list).items() if v is not None}
+    unread = sorted(set(given) - set(fam.make_lists_options))
+    if unread:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unread)
+        raise ValueError(f"{flags}: not an option of {fam.name}'s lists (it reads "
+                         f"{', '.join('--' + k.replace('_', '-') for k in fam.make_lists_options) or 'none'})")
+    args = argparse.Namespace(**{k: given.get(k) for k in fam.make_lists_options})
+    lists = fam.image_lists(data_root, args)
+    for split, pairs in lists.items():
+        path = os.path.join(list_dir, split + ".txt")
+        if not pairs:
+            raise ValueError(f"no {split} image found for {fam.name} under {data_root}: nothing written to {path}")
     for split, pairs in lists.items():
         path = os.path.join(list_dir, split + ".txt")
         atomic_write_text(path, "".join(f"{i} {l}\n" for i, l in pairs))
-        expected = EXPECTED_COUNTS[benchmark][split]
-        print(f"{path}: {len(pairs)} images (standard {benchmark} {split} list: {expected})")
-        if len(pairs) != expected:
-            warnings.warn(f"{path} has {len(pairs)} images, not the standard {expected} of {benchmark} "
+        expected = (fam.expected_counts or {}).get(split)
+        print(f"{path}: {len(pairs)} images" + (f" (standard {fam.name} {split} list: {expected})" if expected else ""))
+        if expected is not None and len(pairs) != expected:
+            warnings.warn(f"{path} has {len(pairs)} images, not the standard {expected} of {fam.name} "
                           f"{split}: results will not be comparable with published numbers", stacklevel=2)
     return lists
 
@@ -148,16 +156,16 @@ def _file_sha256(path):
 def _count_classes(args):
     """Pixel count of every class (1..n) present in one label map: [[class, pixels], ...]. Checks the pair:
     the image decodes completely, the label values are valid, and both have the same size."""
-    image_path, label_path, n_classes = args
+    image_path, label_path, bench = args
     if not os.path.isfile(image_path):
         raise FileNotFoundError(f"image file not found: {image_path} (its label map is {label_path})")
     width, height = check_image_decodes(image_path)
-    label = read_label(label_path, n_classes)  # read_label checks the values
+    label = bench.read_label(label_path)  # checks the values
     if label.shape != (height, width):
         raise ValueError(f"label map {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} "
                          f"is {width}x{height}; they must match (a mask of another image, or a resized one?)")
     hist = label_histogram(label)
-    return [[c, int(hist[c])] for c in range(1, n_classes + 1) if hist[c]]
+    return [[c, int(hist[c])] for c in range(1, bench.num_classes + 1) if hist[c]]
 
 
 def cache_dir(list_path):
@@ -190,23 +198,24 @@ def _files_stamp(pairs):
     return digest.hexdigest()
 
 
-def _list_key(list_path, data_root, benchmark, pairs):
+def _list_key(list_path, data_root, bench, pairs):
     """What every cache built from a list file depends on (read_list checks the paths first)."""
     return {"version": CACHE_VERSION, "list_file": os.path.abspath(list_path),
             "list_sha256": _file_sha256(list_path), "data_root": os.path.abspath(data_root),
-            "benchmark": benchmark, "files_size_mtime_sha256": _files_stamp(pairs)}
+            "benchmark": bench.cache_id, "files_size_mtime_sha256": _files_stamp(pairs)}
 
 
 def class_pixel_counts(list_path, data_root, benchmark, workers=0):
-    """(pairs, per listed image {class: pixels} of the classes present); cached in ``<list dir>/cache/``."""
+    """(pairs, per listed image {class: pixels} of the classes present); cached in ``<list dir>/cache/``.
+    ``benchmark``: a ``dataset.registry.Benchmark`` or a family name."""
+    bench = as_benchmark(benchmark, data_root)
     pairs = read_list(list_path, data_root)
-    key = _list_key(list_path, data_root, benchmark, pairs)
+    key = _list_key(list_path, data_root, bench, pairs)
     stem = os.path.splitext(os.path.basename(list_path))[0]
     path = os.path.join(cache_dir(list_path), f"{stem}_class_pixels.json")
     value = _load_cache(path, key)
     if value is None:
-        n = num_classes(benchmark)
-        jobs = [(image, label, n) for image, label in pairs]
+        jobs = [(image, label, bench) for image, label in pairs]
         if workers and workers > 1:
             with multiprocessing.Pool(workers) as pool:
                 value = pool.map(_count_classes, jobs, chunksize=64)
@@ -234,29 +243,32 @@ class FoldLists:
 
 def fold_lists(list_path, data_root, benchmark, fold, classes="base", drop_novel_images=False,
                min_class_pixels=DEFAULT_MIN_CLASS_PIXELS, coco_split="interleaved", workers=0):
-    """The images and per-class lists of ``fold`` for ``classes`` ("base" or "novel"), cached.
+    """The images and per-class lists of ``fold`` for ``classes`` ("base", "novel" or "all"), cached.
+    ``benchmark``: a ``dataset.registry.Benchmark``, or a family name resolved with ``coco_split``.
 
     An image is kept if at least one of the chosen classes covers ``min_class_pixels`` pixels in it.
     ``drop_novel_images`` (†, only with classes="base") also drops images with any novel pixel.
     """
-    if classes not in ("base", "novel"):
-        raise ValueError(f"classes must be 'base' or 'novel', got {classes!r}")
+    if classes not in ("base", "novel", "all"):
+        raise ValueError(f"classes must be 'base', 'novel' or 'all', got {classes!r}")
     if drop_novel_images and classes != "base":
         raise ValueError("drop_novel_images (†) only applies to base-class (training) lists")
-    if benchmark == "pascal":
-        coco_split = None  # not part of PASCAL's key: one cache serves any value
-    chosen = (base_classes if classes == "base" else novel_classes)(benchmark, fold, coco_split or "interleaved")
+    bench = as_benchmark(benchmark, data_root, coco_split)
+    coco_split = bench.option("coco_split") if bench.name == "coco" else None  # one PASCAL cache serves any value
+    chosen = (bench.novel_classes(fold) if classes == "novel" else bench.train_classes(fold, classes))
     pairs = read_list(list_path, data_root)
-    key = {**_list_key(list_path, data_root, benchmark, pairs), "coco_split": coco_split, "fold": fold,
+    key = {**_list_key(list_path, data_root, bench, pairs), "coco_split": coco_split, "fold": fold,
            "classes": classes, "drop_novel_images": bool(drop_novel_images),
            "min_class_pixels": int(min_class_pixels)}
+    if bench.name not in ("pascal", "coco"):
+        key["folds"] = [list(f) for f in bench.folds]
     stem = os.path.splitext(os.path.basename(list_path))[0]
-    name = (f"{stem}_{benchmark}{'_' + coco_split if coco_split else ''}_fold{fold}_{classes}"
+    name = (f"{stem}_{bench.name}{'_' + coco_split if coco_split else ''}_fold{fold}_{classes}"
             f"{'_dropnovel' if drop_novel_images else ''}_min{int(min_class_pixels)}.json")
     path = os.path.join(cache_dir(list_path), name)
     value = _load_cache(path, key)
     if value is None:
-        _, counts = class_pixel_counts(list_path, data_root, benchmark, workers)
+        _, counts = class_pixel_counts(list_path, data_root, bench, workers)
         chosen_set = set(chosen)
         images, class_images = [], {c: [] for c in chosen}
         for index, image_counts in enumerate(counts):

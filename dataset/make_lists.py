@@ -1,10 +1,14 @@
-"""Build the image lists and the per-fold class lists of PASCAL-5i / COCO-20i, with JSON caches.
+"""Build the image lists and the per-fold class lists of a benchmark (any family of dataset/registry.py), with
+JSON caches.
 
 Command line::
 
     python -m dataset.make_lists pascal --data-root PATH [--list-dir lists/pascal]
     python -m dataset.make_lists coco   --data-root PATH [--list-dir lists/coco]
         [--min-class-pixels 2048] [--coco-split interleaved|consecutive] [--workers N]
+    python -m dataset.make_lists folder --data-root PATH [--list-dir PATH/lists]
+        [--val-fraction F | --train-ids FILE --val-ids FILE]
+        [--classes-file FILE] [--num-folds K | --novel-classes NAME,NAME] [--min-class-pixels N]
 
 What it reads (all paths under --data-root):
 - pascal: ``ImageSets/Segmentation/train.txt`` and ``val.txt`` (VOC2012), the SBD list
@@ -15,6 +19,9 @@ What it reads (all paths under --data-root):
   and for every id ``JPEGImages/<id>.jpg`` and
   ``SegmentationClassAug/<id>.png``. train = (VOC train ∪ SBD train_noval) − VOC val, de-duplicated
   (5,953 images, sorted); val = VOC val (1,449), in the val list's order.
+- folder: ``images/`` and ``masks/`` (label maps with ``classes.txt``, or one binary-mask folder per class): see
+  dataset/folder.py and docs/own_data.md. Every image and mask is paired by name; an image without its label map, a
+  mask without its image, two files of one name are errors naming the file.
 - coco: the label maps ``annotations/train2014/*.png`` / ``annotations/val2014/*.png`` written by
   ``python -m dataset.prepare_coco`` and their images ``train2014/<name>.jpg`` / ``val2014/<name>.jpg``
   (82,081 / 40,137 images that have at least one annotation), sorted by name; --val-list takes the released
@@ -40,14 +47,17 @@ import os
 import sys
 
 from .lists import DEFAULT_MIN_CLASS_PIXELS, PASCAL_SBD_LIST, cache_dir, fold_lists, write_image_lists
-from .splits import BENCHMARKS, COCO_SPLITS, NUM_FOLDS
+from .registry import families, resolve_benchmark
+from .splits import COCO_SPLITS
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m dataset.make_lists", description=__doc__.split("\n")[0])
-    parser.add_argument("benchmark", choices=BENCHMARKS)
-    parser.add_argument("--data-root", required=True, help="VOC2012 folder (pascal) or COCO folder (coco)")
-    parser.add_argument("--list-dir", default=None, help="output folder (default lists/<benchmark>)")
+    parser.add_argument("benchmark", choices=sorted(families()))
+    parser.add_argument("--data-root", required=True, help="VOC2012 folder (pascal), COCO folder (coco), or the "
+                        "folder of images/ and masks/ (folder)")
+    parser.add_argument("--list-dir", default=None,
+                        help="output folder (default lists/<benchmark>; folder: <data-root>/lists)")
     parser.add_argument("--sbd-list", default=None, help=f"SBD list for pascal (default <data-root>/{PASCAL_SBD_LIST})")
     parser.add_argument("--val-list", default=None,
                         help="val list, order kept: pascal's ids or 'image label' lines (default <data-root>/"
@@ -56,26 +66,49 @@ def main(argv=None):
     parser.add_argument("--min-class-pixels", type=int, default=DEFAULT_MIN_CLASS_PIXELS,
                         help="pixels a class needs to count in an image (2048 in the papers)")
     parser.add_argument("--coco-split", choices=COCO_SPLITS, default="interleaved")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="folder: this fraction of the images in val only (by a hash of the name); default: "
+                             "every image in both lists")
+    parser.add_argument("--train-ids", default=None, help="folder: file of the training images' names")
+    parser.add_argument("--val-ids", default=None, help="folder: file of the val images' names")
+    parser.add_argument("--classes-file", default=None, help="folder: class names (default <data-root>/classes.txt)")
+    parser.add_argument("--num-folds", type=int, default=None, help="folder: k folds (default min(4, classes))")
+    parser.add_argument("--novel-classes", default=None,
+                        help="folder: the novel classes of its one fold, comma-separated names")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes that read the label maps")
     args = parser.parse_args(argv)
-    list_dir = args.list_dir or os.path.join("lists", args.benchmark)
-    write_image_lists(args.benchmark, args.data_root, list_dir, args.sbd_list, args.val_list)
+    novel = [c.strip() for c in args.novel_classes.split(",")] if args.novel_classes else None
+    bench = resolve_benchmark(args.benchmark, data_root=args.data_root, coco_split=args.coco_split,
+                              classes_file=args.classes_file, num_folds=args.num_folds, novel_classes=novel)
+    default_dir = os.path.join(args.data_root, "lists") if args.benchmark == "folder" else \
+        os.path.join("lists", args.benchmark)
+    list_dir = args.list_dir or default_dir
+    write_image_lists(bench, args.data_root, list_dir, args.sbd_list, args.val_list, val_fraction=args.val_fraction,
+                      train_ids=args.train_ids, val_ids=args.val_ids)
     train_list, val_list = os.path.join(list_dir, "train.txt"), os.path.join(list_dir, "val.txt")
-    common = dict(data_root=args.data_root, benchmark=args.benchmark, min_class_pixels=args.min_class_pixels,
-                  coco_split=args.coco_split, workers=args.workers)
-    print(f"min_class_pixels={args.min_class_pixels}"
-          + (f", coco_split={args.coco_split}" if args.benchmark == "coco" else ""))
-    print("fold | train images (†) | train images (no †) | val images | fewest images of one class: "
-          "train † / val")
-    for fold in range(NUM_FOLDS):
-        train_dropped = fold_lists(train_list, fold=fold, classes="base", drop_novel_images=True, **common)
-        train_all = fold_lists(train_list, fold=fold, classes="base", drop_novel_images=False, **common)
+    common = dict(data_root=args.data_root, benchmark=bench, min_class_pixels=args.min_class_pixels,
+                  workers=args.workers)
+    print(f"{bench.name}: {bench.num_classes} classes, {bench.num_folds} fold(s); min_class_pixels="
+          f"{args.min_class_pixels}" + (f", coco_split={args.coco_split}" if args.benchmark == "coco" else ""))
+    print("fold | novel classes | train images (†) | train images (no †) | val images | fewest images of one "
+          "class: train † / val")
+    for fold in range(bench.num_folds):
+        has_base = bool(bench.base_classes(fold))
+        train_dropped = fold_lists(train_list, fold=fold, classes="base", drop_novel_images=True, **common) \
+            if has_base else None
+        train_all = fold_lists(train_list, fold=fold, classes="base" if has_base else "all", **common)
         val = fold_lists(val_list, fold=fold, classes="novel", **common)
-        fewest_train = min(len(v) for v in train_dropped.class_images.values())
-        fewest_val = min(len(v) for v in val.class_images.values())
-        print(f"{fold:4d} | {len(train_dropped.images):16d} | {len(train_all.images):19d} | "
-              f"{len(val.images):10d} | {fewest_train} / {fewest_val}")
+        fewest = lambda lists: min((len(v) for v in lists.class_images.values()), default=0)  # noqa: E731
+        novel_names = ", ".join(bench.class_name(c) for c in bench.novel_classes(fold))
+        if len(novel_names) > 40:
+            novel_names = novel_names[:37] + "..."
+        dropped = f"{len(train_dropped.images):16d}" if train_dropped else f"{'(no base class)':>16}"
+        print(f"{fold:4d} | {novel_names} | {dropped} | {len(train_all.images):19d} | {len(val.images):10d} | "
+              f"{fewest(train_dropped) if train_dropped else '-'} / {fewest(val)}")
+        if fewest(val) < 2:
+            print(f"     warning: a novel class of fold {fold} has fewer than 2 val images: no 1-shot episode of it "
+                  "(a query needs another image of its class as support)")
     print(f"caches in {cache_dir(train_list)}")
     return 0
 

@@ -214,6 +214,42 @@ def write_dataset(out, seed=0, num_train=600, num_val=200, size=160, workers=0):
     return ids
 
 
+def write_folder_dataset(out, masks="label_maps", num_classes=NUM_CLASSES, num_images=200, size=160, seed=0):
+    """The same images in the layout of the ``folder`` benchmark (dataset/folder.py; the stand-in of "your own
+    data"): ``images/<id>.jpg``, ``classes.txt`` (the first ``num_classes`` VOC names) and either label maps
+    ``masks/<id>.png`` (classes above ``num_classes`` -> background, 255 borders kept) or, with
+    ``masks="class_folders"``, binary 0/255 masks ``masks/<class>/<id>.png`` for the classes present (borders -> 0).
+    Returns the ids written."""
+    if masks not in ("label_maps", "class_folders"):
+        raise ValueError(f"masks must be 'label_maps' or 'class_folders', got {masks!r}")
+    if not 1 <= num_classes <= NUM_CLASSES or num_images < 1 or size < 32:
+        raise ValueError(f"need 1 <= num_classes <= {NUM_CLASSES}, num_images >= 1 and size >= 32")
+    from .splits import CLASS_NAMES
+    names = CLASS_NAMES["pascal"][:num_classes]
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    ids, index = [], -1
+    while len(ids) < num_images:
+        index += 1
+        image_id = f"img_{index:05d}"
+        image, label = make_sample(np.random.default_rng([seed, index]), size)
+        label[(label > num_classes) & (label != IGNORE_LABEL)] = 0
+        if not (0 < label[label != IGNORE_LABEL]).any():
+            continue  # no class of the subset in it: draw another
+        if not cv2.imwrite(os.path.join(out, "images", image_id + ".jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, 92]):
+            raise OSError(f"cannot write {os.path.join(out, 'images', image_id + '.jpg')}")
+        writes = ([(os.path.join(out, "masks"), label)] if masks == "label_maps" else
+                  [(os.path.join(out, "masks", names[c - 1]), np.where(label == c, 255, 0).astype(np.uint8))
+                   for c in np.unique(label) if 0 < c <= num_classes])
+        for folder, mask in writes:
+            os.makedirs(folder, exist_ok=True)
+            if not cv2.imwrite(os.path.join(folder, image_id + ".png"), mask):
+                raise OSError(f"cannot write {os.path.join(folder, image_id + '.png')}")
+        ids.append(image_id)
+    atomic_write_text(os.path.join(out, "classes.txt"), "".join(n + "\n" for n in names))
+    return ids
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m dataset.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (the data root)")
@@ -222,8 +258,19 @@ def main(argv=None):
     parser.add_argument("--num-val", type=int, default=200)
     parser.add_argument("--size", type=int, default=160, help="largest image side; sides are in [5/8 size, size]")
     parser.add_argument("--workers", type=int, default=0, help="processes drawing images (0: this one); same files")
+    parser.add_argument("--layout", choices=("voc", "folder"), default="voc",
+                        help="voc (PASCAL's layout, the default) or folder (images/ + masks/ + classes.txt: the "
+                             "layout of benchmark folder, your own data's; --num-train images, --num-val ignored)")
+    parser.add_argument("--masks", choices=("label_maps", "class_folders"), default="label_maps",
+                        help="--layout folder: label maps masks/<id>.png, or binary masks masks/<class>/<id>.png")
+    parser.add_argument("--classes", type=int, default=NUM_CLASSES, help="--layout folder: the first N classes")
     args = parser.parse_args(argv)
     start = time.time()
+    if args.layout == "folder":
+        ids = write_folder_dataset(args.out, args.masks, args.classes, args.num_train, args.size, args.seed)
+        print(f"wrote {len(ids)} images of {args.classes} classes to {args.out} in {time.time() - start:.1f} s; "
+              f"next: python -m dataset.make_lists folder --data-root {args.out} --min-class-pixels 128")
+        return 0
     ids = write_dataset(args.out, args.seed, args.num_train, args.num_val, args.size, args.workers)
     print(f"wrote {len(ids['train'])} train + {len(ids['val'])} val images to {args.out} "
           f"in {time.time() - start:.1f} s; next: python -m dataset.make_lists pascal --data-root {args.out} "

@@ -13,25 +13,40 @@ def pretrained_is_stage1_checkpoint(cfg) -> bool:
                 and os.path.abspath(cfg.pretrained) == os.path.abspath(cfg.base_learner))
 
 
+def _make_lists_command(cfg) -> str:
+    extra = ""
+    if cfg.benchmark == "folder":
+        extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("classes_file", cfg.classes_file),
+                                                                    ("num_folds", cfg.num_folds)) if v is not None)
+        if cfg.novel_classes:
+            extra += " --novel-classes " + ",".join(cfg.novel_classes)
+    return (f"python -m dataset.make_lists {cfg.benchmark} --data-root {cfg.data_root} --list-dir {cfg.list_dir} "
+            f"--min-class-pixels {cfg.min_class_pixels}{extra}")
+
+
 def check_data(cfg, config_path: str = "CONFIG"):
-    """The data root and the train/val lists must exist; the message says which command builds them."""
+    """The data root and the train/val lists must exist, and the benchmark must resolve (its classes, the fold);
+    the message says which command builds what is missing."""
+    from dataset.registry import benchmark_of, family
+
     if not os.path.isdir(cfg.data_root):
         if "synthetic" in cfg.data_root:
             how = f"generate it with: python -m dataset.synthetic --out {cfg.data_root}  (or run sh demo.sh)"
-        elif cfg.benchmark == "coco":
-            how = ("put COCO2014 there (train2014/, val2014/, annotations/instances_*2014.json) and run "
-                   f"python -m dataset.prepare_coco --data-root {cfg.data_root}")
         else:
-            how = "put VOC2012 with SBD's SegmentationClassAug there (JPEGImages/, SegmentationClassAug/, ImageSets/)"
+            how = family(cfg.benchmark).data_hint.replace("DATA_ROOT", cfg.data_root)
         raise FileNotFoundError(f"data root '{cfg.data_root}' (config key data_root in {config_path}) not found; {how}; "
-                                f"or point data_root=PATH at it. Then build the lists: python -m dataset.make_lists "
-                                f"{cfg.benchmark} --data-root {cfg.data_root} --list-dir {cfg.list_dir}")
+                                f"or point data_root=PATH at it. Then build the lists: {_make_lists_command(cfg)}")
+    try:
+        bench = benchmark_of(cfg)
+        bench.novel_classes(cfg.fold)
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"benchmark {cfg.benchmark} (config {config_path}): {exc}") from None
     for split in ("train", "val"):
         path = os.path.join(cfg.list_dir, split + ".txt")
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"image list '{path}' (config key list_dir in {config_path}) not found; build it with: "
-                f"python -m dataset.make_lists {cfg.benchmark} --data-root {cfg.data_root} --list-dir {cfg.list_dir}")
+                f"{_make_lists_command(cfg)}")
 
 
 def check_base_learner(cfg, config_path: str = "CONFIG"):

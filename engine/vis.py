@@ -9,7 +9,7 @@ One PNG per episode, one row of panels, each image scaled to PANEL px on its lon
 A mask is tinted (half image, half colour) and outlined in its colour; pixels labelled 255 (ignored by the
 metric) are greyed. Each title is written in its mask's colour. The IoU is the foreground IoU of this one
 episode, at the label's original resolution with 255 ignored (`engine.metric.episode_iou`); the class name
-comes from `dataset.splits.class_name`.
+comes from the benchmark (`dataset.registry`).
 """
 from __future__ import annotations
 
@@ -86,13 +86,15 @@ def render_episode(supports, query: np.ndarray, label: np.ndarray, pred: np.ndar
     return cv2.cvtColor(np.concatenate(row, axis=1), cv2.COLOR_RGB2BGR)
 
 
-def make_visualiser(vis_dir: str, count: int, benchmark: str, resize_smaller: bool = True):
+def make_visualiser(vis_dir: str, count: int, benchmark, resize_smaller: bool = True):
     """on_episode(batch, pred) callback of engine.loop.evaluate_episodes writing the figures of the first
-    `count` episodes (by episode index) to vis_dir/episode_{index:05d}.png."""
-    from dataset.splits import class_name
+    `count` episodes (by episode index) to vis_dir/episode_{index:05d}.png. `benchmark`: a
+    dataset.registry.Benchmark (or a family name) that names the classes."""
+    from dataset.registry import as_benchmark
     from dataset.transforms import denormalize, resized_test_shape
     from engine.metric import episode_iou
 
+    bench = as_benchmark(benchmark)
     os.makedirs(vis_dir, exist_ok=True)
 
     def on_episode(batch, pred):
@@ -107,7 +109,7 @@ def make_visualiser(vis_dir: str, count: int, benchmark: str, resize_smaller: bo
         supports = [(denormalize(img), m.numpy())
                     for img, m in zip(batch["support_imgs"][0], batch["support_masks"][0])]
         figure = render_episode(supports, query, label.numpy(), pred.numpy(),
-                                class_name(benchmark, int(batch["class_id"][0])), episode_iou(pred, label))
+                                bench.class_name(int(batch["class_id"][0])), episode_iou(pred, label))
         path = os.path.join(vis_dir, f"episode_{index:05d}.png")
         if not cv2.imwrite(path, figure):
             raise OSError(f"could not write {path}")

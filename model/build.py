@@ -44,16 +44,17 @@ BASE_LEARNER_HELP = ("The stage-1 PSPNet checkpoint is what training arch=pspnet
 
 
 def _base_class_ids(cfg):
-    """Global ids of the base classes in the base learner's label order (1..n)."""
-    from dataset.splits import base_classes  # the one place fold splits live
-    return base_classes(cfg.benchmark, cfg.fold, cfg.coco_split)
+    """Global ids of the classes the base learner knows, in its label order (1..n): the training classes."""
+    from dataset import train_classes_of  # the dataset registry: the one place of a benchmark's classes
+    return train_classes_of(cfg)
 
 
 def _num_base_classes(cfg):
     ids = _base_class_ids(cfg)
     if cfg.num_base_classes != len(ids) + 1:
         raise ValueError(f"num_base_classes={cfg.num_base_classes} but {cfg.benchmark} fold {cfg.fold} "
-                         f"has {len(ids)} base classes (+1 background = {len(ids) + 1})")
+                         f"has {len(ids)} {'training' if cfg.train_classes == 'all' else 'base'} classes "
+                         f"(+1 background = {len(ids) + 1}): set num_base_classes={len(ids) + 1}")
     return cfg.num_base_classes
 
 

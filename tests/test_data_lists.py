@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dataset import lists as lists_module
+from dataset import registry as registry_module
 from dataset.lists import fold_lists, pascal_image_lists
 from dataset.make_lists import main as make_lists_main
 from dataset.prepare_coco import prepare_split
@@ -106,7 +106,7 @@ def test_cache_is_used_and_rebuilt_when_its_key_changes(voc, monkeypatch):
 
     def no_reading(*args):
         raise AssertionError("label maps were read although the cache is valid")
-    monkeypatch.setattr(lists_module, "read_label", no_reading)
+    monkeypatch.setattr(registry_module, "read_label", no_reading)  # what reads PASCAL masks
     fold_lists(train, root, "pascal", 0, "base", drop_novel_images=True, min_class_pixels=100)  # from cache
     # the filter flag is part of the key: a cache written for † is never served without †
     path = os.path.join(list_dir, "cache", "train_pascal_fold0_base_dropnovel_min100.json")
@@ -253,6 +253,9 @@ def test_prepare_coco_bad_inputs(tmp_path):
     cv2.imwrite(str(tmp_path / "train2014" / "x.jpg"), np.zeros((8, 8, 3), np.uint8))
     cv2.imwrite(str(label_dir / "x.png"), np.full((8, 8), 81, np.uint8))
     (tmp_path / "annotations" / "val2014").mkdir(exist_ok=True)  # prepare_split made it
+    (tmp_path / "val2014").mkdir()
+    cv2.imwrite(str(tmp_path / "val2014" / "y.jpg"), np.zeros((8, 8, 3), np.uint8))  # a valid val pair: the lists
+    cv2.imwrite(str(tmp_path / "annotations" / "val2014" / "y.png"), np.zeros((8, 8), np.uint8))  # are written
     with pytest.raises(ValueError, match=r"x\.png contains values \[81\], outside 0..80"):
         with pytest.warns(UserWarning):
             make_lists_main(["coco", "--data-root", str(tmp_path), "--list-dir", str(tmp_path / "l"),
@@ -339,5 +342,5 @@ def test_released_coco_val_list_keeps_its_unsorted_order(tmp_path):
         make_lists_main(["coco", "--data-root", root, "--list-dir", str(tmp_path / "sorted"),
                          "--min-class-pixels", "100", "--workers", "1"])
     assert (tmp_path / "sorted" / "val.txt").read_text().splitlines() == sorted(line.strip() for line in lines)
-    with pytest.raises(ValueError, match="--sbd-list is PASCAL's"):
+    with pytest.raises(ValueError, match="--sbd-list: not an option of coco's lists"):
         make_lists_main(["coco", "--data-root", root, "--list-dir", str(tmp_path / "x"), "--sbd-list", str(released)])

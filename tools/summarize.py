@@ -76,27 +76,44 @@ def row_order(name: str) -> tuple:
     return base, rank, name
 
 
-def build_table(results: list[tuple[str, dict]]) -> dict:
+def table_name(result: dict) -> str:
+    """The table a result goes to: its benchmark; a folder benchmark by its data folder's name (``folder cells``)."""
+    if result.get("benchmark") == "folder" and result.get("data_root"):
+        return f"folder {os.path.basename(os.path.normpath(result['data_root']))}"
+    return result["benchmark"]
+
+
+class Table(dict):
+    """{benchmark: {method: {shot: {fold: mIoU}}}}, and ``folds``: {benchmark: its number of folds} (4 unless the
+    results say otherwise: a folder benchmark's ``num_folds``)."""
+    folds: dict
+
+
+def build_table(results: list[tuple[str, dict]]) -> Table:
     """{benchmark: {method: {shot: {fold: mIoU}}}}; later files replace earlier ones."""
-    table: dict = {}
+    table = Table()
+    table.folds = {}
     for _, r in results:
-        table.setdefault(r["benchmark"], {}).setdefault(method_name(r), {}).setdefault(r["shot"], {})[r["fold"]] = r["miou"]
+        name = table_name(r)
+        table.setdefault(name, {}).setdefault(method_name(r), {}).setdefault(r["shot"], {})[r["fold"]] = r["miou"]
+        table.folds[name] = int(r.get("num_folds", len(FOLDS)))
     return table
 
 
-def format_cells(by_fold: dict) -> list[str]:
-    cells = [f"{100 * by_fold[f]:.2f}" if f in by_fold else "-" for f in FOLDS]
+def format_cells(by_fold: dict, folds=FOLDS) -> list[str]:
+    cells = [f"{100 * by_fold[f]:.2f}" if f in by_fold else "-" for f in folds]
     if not by_fold:
         return cells + ["-"]
     mean = 100 * sum(by_fold.values()) / len(by_fold)
-    return cells + ([f"{mean:.2f}"] if len(by_fold) == len(FOLDS) else [f"{mean:.2f}*{len(by_fold)}"])
+    return cells + ([f"{mean:.2f}"] if len(by_fold) == len(folds) else [f"{mean:.2f}*{len(by_fold)}"])
 
 
 def render(table: dict, markdown: bool = False) -> str:
     lines = []
-    header = ["method"] + [f"{s}-shot {c}" for s in SHOTS for c in [f"fold{f}" for f in FOLDS] + ["mean"]]
     for benchmark, methods in sorted(table.items()):
-        rows = [[name] + [c for s in SHOTS for c in format_cells(shots.get(s, {}))]
+        folds = tuple(range(getattr(table, "folds", {}).get(benchmark, len(FOLDS))))
+        header = ["method"] + [f"{s}-shot {c}" for s in SHOTS for c in [f"fold{f}" for f in folds] + ["mean"]]
+        rows = [[name] + [c for s in SHOTS for c in format_cells(shots.get(s, {}), folds)]
                 for name, shots in sorted(methods.items(), key=lambda item: row_order(item[0]))]
         lines.append(f"{benchmark} (mIoU %)")
         if markdown:
