@@ -14,6 +14,8 @@ buffers are all-reduced: the numbers do not depend on the number of processes or
 per-class IoU, mIoU and FB-IoU (mean ± sample std over seeds) and writes them to
 `exp_dir/test_{K}shot.json` (`test_{K}shot_untrained.json` with --untrained; with --weights FILE,
 `test_{K}shot_weights-<name>-<hash of FILE's path>.json`, so another checkpoint never overwrites the run's results;
+a model tested on another benchmark than it trained on (`train_benchmark`, the cross-domain configs
+config/cdfss_*.yaml) writes `test_<benchmark>_{K}shot.json`;
 figures likewise go to `vis_{K}shot_untrained/` and `vis_{K}shot_weights-.../`). `--vis N` writes N PNG
 figures of the first seed's episodes to `exp_dir/vis_{K}shot/`: supports with their mask (blue) | query with
 the ground truth (green) | query with the prediction (magenta), titled with the class name and the episode's IoU
@@ -34,7 +36,7 @@ import warnings
 
 from dataset.files import atomic_write_text
 from engine.checkpoint import evaluation_checkpoint, load_checkpoint, load_model_state
-from engine.config import Config, load_config, split_overrides
+from engine.config import Config, finetune_method, load_config, split_overrides
 from engine.distributed import DistInfo, cleanup_distributed, init_distributed, print0, seed_everything
 from engine.loop import evaluate_episodes
 from engine.preflight import check_base_learner, check_data, check_pretrained, check_writable
@@ -164,10 +166,12 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     fbiou_mean, fbiou_std = mean_std([r["fbiou"] for r in per_seed])
     class_iou = {str(c): mean_std([r["class_iou"][str(c)] for r in per_seed])[0] for c in class_ids}
     bench = dataset.benchmark_of(cfg)
-    result = {"benchmark": cfg.benchmark, "data_root": cfg.data_root, "num_folds": bench.num_folds,
+    result = {"benchmark": cfg.benchmark, "train_benchmark": cfg.train_benchmark or cfg.benchmark,
+              "episode_sampler": cfg.episode_sampler, "data_root": cfg.data_root, "num_folds": bench.num_folds,
               "class_names": {str(c): bench.class_name(c) for c in class_ids},
               "fold": cfg.fold, "shot": shot, "trained_shot": cfg.shot,
-              "arch": cfg.arch, "backbone": cfg.backbone, "svf": cfg.svf, "coco_split": cfg.coco_split,
+              "arch": cfg.arch, "backbone": cfg.backbone, "svf": cfg.svf, "finetune": finetune_method(cfg),
+              "coco_split": cfg.coco_split,
               "filter_novel": cfg.filter_novel, "weights": weights, "untrained": bool(args.untrained),
               "checkpoint_select": "--weights" if other_weights(args.weights, cfg) else cfg.checkpoint_select,
               "episodes_per_seed": cfg.test_episodes, "seeds": list(cfg.test_seeds),
@@ -212,7 +216,10 @@ def other_weights(weights, cfg: Config) -> bool:
 
 def results_tag(shot: int, untrained: bool, weights, cfg: Config) -> str:
     """What names the results (test_{tag}.json) and figures (vis_{tag}/): {K}shot for the run's own checkpoint,
-    a tag of their own for --untrained and --weights, so neither overwrites the run's."""
+    a tag of their own for --untrained and --weights, so neither overwrites the run's; a model trained on another
+    benchmark (``train_benchmark``: cross-domain testing) gets the tested benchmark first, {benchmark}_{K}shot."""
+    if cfg.train_benchmark and cfg.train_benchmark != cfg.benchmark:
+        shot = f"{cfg.benchmark}_{shot}"
     if not other_weights(weights, cfg):
         return f"{shot}shot{'_untrained' if untrained else ''}"
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(weights))[0])

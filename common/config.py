@@ -96,7 +96,7 @@ def in_interval(value: float, text: str) -> bool:
 SEED_RANGE = "[0, 4294967295]"  # what NumPy's and torch's seeding accept
 
 # Dataset families: the entries of dataset/registry.py (a test checks the two agree).
-BENCHMARKS = ("pascal", "coco", "folder")
+BENCHMARKS = ("pascal", "coco", "folder", "fss1000", "deepglobe", "isic", "lung")
 # How the backbone trains: the methods of model/finetune.py's registry (a test checks the two agree).
 FINETUNE_METHODS = ("freeze", "svf", "full", "bias", "bn", "lora", "dna")
 SVF_FACTORS = ("S", "US", "SV", "USV")  # svf.tuning.FACTORS (this module imports nothing of the project)
@@ -107,17 +107,22 @@ DNA_MODES = ("tune_U_S", "tune_V_S", "tune_all", "tune_U", "tune_V", "fix_low_ra
 FIELDS: dict[str, Field] = {
     # --- data
     "benchmark": _f("str", "pascal", "dataset family (dataset/registry.py): pascal | coco | folder (your own images "
-                    "and masks: docs/own_data.md)", BENCHMARKS),
+                    "and masks: docs/own_data.md) | fss1000 | deepglobe | isic | lung (docs/data_and_protocol.md)", BENCHMARKS),
     "data_root": _f("str", "data/VOCdevkit/VOC2012", "root of the images and label maps"),
     "list_dir": _f("str", "lists/{benchmark}", "folder of train.txt / val.txt and per-class lists"),
     "fold": _f("int", 0, "fold i of the benchmark (0..3 for PASCAL-5i / COCO-20i; 0..num_folds-1 for a folder)",
                valid="[0, inf)"),
     "classes_file": _f("str", None, "benchmark folder: the class names, one per line (line i = class i); null = "
-                       "<data_root>/classes.txt (or the class folders' names)", optional=True),
+                       "<data_root>/classes.txt (or the class folders' names); fss1000: the folder of HSNet's "
+                       "class lists (trn.txt, val.txt, test.txt); isic: class_id.csv for the flat image folder",
+                       optional=True),
     "num_folds": _f("int", None, "benchmark folder: k folds of consecutive classes, as PASCAL-5i (null = min(4, "
                     "classes)); PASCAL/COCO: fixed at 4", optional=True, valid="[1, inf)"),
     "novel_classes": _f("str_list", None, "benchmark folder: the novel (test) classes by name, one fold (the others "
                         "are base classes); null = num_folds folds", optional=True, min_items=1),
+    "train_benchmark": _f("str", None, "the benchmark the tested model was trained on when it is not `benchmark` "
+                          "(cross-domain: the PASCAL model tested on deepglobe); test.py then names its results "
+                          "test_<benchmark>_<K>shot.json", BENCHMARKS, optional=True),
     "train_classes": _f("str", "base", "classes of the training episodes: base (the fold's base classes) | all "
                         "(every class: a model for other datasets, PATNet's fold 4; or a one-class dataset tuned on "
                         "its labelled images)", ("base", "all")),
@@ -227,7 +232,9 @@ FIELDS: dict[str, Field] = {
                               "(BAM's Resize, resized_val: True); false = kept at their size (BAM's test_Resize)"),
     "episode_sampler": _f("str", "ours", "how test and validation episodes are drawn: ours = NumPy from the seed, "
                           "independent of workers | released = exactly the released code's (BAM's test.py / SemData: "
-                          "Python random, reseeded per DataLoader worker, see episode_workers)", ("ours", "released")),
+                          "Python random, reseeded per DataLoader worker, see episode_workers; fss1000 / deepglobe / isic / "
+                          "lung: HSNet's / PATNet's test loop, NumPy's global state seeded with the seed)",
+                          ("ours", "released")),
     "episode_workers": _f("int", 8, "episode_sampler released: the data-loader worker count whose episodes are "
                           "reproduced (the released configs: 8; 0 = the main process); our own loader is unaffected",
                           valid="[0, inf)"),

@@ -60,6 +60,8 @@ def build_train_dataset(cfg):
     """Training episodes of the fold's base classes (train list; † per cfg.filter_novel), or of every class with
     train_classes: all (no novel class, so no † filter)."""
     bench = benchmark_of(cfg)
+    if bench.family.train_dataset is not None:
+        return bench.family.train_dataset(cfg, bench)
     drop_novel = bool(cfg.filter_novel) and cfg.train_classes == "base"
     lists, image_classes = _fold_lists(cfg, "train", cfg.train_classes, drop_novel, bench)
     return TrainEpisodes(lists, int(cfg.shot), _train_transform(cfg, bench), bench, int(cfg.seed), image_classes,
@@ -71,8 +73,10 @@ def build_test_dataset(cfg, seed, num_episodes, shot=None):
     ``cfg.episode_sampler`` says: ours, or the released code's for ``cfg.episode_workers`` workers; a family may
     have its own rule)."""
     bench = benchmark_of(cfg)
-    lists, image_classes = _fold_lists(cfg, "val", "novel", False, bench)
     shot = int(cfg.shot if shot is None else shot)
+    if bench.family.test_dataset is not None:
+        return bench.family.test_dataset(cfg, bench, int(seed), int(num_episodes), shot)
+    lists, image_classes = _fold_lists(cfg, "val", "novel", False, bench)
     if bench.family.test_episodes is not None:
         episodes = bench.family.test_episodes(cfg, lists, shot, int(num_episodes), int(seed), image_classes)
     elif cfg.episode_sampler == "released":

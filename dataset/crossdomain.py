@@ -27,6 +27,7 @@ Episodes (``make_episodes``):
   and ``patnet_episodes`` (their ``fix_randseed(0)`` seeds NumPy's global state, the loader has 0 workers at test,
   so items are drawn in index order from one stream; batch size does not matter).
 """
+import functools
 import glob
 import os
 from dataclasses import dataclass
@@ -446,3 +447,185 @@ class BinaryMaskTrainEpisodes(_BinaryMaskData):
         item = self.episode_item(ep)
         del item["query_label"]
         return item
+
+
+# ---------------------------------------------------------------- registry entries (dataset/registry.py)
+#
+# A binary mask per image and a class per folder is no label map: FSS-1000's 1,000 classes do not fit uint8 label
+# maps (255 = ignore), and the anchors use every listed image whatever its mask holds. So these families are read by
+# their own datasets (the registry's ``train_dataset`` / ``test_dataset`` hooks) from the lists make_lists writes
+# (``image mask`` lines in the anchors' order), the class of a pair told by its path (``pair_class``).
+
+# Deepglobe's six classes in the order of PATNet's folders 1..6: its preprocess.py's labelset applied to OpenCV's BGR
+# images of the Deepglobe colour legend (urban 0,255,255 / agriculture 255,255,0 / ... in RGB)
+DEEPGLOBE_NAMES = ("agriculture", "urban", "rangeland", "forest", "water", "barren")
+LUNG_NAMES = ("lung",)
+FSS_HINT = ("put FSS-1000 there (FSS-1000/<class>/<n>.jpg + <n>.png, github.com/HKUSTCV/FSS-1000) and set "
+            "classes_file to the folder of HSNet's class lists (data/splits/fss of github.com/juhongm999/hsnet: "
+            "trn.txt, val.txt, test.txt)")
+
+
+def _refuse_fold_options(name, options):
+    if options.get("novel_classes") or options.get("num_folds") not in (None, 1):
+        raise ValueError(f"{name} has one fixed fold (its test classes): leave num_folds and novel_classes null")
+
+
+@functools.lru_cache(maxsize=None)
+def fss_split_names(split_dir):
+    """{trn|val|test: sorted class names} of HSNet's split folder; the three must not share a name."""
+    if not split_dir:
+        raise ValueError("fss1000 needs classes_file: the folder of HSNet's class lists (its data/splits/fss, with "
+                         "trn.txt, val.txt and test.txt); set classes_file=PATH (make_lists: --classes-file PATH)")
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(f"fss1000: classes_file must be the folder of HSNet's trn.txt, val.txt and test.txt "
+                                f"(its data/splits/fss); {split_dir} is not a folder")
+    names = {s: read_class_names(os.path.join(split_dir, f"{s}.txt")) for s in FSS_SPLITS}
+    shared = set(names["trn"]) & set(names["test"]) | set(names["trn"]) & set(names["val"]) | \
+        set(names["val"]) & set(names["test"])
+    if shared:
+        raise ValueError(f"{split_dir}: class(es) {sorted(shared)[:3]} are in two of trn/val/test; use HSNet's files")
+    return names
+
+
+def _fss_classes(options):
+    """HSNet's 1,000 classes: trn, val, test, each sorted; our id = HSNet's class id + 1."""
+    names = fss_split_names(options.get("classes_file"))
+    return tuple(names["trn"] + names["val"] + names["test"])
+
+
+def _fss_folds(options, names):
+    _refuse_fold_options("fss1000", options)
+    split = fss_split_names(options.get("classes_file"))
+    first = len(split["trn"]) + len(split["val"]) + 1
+    return (tuple(range(first, first + len(split["test"]))),)
+
+
+def _fixed_names(names):
+    return lambda options: names
+
+
+def _all_novel(name):
+    def folds(options, names):
+        _refuse_fold_options(name, options)
+        return (tuple(range(1, len(names) + 1)),)
+    return folds
+
+
+def _relative(files, data_root):
+    return [(os.path.relpath(i, data_root), os.path.relpath(m, data_root)) for pairs in files.values() for i, m in pairs]
+
+
+def _image_lists(family):
+    """make_lists: {"train": [...], "val": [...]} in the anchors' order. fss1000: train = the trn classes' images,
+    val = the test classes'; the cross-domain three are test sets: both lists hold every image."""
+    def image_lists(data_root, args):
+        options = getattr(args, "options", {})
+        if family == "fss1000":
+            split = fss_split_names(options.get("classes_file"))
+            return {"train": _relative(family_files(family, data_root, class_names=split["trn"]), data_root),
+                    "val": _relative(family_files(family, data_root, class_names=split["test"]), data_root)}
+        csv = options.get("classes_file") if family == "isic" else None
+        pairs = _relative(family_files(family, data_root, class_csv=csv), data_root)
+        return {"train": pairs, "val": list(pairs)}
+    return image_lists
+
+
+@functools.lru_cache(maxsize=None)
+def _isic_class_of_id(data_root, class_csv):
+    files = isic_files(family_root("isic", data_root), class_csv)
+    return {_stem(i): int(c) for c, pairs in files.items() for i, _ in pairs}
+
+
+def pair_class(bench, image_path, mask_path):
+    """The 1-based class id (in ``bench.class_names``) of a listed (image, mask) pair, told by its path."""
+    name = bench.name
+    if name == "fss1000":
+        folder = os.path.basename(os.path.dirname(image_path))
+        index = _class_index(bench.class_names).get(folder)
+    elif name == "deepglobe":
+        parts = os.path.normpath(image_path).split(os.sep)
+        index = int(parts[-4]) if len(parts) >= 4 and parts[-4] in DEEPGLOBE_CLASSES else None
+    elif name == "isic":
+        index = _isic_class_of_id(bench.option("data_root"), bench.option("classes_file")).get(_stem(image_path))
+    else:
+        index = 1
+    if index is None:
+        raise ValueError(f"{name}: the class of {image_path} cannot be told from its path (not in a class folder of "
+                         "the dataset's layout, or not in the class list): rebuild the lists with make_lists")
+    return index
+
+
+@functools.lru_cache(maxsize=None)
+def _class_index(class_names):
+    return {n: k for k, n in enumerate(class_names, 1)}
+
+
+def lists_files(bench, pairs, classes):
+    """(ClassFiles of the ``classes`` (ids) in ``pairs``' order, [class id of each ClassFiles class],
+    [index into pairs of each ClassFiles pair])."""
+    wanted, grouped = set(classes), {}
+    for index, (image, mask) in enumerate(pairs):
+        k = pair_class(bench, image, mask)
+        if k in wanted:
+            grouped.setdefault(k, []).append((index, (image, mask)))
+    ids = [k for k in classes if k in grouped]
+    files = ClassFiles.from_files({bench.class_name(k): [p for _, p in grouped[k]] for k in ids})
+    return files, ids, [i for k in ids for i, _ in grouped[k]]
+
+
+def _read_list(cfg, split):
+    from .files import read_list
+    return read_list(os.path.join(cfg.list_dir, split + ".txt"), cfg.data_root)
+
+
+def _test_dataset(family):
+    def build(cfg, bench, seed, num_episodes, shot):
+        files, ids, _ = lists_files(bench, _read_list(cfg, "val"), bench.novel_classes(cfg.fold))
+        if not ids:
+            raise ValueError(f"{cfg.list_dir}/val.txt has no image of {bench.name}'s test classes: rebuild it with "
+                             f"python -m dataset.make_lists {bench.name} --data-root {cfg.data_root}")
+        episodes = make_episodes(family, files, shot, num_episodes, seed, cfg.episode_sampler)
+        episodes = [Episode(e.query, e.supports, ids[e.class_id - 1]) for e in episodes]
+        return BinaryMaskEpisodes(files, episodes, SquareResize(int(cfg.test_size)))
+    return build
+
+
+def _train_dataset(family):
+    def build(cfg, bench):
+        if family != "fss1000":
+            raise ValueError(f"{family} is a test set (PATNet's cross-domain targets): train on PASCAL with "
+                             "train_classes: all (config/pascal_all.yaml) and test with config/cdfss_{family}.yaml")
+        files, _, _ = lists_files(bench, _read_list(cfg, "train"), bench.train_classes(cfg.fold, cfg.train_classes))
+        return BinaryMaskTrainEpisodes(files, int(cfg.shot), SquareResize(int(cfg.train_size)), int(cfg.seed))
+    return build
+
+
+def _mask_reader(path, bench):
+    """The registry's label reader for these families: the binary mask (0/1); their datasets read it themselves."""
+    return read_binary_mask(path)
+
+
+def registry_entries():
+    """The registry's Family entries of fss1000, deepglobe, isic and lung."""
+    from .registry import Family
+
+    hints = {"fss1000": FSS_HINT,
+             "deepglobe": "put PATNet's preprocessed Deepglobe tiles there (Deepglobe/<1..6>/test/origin/*.jpg, "
+                          "groundtruth/*.png: its data/preprocess.py, or the tiles its README links)",
+             "isic": "put ISIC2018 task 1 there (ISIC/ISIC2018_Task1-2_Training_Input/, ISIC2018_Task1_Training_"
+                     "GroundTruth/, challenge.isic-archive.com) with the images in class folders 1..3, or set "
+                     "classes_file to PATNet's data/isic/class_id.csv",
+             "lung": "put the Chest X-ray set there (LungSegmentation/CXR_png/, masks/: kaggle.com/datasets/"
+                     "nikhilpandey360/chest-xray-masks-and-labels)"}
+    summaries = {"fss1000": "FSS-1000 as HSNet: 1,000 classes (520 trn / 240 val / 240 test), 10 images each",
+                 "deepglobe": "Deepglobe (PATNet's tiles): 6 land-cover classes, a cross-domain test set",
+                 "isic": "ISIC2018 skin lesions: 3 classes (PATNet's class_id.csv), a cross-domain test set",
+                 "lung": "Chest X-ray lungs: 1 class, a cross-domain test set"}
+    names = {"fss1000": _fss_classes, "deepglobe": _fixed_names(DEEPGLOBE_NAMES),
+             "isic": _fixed_names(ISIC_CSV_NAMES), "lung": _fixed_names(LUNG_NAMES)}
+    folds = {"fss1000": _fss_folds, "deepglobe": _all_novel("deepglobe"), "isic": _all_novel("isic"),
+             "lung": _all_novel("lung")}
+    counts = {"fss1000": {"train": 5200, "val": 2400}}
+    return [Family(f, summaries[f], names[f], folds[f], _image_lists(f), _mask_reader, data_hint=hints[f],
+                   expected_counts=counts.get(f), train_dataset=_train_dataset(f), test_dataset=_test_dataset(f))
+            for f in FAMILIES]

@@ -127,6 +127,7 @@ def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=No
         raise ValueError(f"{flags}: not an option of {fam.name}'s lists (it reads "
                          f"{', '.join('--' + k.replace('_', '-') for k in fam.make_lists_options) or 'none'})")
     args = argparse.Namespace(**{k: given.get(k) for k in fam.make_lists_options})
+    args.options = dict(benchmark.options) if isinstance(benchmark, Benchmark) else {}  # e.g. classes_file
     lists = fam.image_lists(data_root, args)
     for split, pairs in lists.items():
         path = os.path.join(list_dir, split + ".txt")

@@ -9,6 +9,14 @@ Command line::
     python -m dataset.make_lists folder --data-root PATH [--list-dir PATH/lists]
         [--val-fraction F | --train-ids FILE --val-ids FILE]
         [--classes-file FILE] [--num-folds K | --novel-classes NAME,NAME] [--min-class-pixels N]
+    python -m dataset.make_lists fss1000 --data-root PATH --classes-file HSNET/data/splits/fss [--list-dir ...]
+    python -m dataset.make_lists deepglobe|isic|lung --data-root PATH [--classes-file class_id.csv (isic, flat)]
+
+fss1000, deepglobe, isic, lung (dataset/crossdomain.py): --data-root is the folder that holds FSS-1000/ (or
+Deepglobe/, ISIC/, LungSegmentation/: the anchors' --datapath) or that folder itself; the lists are ``image mask``
+lines in the order HSNet's / PATNet's loaders list the files (classes sorted, ``sorted(glob)`` per class). fss1000:
+train = the images of HSNet's trn classes, val = those of its test classes (its class lists are the user's: pass
+the folder of HSNet's data/splits/fss); the cross-domain three are test sets: both lists hold every image.
 
 What it reads (all paths under --data-root):
 - pascal: ``ImageSets/Segmentation/train.txt`` and ``val.txt`` (VOC2012), the SBD list
@@ -71,7 +79,9 @@ def main(argv=None):
                              "every image in both lists")
     parser.add_argument("--train-ids", default=None, help="folder: file of the training images' names")
     parser.add_argument("--val-ids", default=None, help="folder: file of the val images' names")
-    parser.add_argument("--classes-file", default=None, help="folder: class names (default <data-root>/classes.txt)")
+    parser.add_argument("--classes-file", default=None, help="folder: class names (default <data-root>/classes.txt); "
+                        "fss1000: the folder of HSNet's trn.txt/val.txt/test.txt; isic: class_id.csv for the flat "
+                        "image folder")
     parser.add_argument("--num-folds", type=int, default=None, help="folder: k folds (default min(4, classes))")
     parser.add_argument("--novel-classes", default=None,
                         help="folder: the novel classes of its one fold, comma-separated names")
@@ -87,6 +97,8 @@ def main(argv=None):
     write_image_lists(bench, args.data_root, list_dir, args.sbd_list, args.val_list, val_fraction=args.val_fraction,
                       train_ids=args.train_ids, val_ids=args.val_ids)
     train_list, val_list = os.path.join(list_dir, "train.txt"), os.path.join(list_dir, "val.txt")
+    if bench.family.test_dataset is not None:  # binary masks, a class per folder (dataset/crossdomain.py)
+        return summarize_class_lists(bench, args.data_root, train_list, val_list)
     common = dict(data_root=args.data_root, benchmark=bench, min_class_pixels=args.min_class_pixels,
                   workers=args.workers)
     print(f"{bench.name}: {bench.num_classes} classes, {bench.num_folds} fold(s); min_class_pixels="
@@ -110,6 +122,19 @@ def main(argv=None):
             print(f"     warning: a novel class of fold {fold} has fewer than 2 val images: no 1-shot episode of it "
                   "(a query needs another image of its class as support)")
     print(f"caches in {cache_dir(train_list)}")
+    return 0
+
+
+def summarize_class_lists(bench, data_root, train_list, val_list):
+    """The classes and images of each list of a family with binary masks (fss1000, deepglobe, isic, lung)."""
+    from .crossdomain import lists_files
+    from .files import read_list
+
+    for split, path, classes in (("train", train_list, bench.train_classes(0, "base") or bench.novel_classes(0)),
+                                 ("val", val_list, bench.novel_classes(0))):
+        files, ids, _ = lists_files(bench, read_list(path, data_root), classes)
+        sizes = [len(v) for v in files.class_images.values()]
+        print(f"{split}: {len(ids)} classes, {len(files.pairs)} images (fewest in a class: {min(sizes, default=0)})")
     return 0
 
 

@@ -36,6 +36,9 @@ class Family:
     its parsed command line); ``read_label(path, bench)`` -> uint8 label map of class ids (0, 1..n, 255);
     ``make_lists_options``: the make_lists flags the family reads (any other flag given is refused).
     ``test_episodes`` / ``test_transform`` / ``train_transform``: None = the default protocol (dataset.build).
+    ``train_dataset(cfg, bench)`` / ``test_dataset(cfg, bench, seed, num_episodes, shot)``: a family whose files are
+    no label maps (one binary mask per image, its class told by its folder: FSS-1000, the cross-domain sets of
+    dataset/crossdomain.py) builds its datasets itself from the lists; None = the label-map pipeline.
     """
     name: str
     summary: str
@@ -49,6 +52,8 @@ class Family:
     test_episodes: Optional[Callable] = None
     test_transform: Optional[Callable] = None
     train_transform: Optional[Callable] = None
+    train_dataset: Optional[Callable] = None
+    test_dataset: Optional[Callable] = None
 
     def __reduce__(self):  # pickled by name (data-loader and list-scan worker processes): its callables may be closures
         return family, (self.name,)
@@ -155,7 +160,7 @@ def _coco_lists(data_root, args):
 
 
 def _families():
-    from . import folder  # the folder family lives in its own module (layout, classes file, binary masks)
+    from . import crossdomain, folder  # families with a module of their own (layouts, class lists, masks)
 
     return {f.name: f for f in (
         Family("pascal", "PASCAL-5i: VOC2012 JPEGImages + SBD's SegmentationClassAug, 20 classes, 4 folds",
@@ -169,6 +174,7 @@ def _families():
                          "python -m dataset.prepare_coco --data-root DATA_ROOT",
                expected_counts={"train": 82081, "val": 40137}, make_lists_options=("val_list",)),
         folder.FAMILY,
+        *crossdomain.registry_entries(),  # fss1000 (HSNet's), deepglobe, isic, lung (PATNet's cross-domain sets)
     )}
 
 

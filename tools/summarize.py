@@ -11,6 +11,10 @@ get rows of their own, marked `[--weights FILE]`. When a fold has several result
 
     python tools/summarize.py exp/demo/ablation --compare /other/clone/exp/demo/ablation
 
+Cross-domain results (test.py on config/cdfss_*.yaml: a model trained on one benchmark, `train_benchmark`, tested
+on another) form their own table: one row per method, a column per target dataset (Deepglobe, ISIC, Chest X-ray,
+FSS-1000, in PATNet's order) and their mean, for 1-shot and 5-shot; the mean over fewer targets is marked `*n`.
+
 Comparisons written by tools/ablate.py (`ablation.json`: one row per fine-tuning method, mean ± std over
 training seeds) are printed as their own tables after it; the test results of their runs stay out of the
 per-fold table.
@@ -24,6 +28,8 @@ import sys
 
 SHOTS = (1, 5)
 FOLDS = (0, 1, 2, 3)
+CROSS_DOMAIN_TARGETS = ("deepglobe", "isic", "lung", "fss1000")  # PATNet's table order
+TARGET_TITLES = {"deepglobe": "Deepglobe", "isic": "ISIC", "lung": "Chest X-ray", "fss1000": "FSS-1000"}
 
 
 ABLATION = "ablation.json"  # what tools/ablate.py writes at the top of its runs' folder
@@ -62,6 +68,8 @@ def method_name(result: dict) -> str:
         name += " (no †)"
     if result.get("untrained"):
         name += " untrained"
+    if result.get("finetune") not in (None, "svf", "full" if result["arch"] == "pspnet" else "freeze"):
+        name += f" finetune={result['finetune']}"
     if result.get("checkpoint_select") == "--weights":  # not the run's own checkpoint (test.py --weights)
         name += f" [--weights {os.path.basename(str(result.get('weights')))}]"
     if result.get("trained_shot", result["shot"]) != result["shot"]:
@@ -89,11 +97,63 @@ class Table(dict):
     folds: dict
 
 
+def is_cross_domain(result: dict) -> bool:
+    """A model tested on another benchmark than it trained on (test.py's ``train_benchmark``)."""
+    return result.get("train_benchmark", result["benchmark"]) != result["benchmark"]
+
+
+def build_cross_domain_table(results: list[tuple[str, dict]]) -> dict:
+    """{trained on: {method: {shot: {target: mIoU}}}} of the cross-domain results; later files replace earlier ones."""
+    table: dict = {}
+    for _, r in results:
+        if is_cross_domain(r):
+            table.setdefault(r["train_benchmark"], {}).setdefault(method_name(r), {}).setdefault(
+                r["shot"], {})[r["benchmark"]] = r["miou"]
+    return table
+
+
+def cross_domain_cells(by_target: dict, targets=CROSS_DOMAIN_TARGETS) -> list[str]:
+    """One cell per target (mIoU %, '-' when missing) and their mean (``*n``: over the n targets present)."""
+    cells = [f"{100 * by_target[t]:.2f}" if by_target.get(t) is not None else "-" for t in targets]
+    present = [by_target[t] for t in targets if by_target.get(t) is not None]
+    if not present:
+        return cells + ["-"]
+    mean = f"{100 * sum(present) / len(present):.2f}"
+    return cells + [mean if len(present) == len(targets) else f"{mean}*{len(present)}"]
+
+
+def render_rows(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |"
+                                                                               for r in rows]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return [fmt(header)] + [fmt(r) for r in rows]
+
+
+def render_cross_domain(table: dict, markdown: bool = False) -> str:
+    """The cross-domain table(s): a row per method, a column per target and their mean, 1- and 5-shot."""
+    lines = []
+    header = ["method"] + [f"{s}-shot {TARGET_TITLES[t]}" for s in SHOTS for t in CROSS_DOMAIN_TARGETS] + \
+        [f"{s}-shot mean" for s in SHOTS]
+    for source, methods in sorted(table.items()):
+        rows = []
+        for name, shots in sorted(methods.items(), key=lambda item: row_order(item[0])):
+            cells = {s: cross_domain_cells(shots.get(s, {})) for s in SHOTS}
+            rows.append([name] + [c for s in SHOTS for c in cells[s][:-1]] + [cells[s][-1] for s in SHOTS])
+        lines.append(f"cross-domain: trained on {source}, tested on each target (mIoU %)")
+        lines += render_rows(header, rows, markdown) + [""]
+    return "\n".join(lines)
+
+
 def build_table(results: list[tuple[str, dict]]) -> Table:
-    """{benchmark: {method: {shot: {fold: mIoU}}}}; later files replace earlier ones."""
+    """{benchmark: {method: {shot: {fold: mIoU}}}}; later files replace earlier ones (cross-domain results are left
+    to build_cross_domain_table)."""
     table = Table()
     table.folds = {}
     for _, r in results:
+        if is_cross_domain(r):
+            continue
         name = table_name(r)
         table.setdefault(name, {}).setdefault(method_name(r), {}).setdefault(r["shot"], {})[r["fold"]] = r["miou"]
         table.folds[name] = int(r.get("num_folds", len(FOLDS)))
@@ -249,6 +309,8 @@ def main(argv=None) -> str:
         raise FileNotFoundError(f"no test results (test_*shot*.json) or ablations (ablation.json) under "
                                 f"'{args.root}'; run test.py or tools/ablate.py first")
     parts = [render(build_table(results), args.markdown)] if results else []
+    cross = build_cross_domain_table(results)
+    parts += [render_cross_domain(cross, args.markdown)] if cross else []
     parts += [f"ablation {os.path.dirname(path)}\n" + render_ablation(data, args.markdown) for path, data in ablations]
     text = "\n".join(parts)
     print(text)
