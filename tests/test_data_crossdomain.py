@@ -1,6 +1,7 @@
 """FSS-1000 (HSNet) and the cross-domain datasets (PATNet) on stand-ins in their exact layouts: lists, classes, masks,
 the 400x400 transform, the episodes (ours and the anchors' exact draws, against a re-statement written the way their
 loaders run: NumPy's global state, paths compared as strings) and what the metric receives."""
+import json
 import os
 
 import numpy as np
@@ -219,3 +220,129 @@ def test_our_sampler_refuses_a_shot_larger_than_a_class(root):
     files = cd.ClassFiles.from_files(cd.family_files("isic", root))   # class 3 has 2 images
     with pytest.raises(ValueError, match="2 images; 2-shot episodes need 3"):
         cd.make_episodes("isic", files, 2, 3, 0)
+
+
+# ---------------------------------------------------------------- registry entries, make_lists, build, test.py
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def lists(root, tmp_path_factory):
+    """make_lists of every family on the stand-ins: {family: list_dir}."""
+    from dataset.make_lists import main as make_lists
+    out = tmp_path_factory.mktemp("cdfss_lists")
+    dirs = {}
+    for family in cd.FAMILIES:
+        dirs[family] = str(out / family)
+        extra = ["--classes-file", os.path.join(root, "fss_splits")] if family == "fss1000" else []
+        with pytest.warns(UserWarning, match="not the standard") if family == "fss1000" else _nothing():
+            assert make_lists([family, "--data-root", root, "--list-dir", dirs[family], *extra]) == 0
+    return dirs
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cfg_of(family, root, list_dir, **keys):
+    from common.config import defaults
+    return defaults(benchmark=family, data_root=root, list_dir=list_dir, test_size=64, train_size=48,
+                    classes_file=os.path.join(root, "fss_splits") if family == "fss1000" else None, **keys)
+
+
+def test_registry_classes_and_folds(root):
+    from dataset.registry import resolve_benchmark
+    fss = resolve_benchmark("fss1000", classes_file=os.path.join(root, "fss_splits"))
+    # HSNet's ids + 1: trn (sorted), val (sorted), test (sorted); one fold whose novel classes are the test classes
+    assert fss.class_names == ("ant_lion", "bean-bag", "cob_pipe", "dust_pan", "egg_cup", "fire-fly", "gas_lamp",
+                               "hat_box", "ink_well", "jay's_feather", "kite_tail")
+    assert fss.novel_classes(0) == [9, 10, 11] and fss.base_classes(0) == list(range(1, 9))
+    dg = resolve_benchmark("deepglobe")
+    assert dg.class_names == ("agriculture", "urban", "rangeland", "forest", "water", "barren")
+    assert dg.novel_classes(0) == [1, 2, 3, 4, 5, 6] and dg.num_folds == 1
+    assert resolve_benchmark("isic").class_names == ("nevus", "melanoma", "seborrheic_keratosis")
+    assert resolve_benchmark("lung").novel_classes(0) == [1]
+    with pytest.raises(ValueError, match="fss1000 needs classes_file"):
+        resolve_benchmark("fss1000")
+    with pytest.raises(ValueError, match="one fixed fold"):
+        resolve_benchmark("lung", num_folds=2)
+
+
+def test_make_lists_writes_the_anchors_order(root, lists):
+    with open(os.path.join(lists["fss1000"], "val.txt")) as f:
+        val = f.read().split("\n")
+    assert val[:3] == ["FSS-1000/ink_well/1.jpg FSS-1000/ink_well/1.png",
+                       "FSS-1000/ink_well/10.jpg FSS-1000/ink_well/10.png",
+                       "FSS-1000/ink_well/2.jpg FSS-1000/ink_well/2.png"] and len(val) == 31
+    with open(os.path.join(lists["fss1000"], "train.txt")) as f:
+        assert f.readline() == "FSS-1000/ant_lion/1.jpg FSS-1000/ant_lion/1.png\n"
+    with open(os.path.join(lists["lung"], "val.txt")) as f:
+        assert f.readline() == "LungSegmentation/CXR_png/CHNCXR_0001_0.png LungSegmentation/masks/CHNCXR_0001_0_mask.png\n"
+
+
+@pytest.mark.parametrize("family", cd.FAMILIES)
+def test_build_test_dataset_is_the_anchor_draw_over_the_lists(root, lists, family):
+    from dataset import build_test_dataset
+    cfg = cfg_of(family, root, lists[family], episode_sampler="released")
+    data = build_test_dataset(cfg, 0, 12, shot=1)
+    names_ = cd.read_class_names(os.path.join(root, "fss_splits", "test.txt")) if family == "fss1000" else None
+    files = cd.ClassFiles.from_files(cd.family_files(family, root, class_names=names_))
+    expected = cd.make_episodes(family, files, 1, 12, 0, sampler="released")
+    assert [(e.query, e.supports) for e in data.episodes] == [(e.query, e.supports) for e in expected]
+    assert data.files.pairs == files.pairs
+    offset = 8 if family == "fss1000" else 0   # fss1000's ids count the trn and val classes first
+    assert [e.class_id for e in data.episodes] == [e.class_id + offset for e in expected]
+    item = data[0]
+    assert item["query_img"].shape == (3, 64, 64) and item["query_label"].shape == (64, 64)
+
+
+def test_fss1000_trains_on_the_trn_classes_and_cross_domain_sets_refuse_training(root, lists):
+    from dataset import build_train_dataset
+    train = build_train_dataset(cfg_of("fss1000", root, lists["fss1000"], shot=2))
+    assert len(train) == 60 and train.files.classes == ("ant_lion", "bean-bag", "cob_pipe", "dust_pan", "egg_cup",
+                                                        "fire-fly")
+    train.set_epoch(1)
+    item = train[13]
+    assert item["support_imgs"].shape == (2, 3, 48, 48) and item["class_id"] == 2
+    assert torch.equal(item["support_masks"], train[13]["support_masks"])   # fixed by (seed, epoch, index)
+    with pytest.raises(ValueError, match="a test set"):
+        build_train_dataset(cfg_of("lung", root, lists["lung"]))
+
+
+def test_test_py_on_a_cross_domain_config_and_the_summary(root, lists, tmp_path):
+    """test.py with config/cdfss_lung.yaml (an untrained small model): the results are named by the target and
+    tools/summarize.py puts them in the cross-domain table."""
+    import subprocess
+    import sys
+    exp = str(tmp_path / "exp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
+    for family in ("lung", "deepglobe"):
+        out = subprocess.run([sys.executable, "test.py", "--config", f"config/cdfss_{family}.yaml", "--untrained",
+                              "backbone=resnet18_deep_half", "pretrained=null", "reduce_dim=16", f"data_root={root}",
+                              f"list_dir={lists[family]}", "test_episodes=3", "workers=0", f"exp_dir={exp}",
+                              "test_size=48", "episode_sampler=released"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+    with open(os.path.join(exp, "test_lung_1shot_untrained.json")) as f:
+        result = json.load(f)
+    assert (result["benchmark"], result["train_benchmark"], result["episode_sampler"]) == ("lung", "pascal", "released")
+    assert result["seeds"] == [0] and result["class_names"] == {"1": "lung"}
+    from tools.summarize import main as summarize
+    text = summarize([exp])
+    assert "cross-domain: trained on pascal, tested on each target (mIoU %)" in text
+    row = next(line for line in text.splitlines() if line.startswith("baseline resnet18_deep_half untrained"))
+    dg = json.load(open(os.path.join(exp, "test_deepglobe_1shot_untrained.json")))["miou"]
+    assert row.split()[3:6] == [f"{100 * dg:.2f}", "-", f"{100 * result['miou']:.2f}"]
+    assert row.split()[-2] == f"{100 * (dg + result['miou']) / 2:.2f}*2"
+
+
+def test_cross_domain_cells_by_hand():
+    from tools.summarize import cross_domain_cells
+    assert cross_domain_cells({"deepglobe": 0.4, "isic": 0.3, "lung": 0.7, "fss1000": 0.8}) == \
+        ["40.00", "30.00", "70.00", "80.00", "55.00"]
+    assert cross_domain_cells({"isic": 0.3, "lung": 0.6}) == ["-", "30.00", "60.00", "-", "45.00*2"]

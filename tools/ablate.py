@@ -21,6 +21,15 @@ the reference method (`--reference`, default freeze: per seed, method - referenc
 episodes, then mean ± std), the mean step time and the peak memory of the training runs (train.py's
 exp_dir/train_stats.json). OUT/ablation.json holds all of it and is rewritten after every run.
 
+Cross-domain (the paper's question where the domain changes): with --targets, every run is also tested on each
+target config (test.py --config TARGET with the run's own words, then --target-set key=value ones; at every shot of
+--target-shots), and a second table gives, per method, mIoU per target and shot (mean ± std over training seeds)
+and the mean over targets. The whole CD-FSS table with freeze/svf/full/bn/lora rows is one command:
+
+    python tools/ablate.py --config config/pascal_all.yaml --methods freeze,svf,full,bn,lora --train-seeds 1 \
+        --targets config/cdfss_deepglobe.yaml,config/cdfss_isic.yaml,config/cdfss_lung.yaml,config/cdfss_fss1000.yaml \
+        --target-shots 1,5 --target-set classes_file=PATH/hsnet/data/splits/fss
+
 Reuse: a run whose train_stats.json exists is not retrained, and a test result newer than the checkpoint it
 evaluated is not recomputed; an unfinished run (last.pth, no train_stats.json) is resumed with --resume. A
 run folder trained with other settings is an error (delete it or choose another --out). Logs:
@@ -82,6 +91,15 @@ class Run:
     def result_path(self) -> str:
         return os.path.join(self.dir, f"test_{self.cfg.shot}shot{'_untrained' if self.method == UNTRAINED else ''}.json")
 
+    def target_result_path(self, target_cfg, shot: int) -> str:
+        """test.py's results of this run on a cross-domain target (test_<benchmark>_<K>shot[_untrained].json)."""
+        return os.path.join(self.dir, f"test_{target_cfg.benchmark}_{shot}shot"
+                                      f"{'_untrained' if self.method == UNTRAINED else ''}.json")
+
+    def target_configs(self) -> list:
+        """The resolved config of every --targets file for this run (checked before anything runs)."""
+        return [load_config(t, [*self.words, *self.args.target_overrides]) for t in self.args.target_list]
+
     def check_same_settings(self):
         """Refuse a folder that was trained with other settings (its config.yaml)."""
         path = os.path.join(self.dir, "config.yaml")
@@ -94,18 +112,21 @@ class Run:
             raise ValueError(f"{self.dir} was trained with other settings ({describe_differences(changed)}); delete "
                              f"it or choose another --out")
 
-    def result_is_current(self) -> bool:
-        if not os.path.isfile(self.result_path):
+    def result_is_current(self, path=None, cfg=None) -> bool:
+        path, cfg = path or self.result_path, cfg or self.cfg
+        if not os.path.isfile(path):
             return False
-        result = read_json(self.result_path)
-        if (result.get("episodes_per_seed"), result.get("seeds")) != (self.cfg.test_episodes, list(self.cfg.test_seeds)):
+        result = read_json(path)
+        if (result.get("episodes_per_seed"), result.get("seeds")) != (cfg.test_episodes, list(cfg.test_seeds)):
+            return False
+        if result.get("episode_sampler", cfg.episode_sampler) != cfg.episode_sampler:
             return False
         if self.method == UNTRAINED:  # built from the pretrained weights: retested when they are newer
             weights = self.cfg.pretrained
             return not weights or not os.path.isfile(weights) or \
-                os.path.getmtime(self.result_path) >= os.path.getmtime(weights)
+                os.path.getmtime(path) >= os.path.getmtime(weights)
         checkpoint = evaluation_checkpoint(self.dir, self.cfg.checkpoint_select)
-        return os.path.isfile(checkpoint) and os.path.getmtime(self.result_path) >= os.path.getmtime(checkpoint)
+        return os.path.isfile(checkpoint) and os.path.getmtime(path) >= os.path.getmtime(checkpoint)
 
 
 def launch(args, script: str, words: list[str], log_path: str) -> dict:
@@ -150,6 +171,16 @@ def execute(run: Run, index: int, total: int) -> dict:
         untrained = ["--untrained"] if run.method == UNTRAINED else []
         cost["test"] = launch(args, "test.py", ["--config", args.config, *run.words, *untrained],
                               os.path.join(run.dir, "test.log"))
+    for target, target_cfg in zip(args.target_list, run.target_configs()):
+        for shot in args.target_shot_list:
+            if run.result_is_current(run.target_result_path(target_cfg, shot), target_cfg):
+                continue
+            untrained = ["--untrained"] if run.method == UNTRAINED else []
+            spent = launch(args, "test.py", ["--config", target, *run.words, *args.target_overrides,
+                                             "--shot", str(shot), *untrained],
+                           os.path.join(run.dir, f"test_{target_cfg.benchmark}.log"))
+            for k in ("wall_s", "cpu_s"):
+                cost.setdefault("cross-domain test", {"wall_s": 0.0, "cpu_s": 0.0})[k] += spent[k]
     if cost:
         spent = " ".join(f"{k} {v['wall_s']:.0f} s (cpu {v['cpu_s']:.0f} s)" for k, v in cost.items())
         print(f"{label}: {spent}; mIoU {100 * read_json(run.result_path)['miou']:.2f}", flush=True)
@@ -198,11 +229,36 @@ def summarise(args, runs: dict, seeds: list[int], cfg, methods: list[str]) -> di
                      "step_time_s": statistics.fmean(timed) if timed else None,
                      "peak_memory_bytes": max(s["peak_memory_bytes"] for s in stats) if stats else None,
                      "memory_kind": stats[0]["memory_kind"] if stats else None})
-    return {"kind": "ablation", "config": args.config, "overrides": args.overrides, "out": args.out,
+    data = {"kind": "ablation", "config": args.config, "overrides": args.overrides, "out": args.out,
             "benchmark": cfg.benchmark, "fold": cfg.fold, "shot": cfg.shot, "arch": cfg.arch, "backbone": cfg.backbone,
             "train_seeds": seeds, "test_seeds": list(cfg.test_seeds), "test_episodes": cfg.test_episodes,
             "reference": args.reference if args.reference in methods else None, "methods": methods,
             "complete": complete, "rows": rows}
+    if args.target_list:
+        data["cross_domain"] = cross_domain_rows(args, runs, methods)
+        data["complete"] = complete and data["cross_domain"]["complete"]
+    return data
+
+
+def cross_domain_rows(args, runs: dict, methods: list[str]) -> dict:
+    """Per method, per target and shot: mIoU mean ± std over training seeds (the runs' target results)."""
+    targets, rows, complete = [], [], True
+    for method in methods:
+        cells = {}
+        for run in runs[method]:
+            for target_cfg in run.target_configs():
+                if target_cfg.benchmark not in targets:
+                    targets.append(target_cfg.benchmark)
+                for shot in args.target_shot_list:
+                    path = run.target_result_path(target_cfg, shot)
+                    if not os.path.isfile(path):
+                        complete = False
+                        continue
+                    cells.setdefault(target_cfg.benchmark, {}).setdefault(str(shot), []).append(read_json(path)["miou"])
+        rows.append({"method": method, "miou": {t: {s: {"mean": mean_std(v)[0], "std": mean_std(v)[1], "runs": len(v)}
+                                                    for s, v in by_shot.items()} for t, by_shot in cells.items()}})
+    return {"targets": targets, "shots": list(args.target_shot_list), "configs": list(args.target_list),
+            "overrides": list(args.target_overrides), "complete": complete, "rows": rows}
 
 
 def parse_args(argv=None):
@@ -222,6 +278,12 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default %(default)s); on a CPU, JOBS runs "
                         "of OMP_NUM_THREADS threads each use JOBS x OMP_NUM_THREADS cores. A run's figures do not "
                         "depend on it (each is its own process); its step time does")
+    parser.add_argument("--targets", default="", help="comma-separated cross-domain target configs (config/cdfss_*.yaml)"
+                        ": every run is also tested on each")
+    parser.add_argument("--target-shots", default=None, help="comma-separated shots of the target tests (default: "
+                        "the config's shot)")
+    parser.add_argument("--target-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for the target tests only (after the runs' own), e.g. data_root=...")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     parser.add_argument("--verbose", action="store_true", help="also print train.py's and test.py's output")
     args, rest = parser.parse_known_args(argv)
@@ -231,6 +293,12 @@ def parse_args(argv=None):
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.target_overrides = split_overrides(args.target_set)
+    try:
+        args.target_shot_list = [int(s) for s in args.target_shots.split(",")] if args.target_shots else None
+    except ValueError:
+        parser.error(f"--target-shots must be comma-separated integers, got {args.target_shots!r}")
     if not args.method_list or len(set(args.method_list)) != len(args.method_list) or UNTRAINED in args.method_list:
         parser.error(f"--methods needs distinct method names (untrained is added by itself), got {args.methods!r}")
     if args.seeds is None and args.train_seeds < 1:
@@ -258,8 +326,11 @@ def main(argv=None) -> dict:
         args.out = os.path.join("exp", "ablation", cfg.benchmark, f"{cfg.arch}_{cfg.backbone}", f"split{cfg.fold}",
                                 f"{cfg.shot}shot")
     seeds = training_seeds(args, cfg)
+    args.target_shot_list = args.target_shot_list or [cfg.shot]
     methods = ([] if args.no_untrained else [UNTRAINED]) + args.method_list
     runs = {m: [Run(args, args.overrides, m, s) for s in (seeds[:1] if m == UNTRAINED else seeds)] for m in methods}
+    for run in (r for rs in runs.values() for r in rs):
+        run.target_configs()  # every target config resolves before anything runs
     order = [run for s in seeds for m in methods for run in runs[m] if run.seed == s]  # seed by seed
     print(f"ablation: {len(methods)} rows x {len(seeds)} training seeds {seeds} -> {args.out}", flush=True)
     out_json = os.path.join(args.out, ABLATION)

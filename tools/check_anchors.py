@@ -7,7 +7,8 @@ their ``data/`` and ``common/`` modules are imported from there (nothing of them
 torchvision). The data root holds the datasets in their layouts (default: stand-ins written by dataset.standins
 in a temporary folder); FSS-1000's class lists are read from ``<data-root>/fss_splits/`` when it exists (the
 stand-ins'), else from HSNet's ``data/splits/fss/``. Their loaders run as their test.py runs them
-(``fix_randseed(0)``, 0 workers, batch 1, the 400x400 transform), ours with ``episode_sampler: released``, and for
+(``fix_randseed(0)``, 0 workers, batch 1, the 400x400 transform), ours as test.py builds it (``python -m
+dataset.make_lists <family>``, then the registry's entry, ``episode_sampler: released``, test_size 400), and for
 every dataset and shot the script compares, episode by episode: the query and support files, the class, the
 transformed images (to 1e-5) and masks (exactly); then mIoU and FB-IoU of the same random predictions through
 their Evaluator/AverageMeter (on the CPU: ``.cuda()`` is made a no-op) and through engine.metric.EpisodeIoU.
@@ -19,13 +20,18 @@ import os
 import sys
 import tempfile
 import types
+import warnings
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common.config import defaults  # noqa: E402
+from dataset import build_test_dataset  # noqa: E402
 from dataset import crossdomain as cd  # noqa: E402
+from dataset.make_lists import main as make_lists  # noqa: E402
+from dataset.registry import benchmark_of  # noqa: E402
 from dataset.standins import write_all  # noqa: E402
 from engine.metric import EpisodeIoU  # noqa: E402
 
@@ -83,17 +89,25 @@ def run_theirs(repo, workdir, family, data_root, shot, num):
         return items, metric_fn, meter, offset
 
 
-def our_items(family, data_root, class_names, shot, num):
-    files = cd.ClassFiles.from_files(cd.family_files(family, data_root, class_names=class_names))
-    episodes = cd.make_episodes(family, files, shot, num, 0, sampler="released")
-    return files, cd.BinaryMaskEpisodes(files, episodes, cd.SquareResize(cd.ANCHOR_SIZE))
+def our_items(family, data_root, split_dir, shot, num, tmp):
+    """Our test dataset as test.py builds it: make_lists, then the registry's entry with episode_sampler released."""
+    list_dir = os.path.join(tmp, "lists", family)
+    if not os.path.isdir(list_dir):
+        with contextlib.redirect_stdout(open(os.devnull, "w")), warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the stand-ins are not the standard counts
+            make_lists([family, "--data-root", data_root, "--list-dir", list_dir, "--classes-file", split_dir]
+                       if family == "fss1000" else [family, "--data-root", data_root, "--list-dir", list_dir])
+    cfg = defaults(benchmark=family, data_root=data_root, list_dir=list_dir, shot=shot, test_size=cd.ANCHOR_SIZE,
+                   classes_file=split_dir if family == "fss1000" else None, episode_sampler="released")
+    return benchmark_of(cfg).novel_classes(0), build_test_dataset(cfg, 0, num, shot)
 
 
-def compare(family, repo, workdir, data_root, class_names, shot, num, log):
+def compare(family, repo, workdir, data_root, split_dir, shot, num, log):
     theirs, evaluator, meter, offset = run_theirs(repo, workdir, family, data_root, shot, num)
-    files, ours = our_items(family, data_root, class_names, shot, len(theirs))
+    class_ids, ours = our_items(family, data_root, split_dir, shot, len(theirs), workdir)
+    files = ours.files
     ok = files_ok = len(theirs) == len(ours)
-    ours_metric = EpisodeIoU(range(1, len(files.classes) + 1))
+    ours_metric = EpisodeIoU(class_ids)
     gen = torch.Generator().manual_seed(shot)
     worst_img = 0.0
     for k, batch in enumerate(theirs):
@@ -101,7 +115,9 @@ def compare(family, repo, workdir, data_root, class_names, shot, num, log):
         same_files = (batch["query_name"][0] == files.pairs[ep.query][0 if family != "lung" else 1]
                       and [n[0] for n in batch["support_names"]]
                       == [files.pairs[i][0 if family != "lung" else 1] for i in ep.supports])
-        same_class = int(batch["class_id"][0]) == ep.class_id - 1 + offset
+        # their ids: the position in the split's sorted classes + a hard-coded offset (FSS-1000 test: 760, the
+        # others 0); ours: HSNet's / PATNet's + 1 (on the real split; the stand-ins have fewer trn/val classes)
+        same_class = int(batch["class_id"][0]) - offset == class_ids.index(ep.class_id)
         worst_img = max(worst_img, float((batch["query_img"][0] - item["query_img"]).abs().max()),
                         float((batch["support_imgs"][0] - item["support_imgs"]).abs().max()))
         same_masks = (torch.equal(batch["query_mask"][0].long(), item["query_mask"])
@@ -115,7 +131,7 @@ def compare(family, repo, workdir, data_root, class_names, shot, num, log):
         ours_metric.update(pred, item["query_label"], ep.class_id)
     # their class ids are hard-coded (FSS-1000 test: 760..999, all 240 in the mean): on stand-ins with fewer classes
     # the mean is taken over the classes that exist, and their I/U buffers are compared column by column
-    columns = torch.arange(offset, offset + len(files.classes))
+    columns = torch.arange(offset, offset + len(class_ids))
     meter.class_ids_interest = columns
     theirs_iu = torch.cat([meter.intersection_buf[:, columns], meter.union_buf[:, columns]]).double()
     ours_iu = torch.cat([ours_metric.intersection, ours_metric.union]).double()
@@ -151,13 +167,12 @@ def main(argv=None):
         workdir = os.path.join(tmp, "work")   # their FSS-1000 reads ./data/splits/fss/test.txt
         os.makedirs(os.path.join(workdir, "data", "splits"), exist_ok=True)
         os.symlink(os.path.abspath(split_dir), os.path.join(workdir, "data", "splits", "fss"))
-        class_names = cd.read_class_names(os.path.join(split_dir, "test.txt"))
         ok = True
         for shot in args.shots:
-            ok &= compare("fss1000", args.hsnet, workdir, data_root, class_names, shot, 10 ** 9, print)
+            ok &= compare("fss1000", args.hsnet, workdir, data_root, split_dir, shot, None, print)
             for family in ("fss1000", "deepglobe", "isic", "lung"):
-                ok &= compare(family, args.patnet, workdir, data_root, class_names, shot,
-                              10 ** 9 if family == "fss1000" else args.episodes, print)
+                ok &= compare(family, args.patnet, workdir, data_root, split_dir, shot,
+                              None if family == "fss1000" else args.episodes, print)
     print("all match" if ok else "some differ")
     return 0 if ok else 1
 

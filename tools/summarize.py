@@ -261,7 +261,30 @@ def render_ablation(data: dict, markdown: bool = False) -> str:
     lines.append(f"mIoU / FB-IoU: mean ± sample std over training seeds of each run's mean over the test seeds; "
                  f"s/step: training wall time per step (data loading included); memory: {', '.join(kinds) or '-'}"
                  + ("" if data.get("complete", True) else "; INCOMPLETE: some runs are missing"))
+    if data.get("cross_domain"):
+        lines.append(render_ablation_cross_domain(data["cross_domain"], markdown))
     return "\n".join(lines) + "\n"
+
+
+def render_ablation_cross_domain(cross: dict, markdown: bool = False) -> str:
+    """An ablation's cross-domain table: per method, mIoU per target and shot (mean ± std over training seeds) and
+    the mean over the targets (of the seed means)."""
+    targets, shots = cross["targets"], cross["shots"]
+    header = ["method"] + [f"{s}-shot {TARGET_TITLES.get(t, t)}" for s in shots for t in targets] + \
+        [f"{s}-shot mean" for s in shots]
+    rows = []
+    for row in cross["rows"]:
+        cells, means = [], []
+        for s in shots:
+            values = [row["miou"].get(t, {}).get(str(s)) for t in targets]
+            cells += [_pm(v["mean"], v["std"]) if v else "-" for v in values]
+            present = [v["mean"] for v in values if v and v["mean"] is not None]
+            mean = "-" if not present else f"{100 * sum(present) / len(present):.2f}"
+            means.append(mean if len(present) == len(targets) or not present else f"{mean}*{len(present)}")
+        rows.append([row["method"]] + cells + means)
+    title = ("cross-domain: each run tested on " + ", ".join(TARGET_TITLES.get(t, t) for t in targets)
+             + " (mIoU %, mean ± std over training seeds)" + ("" if cross.get("complete", True) else "; INCOMPLETE"))
+    return "\n".join([title] + render_rows(header, rows, markdown))
 
 
 def compare_ablations(a: dict, b: dict) -> tuple[str, float]:
