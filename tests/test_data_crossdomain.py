@@ -346,3 +346,36 @@ def test_cross_domain_cells_by_hand():
     assert cross_domain_cells({"deepglobe": 0.4, "isic": 0.3, "lung": 0.7, "fss1000": 0.8}) == \
         ["40.00", "30.00", "70.00", "80.00", "55.00"]
     assert cross_domain_cells({"isic": 0.3, "lung": 0.6}) == ["-", "30.00", "60.00", "-", "45.00*2"]
+
+
+def test_ablate_targets_one_command_cross_domain_table(root, lists, tiny_voc, tmp_path):
+    """tools/ablate.py --targets: a tiny PASCAL-layout model trained on all classes (train_classes: all) per method,
+    each run tested on a cross-domain target at two shots; ablation.json's cross_domain rows hold the results
+    test.py wrote, and summarize renders them."""
+    import subprocess
+    import sys
+    data, voc_lists = tiny_voc
+    (tmp_path / "train.yaml").write_text(
+        f"_base_: {ROOT}/config/demo.yaml\ntrain_classes: all\ndata_root: {data}\nlist_dir: {voc_lists}\n"
+        "pretrained: null\nmin_class_pixels: 16\ntrain_size: 32\ntest_size: 40\nreduce_dim: 16\nepochs: 1\n"
+        "batch_size: 8\nval_episodes: 2\ntest_episodes: 2\ntest_seeds: [1]\nworkers: 0\n")
+    (tmp_path / "lung.yaml").write_text(
+        f"_base_: train.yaml\nbenchmark: lung\ntrain_benchmark: pascal\ndata_root: {root}\nlist_dir: {lists['lung']}\n"
+        "test_size: 40\ntest_episodes: 3\ntest_seeds: [0]\nepisode_sampler: released\n")
+    out = str(tmp_path / "ablation")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run([sys.executable, "tools/ablate.py", "--config", str(tmp_path / "train.yaml"), "--methods",
+                          "freeze", "--train-seeds", "1", "--out", out, "--targets", str(tmp_path / "lung.yaml"),
+                          "--target-shots", "1,2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    with open(os.path.join(out, "ablation.json")) as f:
+        cross = json.load(f)["cross_domain"]
+    assert cross["targets"] == ["lung"] and cross["shots"] == [1, 2] and cross["complete"]
+    for row in cross["rows"]:
+        suffix = "_untrained" if row["method"] == "untrained" else ""
+        for shot in (1, 2):
+            with open(os.path.join(out, row["method"], "seed321", f"test_lung_{shot}shot{suffix}.json")) as f:
+                result = json.load(f)
+            assert result["shot"] == shot and result["episodes_per_seed"] == 3
+            assert row["miou"]["lung"][str(shot)] == {"mean": result["miou"], "std": 0.0, "runs": 1}
+    assert "cross-domain: each run tested on Chest X-ray" in run.stdout
