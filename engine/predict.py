@@ -209,14 +209,21 @@ MODEL_KEYS = {  # config keys that shape the model, per arch / finetune method (
 }
 
 
-def _model_values(values: dict) -> dict:
+def _model_keys(values: dict) -> tuple:
     from common.config import finetune_method
-    from model.build import dilation_rule
+    return MODEL_KEYS["all"] + MODEL_KEYS.get(values.get("arch"), ()) + MODEL_KEYS.get(finetune_method(values), ())
+
+
+def _model_values(values: dict, keys=None) -> dict:
+    """The values of the keys that shape the model (``keys``, default those of its arch and method), the
+    finetune method and the dilation rule resolved as build_model resolves them."""
     from types import SimpleNamespace
 
+    from common.config import finetune_method
+    from model.build import dilation_rule
+
     method = finetune_method(values)
-    keys = MODEL_KEYS["all"] + MODEL_KEYS.get(values.get("arch"), ()) + MODEL_KEYS.get(method, ())
-    out = {k: values.get(k) for k in keys}
+    out = {k: values.get(k) for k in (keys or _model_keys(values))}
     out["finetune"] = method
     if values.get("dilation_rule") is not None:
         out["dilation_rule"] = dilation_rule(SimpleNamespace(arch=values.get("arch"), dilation_rule=values["dilation_rule"]))
@@ -233,8 +240,9 @@ def check_weights_config(saved: dict, cfg, weights: str):
     """The checkpoint's stored config against the config the model is built from: every key that shapes the
     model must agree, else one line naming them, e.g. "weights W were trained with arch=pfenet (the config says
     arch=baseline); pass arch=pfenet"."""
-    trained, wanted = _model_values(saved), _model_values(cfg.to_dict())
-    differ = [k for k in trained if k in saved and trained[k] != wanted.get(k)]
+    keys = _model_keys(saved)
+    trained, wanted = _model_values(saved, keys), _model_values(cfg.to_dict(), keys)
+    differ = [k for k in keys if k in saved and trained[k] != wanted[k]]
     if differ:
         words = " ".join(f"{k}={_word(trained[k])}" for k in differ)
         says = ", ".join(f"{k}={_word(wanted.get(k))}" for k in differ)
