@@ -416,12 +416,15 @@ class Predictor:
         return [p for i in range(0, len(images), batch_size)
                 for p in self.predict_images(images[i:i + batch_size], support_set)]
 
-    def figure(self, query_image: np.ndarray, prediction: Prediction, support_set: SupportSet,
-               label: Optional[np.ndarray] = None) -> np.ndarray:
+    def figure(self, query, prediction: Prediction, supports, label: Optional[np.ndarray] = None,
+               class_id: Optional[int] = None) -> np.ndarray:
         """test.py --vis's figure (engine/vis.py), BGR: supports with their mask | query with the prediction;
         with ``label`` (a {0, 1, 255} mask of the query), the ground truth panel and the IoU in the title."""
         from engine.metric import episode_iou
         from engine.vis import COLOURS, iou_text, render_row
+
+        query_image = as_image(query, _name(query, "query"))
+        support_set = self.supports(supports, class_id)
 
         items = [(img, m, COLOURS["support"], f"support {k + 1}: {os.path.basename(name)}")
                  for k, (img, m, name) in enumerate(zip(support_set.images, support_set.masks, support_set.names))]
