@@ -328,3 +328,62 @@ def test_bad_inputs_are_one_line_and_write_nothing(files, checkpoints, tmp_path)
         f"error: mask {files / 'empty_mask.png'} has no object pixel (all background or ignored); a support mask "
         "must mark the object"]
     assert not (tmp_path / "cmd").exists()
+
+
+# ---------------------------------------------------------------- a released checkpoint (BAM's own key names)
+
+_TO_RELEASED = [(r"backbone\.layer0\.conv1\.", "layer0.0."), (r"backbone\.layer0\.bn1\.", "layer0.1."),
+                (r"backbone\.layer0\.conv2\.", "layer0.3."), (r"backbone\.layer0\.bn2\.", "layer0.4."),
+                (r"backbone\.layer0\.conv3\.", "layer0.6."), (r"backbone\.layer0\.bn3\.", "layer0.7."),
+                (r"backbone\.", ""), (r"base_learner\.ppm\.", "learner_base.0."),
+                (r"base_learner\.cls\.", "learner_base.1."), (r"meta\.init_merge\.", "init_merge."),
+                (r"meta\.aspp\.", "ASPP_meta."), (r"meta\.res1\.", "res1_meta."), (r"meta\.res2\.0\.0\.", "res2_meta.0."),
+                (r"meta\.res2\.1\.0\.", "res2_meta.2."), (r"meta\.cls\.", "cls_meta.")]
+
+
+def as_bam_release(state):
+    """A BAM state dict of this project under the released BAM code's key names (as tests/test_model_released)."""
+    import re
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in _TO_RELEASED:
+            if re.match(pattern, key):
+                key = re.sub("^" + pattern, repl, key)
+                break
+        out["module." + key] = value
+    return out
+
+
+def test_released_checkpoint_with_its_config(files, checkpoints, tmp_path):
+    ours = checkpoints[("bam", 1)]
+    saved = torch.load(ours, map_location="cpu", weights_only=True)
+    released = tmp_path / "train_epoch_3.pth"
+    torch.save({"epoch": 3, "state_dict": as_bam_release(saved["model"]), "optimizer": {}}, released)
+    config = tmp_path / "bam.yaml"
+    config.write_text(dump_config(tiny_cfg(arch="bam", test_size=40)))
+    support = ["--support", str(files / "s1.png"), str(files / "s1_mask.png")]
+    out = predict_cmd(["--config", str(config), "--weights", str(released), *support,
+                       "--query", str(files / "queries" / "q1.png"), "--out", str(tmp_path / "o")])
+    assert "BAM's own few-shot checkpoint" in out.stdout
+    expected = Predictor(None, ours).predict(files / "queries" / "q1.png", [(files / "s1.png", files / "s1_mask.png")])
+    assert np.array_equal(read_png(tmp_path / "o" / "masks" / "q1.png"), expected.mask * 255)
+    with pytest.raises(BadInput, match="store no config .* pass --config CFG"):
+        Predictor(None, released)
+
+
+@pytest.mark.parametrize("arch", ["baseline", "pfenet", "bam"])
+def test_a_batch_encodes_its_supports_once(arch, checkpoints):
+    """One support set for B queries: the backbone sees the B queries and the K supports once (not B x K), and the
+    logits are those of the supports repeated for every query."""
+    net = Predictor(None, checkpoints[(arch, 2)], device="cpu").net(2)
+    g = torch.Generator().manual_seed(0)
+    query, supports = torch.randn(3, 3, 40, 40, generator=g), torch.randn(1, 2, 3, 40, 40, generator=g)
+    masks = (torch.rand(1, 2, 40, 40, generator=g) > 0.5).long()
+    seen = []
+    hook = net.backbone.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        shared = net(query, supports, masks)
+        repeated = net(query, supports.expand(3, -1, -1, -1, -1), masks.expand(3, -1, -1, -1))
+    hook.remove()
+    assert seen == [3, 2, 3, 6]
+    torch.testing.assert_close(shared, repeated, rtol=0, atol=1e-5)
