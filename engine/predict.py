@@ -45,7 +45,7 @@ import torch
 
 from dataset.files import atomic_path, atomic_write_png, read_image
 from dataset.splits import IGNORE_LABEL
-from dataset.transforms import TestTransform, to_tensors
+from dataset.transforms import TestTransform
 
 __all__ = ["Predictor", "Prediction", "BadInput", "read_mask", "mask_from_array", "list_queries", "main",
            "MODEL_KEYS"]
@@ -94,7 +94,8 @@ def _values(array, limit=12) -> str:
     return str(values[:limit])[:-1] + (f", ... ({len(values)} values)]" if len(values) > limit else "]")
 
 
-def mask_from_array(array, class_id: Optional[int] = None, name: str = "mask", mode: Optional[str] = None) -> np.ndarray:
+def mask_from_array(array, class_id: Optional[int] = None, name: str = "mask",
+                    mode: Optional[str] = None) -> np.ndarray:
     """A mask as people have it -> uint8 (H, W): 1 object, 0 background, 255 ignored.
 
     - with ``class_id`` N: a label map (one channel: grayscale or palette indices): N -> 1, 255 -> ignored, every
@@ -121,7 +122,8 @@ def mask_from_array(array, class_id: Optional[int] = None, name: str = "mask", m
         pure = (colour == grey[:, :, None]).all(-1) & ((grey == 0) | (grey == top))
         if not pure[visible].all():
             rows, cols = np.nonzero(visible & ~pure)
-            raise BadInput(f"mask {name} has colours other than black and white (e.g. {colour[rows[0], cols[0]].tolist()} "
+            example = colour[rows[0], cols[0]].tolist()
+            raise BadInput(f"mask {name} has colours other than black and white (e.g. {example} "
                            f"at row {rows[0]}, column {cols[0]}); save the object white on black, or pass a label "
                            "map / palette PNG with --class-id N")
         return ((grey == top) & visible).astype(np.uint8)
@@ -226,7 +228,8 @@ def _model_values(values: dict, keys=None) -> dict:
     out = {k: values.get(k) for k in (keys or _model_keys(values))}
     out["finetune"] = method
     if values.get("dilation_rule") is not None:
-        out["dilation_rule"] = dilation_rule(SimpleNamespace(arch=values.get("arch"), dilation_rule=values["dilation_rule"]))
+        out["dilation_rule"] = dilation_rule(SimpleNamespace(arch=values.get("arch"),
+                                                             dilation_rule=values["dilation_rule"]))
     return out
 
 
@@ -477,7 +480,8 @@ def list_queries(specs: Sequence[str]) -> list:
             for f in files:
                 add(f, False)
         else:
-            raise BadInput(f"query {spec} not found (give an image file, a folder or a quoted glob such as 'dir/*.jpg')")
+            raise BadInput(f"query {spec} not found (give an image file, a folder or a quoted glob such as "
+                           "'dir/*.jpg')")
     return found
 
 
@@ -550,80 +554,84 @@ def _summary_text(rows) -> str:
     return buffer.getvalue()
 
 
-def main(argv=None) -> list:
-    """The command; returns the summary rows. Everything that can be checked is checked before the first write."""
-    from dataset.files import atomic_write_text
+def check_inputs(args, overrides):
+    """Everything that can be checked before the first write: the weights (built with shot = K), every support,
+    every explicitly named query, the --out folder. Returns (predictor, support set, [(query, explicit)])."""
     from engine.preflight import check_writable
 
-    args, overrides = parse_args(argv)
     predictor = predictor_from_args(args, overrides)
     support_set = predictor.supports([tuple(pair) for pair in args.support], args.class_id)
     queries = list_queries([q for group in args.query for q in group])
-    for path, explicit in queries:  # a named file that is not an image is an error before anything is written
+    for path, explicit in queries:  # a named file that is not an image is an error, not a skip
         if explicit:
             predictor.query_tensor(as_image(path, path), path)
     try:
         check_writable(args.out, "--out folder", "the command line")
     except PermissionError as err:
         raise BadInput(str(err)) from None
-    net = predictor.net(support_set.shot)  # weights of another shape are an error before the first write too
-    del net
+    predictor.net(support_set.shot)  # weights of another shape (BAM's shot) fail here, before any write
+    return predictor, support_set, queries
+
+
+def skipped_row(path: str, reason: str) -> dict:
+    return {"query": path, "status": "skipped", "mask": "", "figure": "", "height": "", "width": "",
+            "foreground_fraction": "", "seconds": "", "note": reason}
+
+
+def write_batch(predictor: Predictor, support_set: SupportSet, batch: list, names: dict, args) -> list:
+    """Predict a batch [(path, image)], write each mask (and figure) atomically; the summary rows."""
+    start = time.perf_counter()
+    predictions = predictor.predict_images([image for _, image in batch], support_set)
+    seconds = (time.perf_counter() - start) / len(batch)
+    rows = []
+    for (path, image), pred in zip(batch, predictions):
+        mask_path = os.path.join(args.out, MASK_DIR, names[path] + ".png")
+        atomic_write_png(mask_path, pred.mask * np.uint8(args.fg_value))
+        figure_path = "" if args.no_figures else os.path.join(args.out, FIGURE_DIR, names[path] + ".png")
+        if figure_path:
+            _write_figure(figure_path, predictor.figure(image, pred, support_set))
+        rows.append({"query": path, "status": "ok", "mask": mask_path, "figure": figure_path,
+                     "height": image.shape[0], "width": image.shape[1],
+                     "foreground_fraction": f"{pred.foreground_fraction:.6f}", "seconds": f"{seconds:.4f}", "note": ""})
+    return rows
+
+
+def main(argv=None) -> list:
+    """The command; returns the summary rows (summary.csv, written last)."""
+    from tqdm import tqdm
+
+    from dataset.files import atomic_write_text
+
+    args, overrides = parse_args(argv)
+    predictor, support_set, queries = check_inputs(args, overrides)
     batch_size = args.batch_size or (8 if predictor.device.type == "cuda" else 1)
     cfg = predictor.cfg
-    print(f"weights: {predictor.weights} ({cfg.arch}, {cfg.backbone}, finetune {_model_values(cfg.to_dict())['finetune']}); "
+    method = _model_values(cfg.to_dict())["finetune"]
+    print(f"weights: {predictor.weights} ({cfg.arch}, {cfg.backbone}, finetune {method}); "
           f"{support_set.shot}-shot; {len(queries)} queries; device {predictor.device}; batch {batch_size}; "
           f"test_size {cfg.test_size}", flush=True)
-
     names = dict(zip([p for p, _ in queries], output_names([p for p, _ in queries])))
-    rows = []
-    from tqdm import tqdm
-    bar = tqdm(total=len(queries), desc="queries", unit="img", dynamic_ncols=True, disable=None)
-    pending = []
-
-    def flush():
-        if not pending:
-            return
-        start = time.perf_counter()
-        predictions = predictor.predict_images([im for _, im in pending], support_set)
-        seconds = (time.perf_counter() - start) / len(pending)
-        for (path, image), pred in zip(pending, predictions):
-            mask_path = os.path.join(args.out, MASK_DIR, names[path] + ".png")
-            atomic_write_png(mask_path, pred.mask * np.uint8(args.fg_value))
-            figure_path = ""
-            if not args.no_figures:
-                figure_path = os.path.join(args.out, FIGURE_DIR, names[path] + ".png")
-                _write_figure(figure_path, predictor.figure(image, pred, support_set))
-            rows.append({"query": path, "status": "ok", "mask": mask_path, "figure": figure_path,
-                         "height": image.shape[0], "width": image.shape[1],
-                         "foreground_fraction": f"{pred.foreground_fraction:.6f}", "seconds": f"{seconds:.4f}",
-                         "note": ""})
-        bar.update(len(pending))
-        pending.clear()
-
-    for path, explicit in queries:
-        try:
-            image = as_image(path, path)
-            predictor.query_tensor(image, path)  # too small for test_size: skipped like an unreadable file
-        except BadInput as err:
-            reason = str(err)
-            tqdm.write(f"warning: skipped {path}: {reason}", file=sys.stderr)
-            rows.append({"query": path, "status": "skipped", "mask": "", "figure": "", "height": "", "width": "",
-                         "foreground_fraction": "", "seconds": "", "note": reason})
-            bar.update(1)
-            continue
-        pending.append((path, image))
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    bar.close()
-    order = {p: i for i, (p, _) in enumerate(queries)}
-    rows.sort(key=lambda r: order[r["query"]])
+    rows, batch = {}, []
+    with tqdm(total=len(queries), desc="queries", unit="img", dynamic_ncols=True, disable=None) as bar:
+        for i, (path, _) in enumerate(queries):
+            try:  # a file of a folder or glob that is not an image (or too small for test_size) is skipped
+                image = as_image(path, path)
+                predictor.query_tensor(image, path)
+                batch.append((path, image))
+            except BadInput as err:
+                tqdm.write(f"warning: skipped {path}: {err}", file=sys.stderr)
+                rows[path] = skipped_row(path, str(err))
+                bar.update(1)
+            if batch and (len(batch) == batch_size or i == len(queries) - 1):
+                rows.update((r["query"], r) for r in write_batch(predictor, support_set, batch, names, args))
+                bar.update(len(batch))
+                batch = []
+    rows = [rows[path] for path, _ in queries]
     summary = os.path.join(args.out, SUMMARY)
     atomic_write_text(summary, _summary_text(rows))
     done = sum(r["status"] == "ok" for r in rows)
-    skipped = len(rows) - done
     print(f"{done} mask(s) written to {os.path.join(args.out, MASK_DIR)} (0 background, {args.fg_value} object)"
-          + (f", {skipped} file(s) skipped (not images; listed in the summary)" if skipped else "")
+          + (f", {len(rows) - done} file(s) skipped (not images; listed in the summary)" if len(rows) > done else "")
           + f"; summary: {summary}")
     return rows
 
