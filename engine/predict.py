@@ -631,7 +631,7 @@ def main(argv=None) -> list:
     atomic_write_text(summary, _summary_text(rows))
     done = sum(r["status"] == "ok" for r in rows)
     print(f"{done} mask(s) written to {os.path.join(args.out, MASK_DIR)} (0 background, {args.fg_value} object)"
-          + (f", {len(rows) - done} file(s) skipped (not images; listed in the summary)" if len(rows) > done else "")
+          + (f", {len(rows) - done} file(s) skipped (the summary says why)" if len(rows) > done else "")
           + f"; summary: {summary}")
     return rows
 
