@@ -8,9 +8,10 @@ All three share the same encoder (``FewShotModel.encode``), as in PFENet and BAM
 - prior mask = PFENet's max cosine similarity between query and masked support layer4 features.
 
 Call: ``model(query_img, support_imgs, support_masks, query_mask=None)`` with shapes (B,3,H,W), (B,K,3,H,W),
-(B,K,H,W) (masks in {0,1,255}; supports and masks of batch 1: one support set for all B queries). In training mode with ``query_mask`` it returns ``(logits, loss)``; otherwise
-logits (B, 2, H, W) at the input resolution. BAM's training call also takes ``class_id`` (see ``BAM``). Losses are cross-entropy with ignore index 255; auxiliary
-losses are added with the explicit weight ``aux_loss_weight``.
+(B,K,H,W) (masks in {0,1,255}; supports and masks of batch 1: one support set for all B queries). In training
+mode with ``query_mask`` it returns ``(logits, loss)``; otherwise logits (B, 2, H, W) at the input resolution.
+BAM's training call also takes ``class_id`` (see ``BAM``). Losses are cross-entropy with ignore index 255;
+auxiliary losses are added with the explicit weight ``aux_loss_weight``.
 """
 import torch
 import torch.nn as nn
