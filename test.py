@@ -35,7 +35,7 @@ import time
 import warnings
 
 from dataset.files import atomic_write_text
-from engine.checkpoint import evaluation_checkpoint, load_checkpoint, load_model_state
+from engine.checkpoint import evaluation_checkpoint, load_weights
 from engine.config import Config, finetune_method, load_config, split_overrides
 from engine.distributed import DistInfo, cleanup_distributed, init_distributed, print0, seed_everything
 from engine.loop import evaluate_episodes
@@ -191,21 +191,6 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
         atomic_write_text(out, json.dumps(result, indent=1, allow_nan=False) + "\n")
         print0(f"results: {out}")
     return result
-
-
-def load_weights(net, path: str, hint: str) -> dict:
-    """Load a checkpoint of this project, or one written by the released SVF/BAM/PFENet code (recognised by
-    its keys and converted exactly: see model.released), strictly; return the checkpoint dict."""
-    from model.released import detect_format, load_released, released_state
-
-    obj = load_checkpoint(path, hint)
-    state = released_state(obj)
-    if state is None or detect_format(state) is None:
-        return load_model_state(net, obj, path)
-    _, report = load_released(net, obj, path)
-    for line in report:
-        print0(line)
-    return obj
 
 
 def other_weights(weights, cfg: Config) -> bool:

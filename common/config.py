@@ -55,7 +55,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
-__all__ = ["FIELDS", "Field", "BENCHMARKS", "FINETUNE_METHODS", "SVF_FACTORS", "BACKBONE_STAGES", "DNA_MODES", "finetune_method",
+__all__ = ["FIELDS", "Field", "BENCHMARKS", "FINETUNE_METHODS",
+           "SVF_FACTORS", "BACKBONE_STAGES", "DNA_MODES", "finetune_method",
            "finetune_tag", "Config", "ConfigKeyError", "RELATIONS", "SEED_RANGE", "BASE_KEY", "load_config",
            "defaults", "read_config_file", "check_value", "check_pair", "check_relations", "parse_override",
            "split_overrides", "dump_config", "closest_key", "parse_interval", "in_interval", "yaml_error_location"]

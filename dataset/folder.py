@@ -113,8 +113,8 @@ def folder_folds(options, names):
     novel, k = options.get("novel_classes"), options.get("num_folds")
     if novel:
         if k not in (None, 1):
-            raise ValueError(f"novel_classes {list(novel)} make one fold; num_folds={k} contradicts it: leave num_folds "
-                             "null")
+            raise ValueError(f"novel_classes {list(novel)} make one fold; num_folds={k} contradicts it: leave "
+                             "num_folds null")
         unknown = [c for c in novel if c not in names]
         if unknown:
             raise ValueError(f"novel_classes names {unknown}, not classes of the dataset (classes file "

@@ -314,3 +314,23 @@ def evaluation_checkpoint(exp_dir: str, checkpoint_select: str) -> str:
     """The file test.py evaluates for a run: best.pth or last.pth per the selection rule."""
     name = BEST if checkpoint_select == "best" else LAST
     return os.path.join(exp_dir, name)
+
+
+def load_weights(net: nn.Module, path: str, hint: str) -> dict:
+    """Load a checkpoint of this project, or one written by the released SVF/BAM/PFENet code (recognised by
+    its keys and converted exactly: see model.released), strictly; return the checkpoint dict (test.py, predict.py)."""
+    return load_weights_from(net, load_checkpoint(path, hint), path)
+
+
+def load_weights_from(net: nn.Module, obj, path: str) -> dict:
+    """load_weights for a checkpoint already read from `path` (the file is not read again)."""
+    from engine.distributed import print0
+    from model.released import detect_format, load_released, released_state
+
+    state = released_state(obj)
+    if state is None or detect_format(state) is None:
+        return load_model_state(net, obj, path)
+    _, report = load_released(net, obj, path)
+    for line in report:
+        print0(line)
+    return obj

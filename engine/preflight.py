@@ -34,8 +34,9 @@ def check_data(cfg, config_path: str = "CONFIG"):
             how = f"generate it with: python -m dataset.synthetic --out {cfg.data_root}  (or run sh demo.sh)"
         else:
             how = family(cfg.benchmark).data_hint.replace("DATA_ROOT", cfg.data_root)
-        raise FileNotFoundError(f"data root '{cfg.data_root}' (config key data_root in {config_path}) not found; {how}; "
-                                f"or point data_root=PATH at it. Then build the lists: {_make_lists_command(cfg)}")
+        raise FileNotFoundError(f"data root '{cfg.data_root}' (config key data_root in {config_path}) not found; "
+                                f"{how}; or point data_root=PATH at it. Then build the lists: "
+                                f"{_make_lists_command(cfg)}")
     try:
         bench = benchmark_of(cfg)
         bench.novel_classes(cfg.fold)

@@ -78,9 +78,14 @@ def render_episode(supports, query: np.ndarray, label: np.ndarray, pred: np.ndar
     """The figure as a BGR uint8 array (cv2.imwrite's order). supports: [(RGB (H, W, 3), mask (H, W))];
     query RGB (H0, W0, 3) with its label and the prediction (H0, W0) in {0, 1} (label also 255)."""
     titles = panel_titles(class_name, len(supports), iou)
-    panels = [panel(img, m, COLOURS["support"], t) for (img, m), t in zip(supports, titles)]
-    panels.append(panel(query, label, COLOURS["gt"], titles[-2]))
-    panels.append(panel(query, pred, COLOURS["pred"], titles[-1]))
+    return render_row([(img, m, COLOURS["support"], t) for (img, m), t in zip(supports, titles)]
+                      + [(query, label, COLOURS["gt"], titles[-2]), (query, pred, COLOURS["pred"], titles[-1])])
+
+
+def render_row(items) -> np.ndarray:
+    """One row of panels as a BGR uint8 array: items [(RGB (H, W, 3), mask (H, W) in {0, 1, 255}, colour, title)],
+    left to right (render_episode's figure; predict.py's, without the ground truth panel when it has none)."""
+    panels = [panel(img, m, colour, title) for img, m, colour, title in items]
     gap = np.full((TITLE_HEIGHT + PANEL, GAP, 3), BACKGROUND, np.uint8)
     row = [p for pair in zip(panels, [gap] * len(panels)) for p in pair][:-1]
     return cv2.cvtColor(np.concatenate(row, axis=1), cv2.COLOR_RGB2BGR)

@@ -8,9 +8,10 @@ All three share the same encoder (``FewShotModel.encode``), as in PFENet and BAM
 - prior mask = PFENet's max cosine similarity between query and masked support layer4 features.
 
 Call: ``model(query_img, support_imgs, support_masks, query_mask=None)`` with shapes (B,3,H,W), (B,K,3,H,W),
-(B,K,H,W) (masks in {0,1,255}). In training mode with ``query_mask`` it returns ``(logits, loss)``; otherwise
-logits (B, 2, H, W) at the input resolution. BAM's training call also takes ``class_id`` (see ``BAM``). Losses are cross-entropy with ignore index 255; auxiliary
-losses are added with the explicit weight ``aux_loss_weight``.
+(B,K,H,W) (masks in {0,1,255}; supports and masks of batch 1: one support set for all B queries). In training
+mode with ``query_mask`` it returns ``(logits, loss)``; otherwise logits (B, 2, H, W) at the input resolution.
+BAM's training call also takes ``class_id`` (see ``BAM``). Losses are cross-entropy with ignore index 255;
+auxiliary losses are added with the explicit weight ``aux_loss_weight``.
 """
 import torch
 import torch.nn as nn
@@ -66,14 +67,20 @@ class FewShotModel(FrozenInEval):
     def encode(self, query_img, support_imgs, support_masks):
         """Features of one batch of episodes: a dict with ``query`` (B,C,h,w) reduced query features,
         ``prototypes`` (B,K,C,1,1), ``priors`` (B,K,1,h,w), and the backbone outputs ``query_layers`` /
-        ``support_layers`` (lists of 5; support ones with the shots flattened into the batch: B*K)."""
+        ``support_layers`` (lists of 5; support ones with the shots flattened into the batch: B*K). Supports (and
+        masks) of batch 1 with B > 1 queries are one support set shared by every query (predict.py): the backbone
+        encodes it once and its features are repeated, which gives what B copies of it would."""
         if support_imgs.dim() != 5 or support_masks.dim() != 4 or query_img.dim() != 4:
             raise ValueError(f"expected query (B,3,H,W), supports (B,K,3,H,W), support masks (B,K,H,W); got "
                              f"{tuple(query_img.shape)}, {tuple(support_imgs.shape)}, {tuple(support_masks.shape)}")
-        b, k = support_imgs.shape[:2]
+        b, k = query_img.shape[0], support_imgs.shape[1]
         fg = (support_masks == 1).to(query_img.dtype).unsqueeze(2)  # (B,K,1,H,W); 255 counts as background
         q = self.backbone(query_img)
-        s = self.backbone(support_imgs.flatten(0, 1), layer4_mask=fg.flatten(0, 1))
+        if support_imgs.shape[0] == 1 and b > 1:  # one support set for every query: the backbone runs on it once
+            s = [t.repeat(b, *[1] * (t.dim() - 1)) for t in self.backbone(support_imgs[0], layer4_mask=fg[0])]
+            fg = fg.expand(b, *fg.shape[1:])
+        else:
+            s = self.backbone(support_imgs.flatten(0, 1), layer4_mask=fg.flatten(0, 1))
         query = self.down_query(self._mid_level(q[2], q[3]))
         supp = self.down_supp(self._mid_level(s[2], s[3]))
         prototypes = masked_average_pooling(supp, resize(fg.flatten(0, 1), supp.shape[-2:]))
@@ -254,7 +261,7 @@ class BAM(FewShotModel):
         return weight, (weight * distance).sum(1, True)
 
     def forward(self, query_img, support_imgs, support_masks, query_mask=None, class_id=None, base_label=None):
-        b, k = support_imgs.shape[:2]
+        b, k = query_img.shape[0], support_imgs.shape[1]  # supports may be one set for every query (encode)
         if k != self.shot:
             raise ValueError(f"this BAM model was built for shot={self.shot} (its K-shot reweighting has {self.shot} "
                              f"inputs) but got {k} support images; build it with shot={k}")
