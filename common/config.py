@@ -108,7 +108,8 @@ DNA_MODES = ("tune_U_S", "tune_V_S", "tune_all", "tune_U", "tune_V", "fix_low_ra
 FIELDS: dict[str, Field] = {
     # --- data
     "benchmark": _f("str", "pascal", "dataset family (dataset/registry.py): pascal | coco | folder (your own images "
-                    "and masks: docs/own_data.md) | fss1000 | deepglobe | isic | lung (docs/data_and_protocol.md)", BENCHMARKS),
+                    "and masks: docs/own_data.md) | fss1000 | deepglobe | isic | lung (docs/data_and_protocol.md)",
+                    BENCHMARKS),
     "data_root": _f("str", "data/VOCdevkit/VOC2012", "root of the images and label maps"),
     "list_dir": _f("str", "lists/{benchmark}", "folder of train.txt / val.txt and per-class lists"),
     "fold": _f("int", 0, "fold i of the benchmark (0..3 for PASCAL-5i / COCO-20i; 0..num_folds-1 for a folder)",
@@ -233,8 +234,8 @@ FIELDS: dict[str, Field] = {
                               "(BAM's Resize, resized_val: True); false = kept at their size (BAM's test_Resize)"),
     "episode_sampler": _f("str", "ours", "how test and validation episodes are drawn: ours = NumPy from the seed, "
                           "independent of workers | released = exactly the released code's (BAM's test.py / SemData: "
-                          "Python random, reseeded per DataLoader worker, see episode_workers; fss1000 / deepglobe / isic / "
-                          "lung: HSNet's / PATNet's test loop, NumPy's global state seeded with the seed)",
+                          "Python random, reseeded per DataLoader worker, see episode_workers; fss1000 / deepglobe / "
+                          "isic / lung: HSNet's / PATNet's test loop, NumPy's global state seeded with the seed)",
                           ("ours", "released")),
     "episode_workers": _f("int", 8, "episode_sampler released: the data-loader worker count whose episodes are "
                           "reproduced (the released configs: 8; 0 = the main process); our own loader is unaffected",

@@ -211,7 +211,8 @@ def read_family_list(path, data_root):
                 continue
             if len(fields) != 3:
                 raise ValueError(f"{path}:{line_no}: expected 'class image mask', got {line!r}")
-            out.setdefault(fields[0], []).append((os.path.join(data_root, fields[1]), os.path.join(data_root, fields[2])))
+            pair = (os.path.join(data_root, fields[1]), os.path.join(data_root, fields[2]))
+            out.setdefault(fields[0], []).append(pair)
     if not out:
         raise ValueError(f"list file {path} is empty")
     return out
@@ -512,7 +513,8 @@ def _all_novel(name):
 
 
 def _relative(files, data_root):
-    return [(os.path.relpath(i, data_root), os.path.relpath(m, data_root)) for pairs in files.values() for i, m in pairs]
+    return [(os.path.relpath(i, data_root), os.path.relpath(m, data_root))
+            for pairs in files.values() for i, m in pairs]
 
 
 def _image_lists(family):

@@ -55,16 +55,18 @@ def test_deepglobe_isic_lung_classes_and_pairs(root):
     assert mask.endswith(os.path.join("Deepglobe", "2", "test", "groundtruth", "102_00.png"))
     isic = cd.family_files("isic", root)
     assert [len(v) for v in isic.values()] == [4, 3, 2]
-    assert isic["2"][0][1].endswith(os.path.join("ISIC2018_Task1_Training_GroundTruth", "ISIC_0000012_segmentation.png"))
+    assert isic["2"][0][1].endswith(os.path.join(cd.ISIC_MASKS, "ISIC_0000012_segmentation.png"))
     lung = cd.family_files("lung", root)
-    assert [os.path.basename(m) for _, m in lung["1"]] == [f"CHNCXR_{k:04d}_{(k - 1) % 2}_mask.png" for k in range(1, 6)]
+    assert [os.path.basename(m) for _, m in lung["1"]] == \
+        [f"CHNCXR_{k:04d}_{(k - 1) % 2}_mask.png" for k in range(1, 6)]
     assert [os.path.basename(i) for i, _ in lung["1"]] == [f"CHNCXR_{k:04d}_{(k - 1) % 2}.png" for k in range(1, 6)]
     assert os.path.isfile(os.path.join(root, "LungSegmentation", "CXR_png", "CHNCXR_0006_1.png"))  # never listed
 
 
 def test_isic_flat_folder_grouped_by_class_csv_equals_patnet_folders(root):
     folders = cd.family_files("isic", root)
-    flat = cd.family_files("isic", os.path.join(root, "flat"), class_csv=os.path.join(root, "flat", "isic_class_id.csv"))
+    flat = cd.family_files("isic", os.path.join(root, "flat"),
+                           class_csv=os.path.join(root, "flat", "isic_class_id.csv"))
     assert {c: [os.path.basename(i) for i, _ in v] for c, v in flat.items()} == \
         {c: [os.path.basename(i) for i, _ in v] for c, v in folders.items()}
     with pytest.raises(FileNotFoundError, match="class_id.csv"):
@@ -136,7 +138,8 @@ def hsnet_restated(image_paths, shot):
     for query in image_paths:
         supports = []
         while True:
-            name = os.path.join(os.path.dirname(query), str(np.random.choice(range(1, 11), 1, replace=False)[0])) + ".jpg"
+            n = np.random.choice(range(1, 11), 1, replace=False)[0]
+            name = os.path.join(os.path.dirname(query), str(n)) + ".jpg"
             if query != name:
                 supports.append(name)
             if len(supports) == shot:
@@ -282,7 +285,8 @@ def test_make_lists_writes_the_anchors_order(root, lists):
     with open(os.path.join(lists["fss1000"], "train.txt")) as f:
         assert f.readline() == "FSS-1000/ant_lion/1.jpg FSS-1000/ant_lion/1.png\n"
     with open(os.path.join(lists["lung"], "val.txt")) as f:
-        assert f.readline() == "LungSegmentation/CXR_png/CHNCXR_0001_0.png LungSegmentation/masks/CHNCXR_0001_0_mask.png\n"
+        assert f.readline() == ("LungSegmentation/CXR_png/CHNCXR_0001_0.png "
+                                "LungSegmentation/masks/CHNCXR_0001_0_mask.png\n")
 
 
 @pytest.mark.parametrize("family", cd.FAMILIES)

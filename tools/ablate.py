@@ -278,8 +278,8 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default %(default)s); on a CPU, JOBS runs "
                         "of OMP_NUM_THREADS threads each use JOBS x OMP_NUM_THREADS cores. A run's figures do not "
                         "depend on it (each is its own process); its step time does")
-    parser.add_argument("--targets", default="", help="comma-separated cross-domain target configs (config/cdfss_*.yaml)"
-                        ": every run is also tested on each")
+    parser.add_argument("--targets", default="", help="comma-separated cross-domain target configs "
+                        "(config/cdfss_*.yaml): every run is also tested on each")
     parser.add_argument("--target-shots", default=None, help="comma-separated shots of the target tests (default: "
                         "the config's shot)")
     parser.add_argument("--target-set", action="append", default=[], metavar="KEY=VALUE",

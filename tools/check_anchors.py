@@ -144,8 +144,9 @@ def compare(family, repo, workdir, data_root, split_dir, shot, num, log):
     tol = 1e-6  # their IoU is divided in float32
     miou_ok = abs(their_miou - ours_metric.miou()) < tol and abs(their_fb - ours_metric.fbiou()) < tol
     ok = ok and worst_img < 1e-5 and miou_ok
-    log(f"{os.path.basename(os.path.normpath(repo))}: {family:9s} {shot}-shot: {len(theirs)} episodes; files, classes, masks equal: "
-        f"{'yes' if files_ok else 'NO'}; image max |diff| {worst_img:.1e}; I/U buffers equal {same_buffers}; mIoU theirs {100 * their_miou:.5f} "
+    log(f"{os.path.basename(os.path.normpath(repo))}: {family:9s} {shot}-shot: {len(theirs)} episodes; "
+        f"files, classes, masks equal: {'yes' if files_ok else 'NO'}; image max |diff| {worst_img:.1e}; "
+        f"I/U buffers equal {same_buffers}; mIoU theirs {100 * their_miou:.5f} "
         f"ours {100 * ours_metric.miou():.5f}; FB-IoU theirs {100 * their_fb:.5f} ours {100 * ours_metric.fbiou():.5f}"
         f" -> {'MATCH' if ok else 'DIFFER'}")
     return ok
