@@ -21,7 +21,8 @@ augmentation of item i in epoch e from (seed, epoch, i) in the dataset, and the 
 an interruption ends with the same weights as an uninterrupted run (`deterministic: true` on CPU).
 A non-finite loss stops the run before the update and keeps the last good checkpoint; a checkpoint
 is never written from a diverged run (the divergence rule: a weight NaN/inf or beyond 1e6, or an epoch's
-mean loss above 10x the lowest so far; engine/checkpoint.py, docs/reliability.md), and a non-finite
+mean loss above 10x the lowest so far, the run's first step, taken before any update, counting as the first
+reference; engine/checkpoint.py, docs/reliability.md), and a non-finite
 validation is never "best". A second training into a folder in use stops at once (engine/runlock.py). Ctrl-C or
 SIGTERM finishes the current step (or checkpoint write), saves `last.pth` there and exits.
 `last.pth` records the position in the epoch in samples, so a run may resume with another
@@ -52,8 +53,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 import svf
 
 from dataset.files import atomic_write_text, remove_stale_temporaries
-from engine.checkpoint import (BEST, LAST, NonFiniteWeights, atomic_save, config_differences, describe_differences,
-                               evaluation_checkpoint, load_model_state, load_resume_checkpoint, loss_diverged, unwrap)
+from engine.checkpoint import (BEST, LAST, LOSS_DIVERGENCE_FACTOR, NonFiniteWeights, atomic_save, config_differences,
+                               describe_differences, evaluation_checkpoint, load_model_state, load_resume_checkpoint,
+                               loss_diverged, unwrap)
 from engine.config import FIELDS, Config, dump_config, finetune_method, load_config, split_overrides
 from engine.faults import (fault_point, hold_interrupts, install_interrupt_handlers, interrupts_deferred,
                            release_interrupts, restore_handlers)
@@ -61,7 +63,7 @@ from engine.distributed import (DistInfo, all_reduce_sum_, cleanup_distributed, 
                                 init_distributed, loader_generator, print0, seed_everything, worker_init_fn)
 from engine.loop import autocast, evaluate_episodes, evaluate_semantic
 from engine.optim import build_sgd, describe_groups, scheduled_lr, set_lr
-from engine.preflight import check_base_learner, check_data, check_pretrained, check_writable
+from engine.preflight import check_base_learner, check_data, check_pretrained, check_writable, value_origin
 from engine.runlock import ExpDirInUse, own_exp_dir
 
 
@@ -95,7 +97,14 @@ class RunState:
     best_miou: float = -math.inf
     best_epoch: float = 0       # x.5 for a validation halfway through epoch x+1
     term_sums: dict = field(default_factory=dict)  # this rank's loss terms (loss_terms) summed over those steps
-    lowest_loss: float = math.inf  # lowest epoch mean loss so far (the divergence rule's reference)
+    lowest_loss: float = math.inf  # the divergence rule's reference: the lowest of the run's first step loss
+                                   # (before any update) and its epoch mean losses so far
+
+    def record_step(self, loss: float):
+        """Count one step's loss (mean over ranks) in the epoch; the run's first step sets the first reference."""
+        self.loss_sum, self.loss_steps = self.loss_sum + loss, self.loss_steps + 1
+        if not math.isfinite(self.lowest_loss):  # the model as built: a reference for the first epoch too
+            self.lowest_loss = loss
 
     def epoch_loss(self) -> float:
         return self.loss_sum / self.loss_steps if self.loss_steps else math.nan
@@ -120,7 +129,7 @@ class Run:
     sampler: EpochSampler
     writer: Optional[object]      # a tensorboard SummaryWriter on rank 0, else None
     s_start: Optional[dict]       # SVF's singular values before training (None without SVF)
-    last_good: str = "(none yet)"  # the last checkpoint written (or resumed from), for the messages
+    last_good: Optional[str] = None  # the last good checkpoint written (or resumed from), for the messages
 
     @property
     def iters_per_epoch(self) -> int:
@@ -159,7 +168,8 @@ def main(argv=None) -> int:
     check_data(cfg, origin)
     check_base_learner(cfg, origin)
     check_pretrained(cfg, origin)
-    check_writable(cfg.exp_dir, "exp_dir", origin)
+    check_writable(cfg.exp_dir, "exp_dir", value_origin("base_learner" if args.stage1 else "exp_dir", args.config,
+                                                        overrides))
     dist_info = init_distributed()
     try:
         with own_exp_dir(cfg.exp_dir, dist_info) as owned:  # a second training into this folder stops here
@@ -394,19 +404,18 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if is_main:
             try:
+                check_divergence(state, f"the {state.loss_steps} step(s) of epoch {state.epoch + 1} done so far",
+                                 whole_epoch=False)
                 atomic_save(checkpoint_state(run, state), run.last_path)
-            except NonFiniteWeights as exc:
-                print(f"\ninterrupted: {exc}; the last good checkpoint is kept: {run.last_good}", flush=True)
+            except (NonFiniteWeights, DivergedLoss) as exc:
+                print(f"\ninterrupted: {exc}; nothing written from it. {good_checkpoint_advice(run)}", flush=True)
                 return 1
             print(f"\ninterrupted: saved {run.last_path} at epoch {state.epoch}, iteration "
                   f"{state.iteration}; continue with: python train.py --config ... --resume", flush=True)
         return 130
     except (NonFiniteLoss, NonFiniteWeights, DivergedLoss) as exc:
         done = "stopped before applying that update" if isinstance(exc, NonFiniteLoss) else "stopped"
-        advice = ("lower base_lr (or set amp=false) and resume from it with --resume" if run.last_good != "(none yet)"
-                  else "lower base_lr (or set amp=false) and start again")
-        print0(f"error: {exc}; {done}, nothing written from it. The last good checkpoint is {run.last_good}: "
-               f"{advice}")
+        print0(f"error: {exc}; {done}, nothing written from it. {good_checkpoint_advice(run)}")
         return 1
     finally:
         restore_handlers(previous_handlers)
@@ -478,7 +487,7 @@ def train_one_epoch(run: Run, stage: Stage, state: RunState, epoch: int, mid_epo
         scaler.update()
         mean = float(stats[0]) / dist_info.world_size
         state.epoch, state.iteration = epoch, it + 1
-        state.loss_sum, state.loss_steps = state.loss_sum + mean, state.loss_steps + 1
+        state.record_step(mean)
         terms = loss_terms(run, cfg)  # this rank's (rank 0's in the log, as the released log)
         for name, value in terms.items():
             state.term_sums[name] = state.term_sums.get(name, 0.0) + value
@@ -541,16 +550,26 @@ def checkpoint_state(run: Run, state: RunState) -> dict:
 
 def check_divergence(state: RunState, what: str, whole_epoch: bool = True):
     """The divergence rule on the loss (engine.checkpoint.loss_diverged), before anything is validated or saved:
-    raise DivergedLoss when the mean loss of `what` (an epoch, or its first half before a mid-epoch validation)
-    is beyond it; a whole epoch that passes lowers the reference."""
+    raise DivergedLoss when the mean loss of `what` (an epoch, or its first half before a mid-epoch validation, or
+    the steps done before an interruption) is beyond it; a whole epoch that passes lowers the reference. The first
+    epoch is checked against the run's first step, whose loss is that of the model before any update."""
     mean = state.epoch_loss()
     if not state.loss_steps:
         return
     if loss_diverged(mean, state.lowest_loss):
         raise DivergedLoss(f"the mean loss of {what}, {mean:.4g}, is more than the divergence rule allows "
-                           f"(lowest epoch mean loss so far: {state.lowest_loss:.4g}): the run diverged")
+                           f"({LOSS_DIVERGENCE_FACTOR:g}x {state.lowest_loss:.4g}, the lowest of the first step's loss "
+                           f"and the epoch mean losses so far): the run diverged")
     if whole_epoch:
         state.lowest_loss = min(state.lowest_loss, mean)
+
+
+def good_checkpoint_advice(run: Run) -> str:
+    """What to do after a diverged or non-finite state: resume from the last good checkpoint, or start again."""
+    if run.last_good is None:
+        return "There is no good checkpoint: start again with a lower base_lr (or amp=false)"
+    return (f"The last good checkpoint is {run.last_good}: lower base_lr (or set amp=false) and resume from it with "
+            "--resume")
 
 
 def save(obj: dict, path: str):

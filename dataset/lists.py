@@ -47,9 +47,11 @@ def pascal_image_lists(data_root, sbd_list=None, val_list=None):
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data root not found: {data_root}")
     seg_sets = os.path.join(data_root, "ImageSets", "Segmentation")
-    voc_train = read_id_list(os.path.join(seg_sets, "train.txt"))
-    voc_val = read_id_list(val_list or os.path.join(seg_sets, "val.txt"))
-    sbd_train = read_id_list(sbd_list or os.path.join(data_root, PASCAL_SBD_LIST), missing_hint=SBD_LIST_HINT)
+    voc_train = read_id_list(os.path.join(seg_sets, "train.txt"), what="VOC train list")
+    voc_val = read_id_list(val_list or os.path.join(seg_sets, "val.txt"),
+                           what="--val-list file" if val_list else "VOC val list")
+    sbd_train = read_id_list(sbd_list or os.path.join(data_root, PASCAL_SBD_LIST), missing_hint=SBD_LIST_HINT,
+                             what="--sbd-list file" if sbd_list else "SBD list")
     val_ids = list(dict.fromkeys(voc_val))  # the file's order, each id once
     # Removing val ids again guards against an SBD list that overlaps VOC val (SBD's own train.txt).
     train_ids = sorted((set(voc_train) | set(sbd_train)) - set(val_ids))
@@ -89,6 +91,9 @@ def coco_image_lists(data_root, val_list=None):
             label_rel = os.path.join("annotations", folder, name)
             _check_pair_exists(data_root, image_rel, label_rel)
             pairs.append((image_rel, label_rel))
+        if not pairs:
+            raise ValueError(f"COCO label folder {label_dir} holds no label map (*.png); write them with "
+                             f"`python -m dataset.prepare_coco --data-root {data_root}`. Nothing was written")
         lists[split] = pairs
     return {split: lists[split] for split in COCO_SPLIT_DIRS}
 
@@ -98,7 +103,7 @@ def _listed_pairs(list_path, data_root):
     mapped by files.list_entry_path); every pair must exist."""
     root = os.path.abspath(data_root)
     pairs = []
-    for image_path, label_path in read_list(list_path, data_root):
+    for image_path, label_path in read_list(list_path, data_root, same_image=True):
         rel = tuple(os.path.relpath(os.path.abspath(p), root) for p in (image_path, label_path))
         _check_pair_exists(data_root, *rel)
         pairs.append(rel)
@@ -114,8 +119,12 @@ def _check_pair_exists(data_root, image_rel, label_rel):
                                 "listed image needs its mask (SegmentationClassAug for PASCAL)")
 
 
-def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=None):
-    """Write ``<list_dir>/train.txt`` and ``val.txt``; print counts, warn when not the standard ones."""
+def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=None, workers=0):
+    """Write ``<list_dir>/train.txt`` and ``val.txt``; print counts, warn when not the standard ones.
+
+    Every input is checked before anything is written: the id lists (none empty), every listed image and mask
+    (they exist, the image decodes, the mask's values and size: the scan of class_pixel_counts, whose cache is
+    written with the lists), so a bad input leaves the previous lists and caches as they were."""
     if benchmark == "pascal":
         lists = pascal_image_lists(data_root, sbd_list, val_list)
     elif benchmark == "coco":
@@ -124,9 +133,22 @@ def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=No
         lists = coco_image_lists(data_root, val_list)
     else:
         raise ValueError(f"unknown benchmark {benchmark!r}: expected one of {BENCHMARKS}")
+    texts = {split: "".join(f"{i} {l}\n" for i, l in pairs) for split, pairs in lists.items()}
+    scans = {}  # split -> (cache path, key, scan) of the lists whose scan is not cached yet
     for split, pairs in lists.items():
         path = os.path.join(list_dir, split + ".txt")
-        atomic_write_text(path, "".join(f"{i} {l}\n" for i, l in pairs))
+        under_root = [tuple(os.path.join(data_root, p) for p in pair) for pair in pairs]  # as read_list gives them
+        content_sha256 = hashlib.sha256(texts[split].encode()).hexdigest()
+        key = _list_key(path, data_root, benchmark, under_root, sha256=content_sha256)
+        cache = _class_pixels_cache(path)
+        if _load_cache(cache, key) is None:
+            scans[split] = (cache, key, _scan_pairs(under_root, benchmark, workers))
+    for split, pairs in lists.items():
+        path = os.path.join(list_dir, split + ".txt")
+        atomic_write_text(path, texts[split])
+        if split in scans:
+            cache, key, value = scans[split]
+            atomic_write_json(cache, {"key": key, "value": value})
         expected = EXPECTED_COUNTS[benchmark][split]
         print(f"{path}: {len(pairs)} images (standard {benchmark} {split} list: {expected})")
         if len(pairs) != expected:
@@ -190,28 +212,37 @@ def _files_stamp(pairs):
     return digest.hexdigest()
 
 
-def _list_key(list_path, data_root, benchmark, pairs):
-    """What every cache built from a list file depends on (read_list checks the paths first)."""
+def _list_key(list_path, data_root, benchmark, pairs, sha256=None):
+    """What every cache built from a list file depends on (read_list checks the paths first); ``sha256``: that of
+    the list's content when it is not written yet (write_image_lists)."""
     return {"version": CACHE_VERSION, "list_file": os.path.abspath(list_path),
-            "list_sha256": _file_sha256(list_path), "data_root": os.path.abspath(data_root),
+            "list_sha256": sha256 or _file_sha256(list_path), "data_root": os.path.abspath(data_root),
             "benchmark": benchmark, "files_size_mtime_sha256": _files_stamp(pairs)}
+
+
+def _class_pixels_cache(list_path):
+    stem = os.path.splitext(os.path.basename(list_path))[0]
+    return os.path.join(cache_dir(list_path), f"{stem}_class_pixels.json")
+
+
+def _scan_pairs(pairs, benchmark, workers=0):
+    """[[class, pixels], ...] of every (image, mask) pair, each pair checked (_count_classes)."""
+    n = num_classes(benchmark)
+    jobs = [(image, label, n) for image, label in pairs]
+    if workers and workers > 1:
+        with multiprocessing.Pool(workers) as pool:
+            return pool.map(_count_classes, jobs, chunksize=64)
+    return [_count_classes(job) for job in jobs]
 
 
 def class_pixel_counts(list_path, data_root, benchmark, workers=0):
     """(pairs, per listed image {class: pixels} of the classes present); cached in ``<list dir>/cache/``."""
     pairs = read_list(list_path, data_root)
     key = _list_key(list_path, data_root, benchmark, pairs)
-    stem = os.path.splitext(os.path.basename(list_path))[0]
-    path = os.path.join(cache_dir(list_path), f"{stem}_class_pixels.json")
+    path = _class_pixels_cache(list_path)
     value = _load_cache(path, key)
     if value is None:
-        n = num_classes(benchmark)
-        jobs = [(image, label, n) for image, label in pairs]
-        if workers and workers > 1:
-            with multiprocessing.Pool(workers) as pool:
-                value = pool.map(_count_classes, jobs, chunksize=64)
-        else:
-            value = [_count_classes(job) for job in jobs]
+        value = _scan_pairs(pairs, benchmark, workers)
         atomic_write_json(path, {"key": key, "value": value})
     return pairs, [{int(c): int(p) for c, p in counts} for counts in value]
 

@@ -132,7 +132,11 @@ def _os_error_behind(exc: BaseException):
 
 def describe_write_error(path: str, err: OSError) -> str:
     """'cannot write PATH: <reason and what to do>' for an OSError of a write (ENOSPC, EDQUOT, EROFS, EACCES)."""
-    folder = os.path.dirname(os.path.abspath(path))
+    return f"cannot write {path}: {write_error_reason(os.path.dirname(os.path.abspath(path)), err)}"
+
+
+def write_error_reason(folder: str, err: OSError) -> str:
+    """Why a write into `folder` failed and what to do (the disk is full / read-only / ...)."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
             free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free"
@@ -143,7 +147,7 @@ def describe_write_error(path: str, err: OSError) -> str:
         why = f"{os.strerror(err.errno)} ({folder} is read-only or not writable); choose another folder"
     else:
         why = f"{os.strerror(err.errno) if err.errno else err}"
-    return f"cannot write {path}: {why}"
+    return why
 
 
 def atomic_save(obj, path: str):
