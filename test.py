@@ -193,7 +193,8 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str, out
     else:
         weights = args.weights or evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)
         report_temporaries(os.path.dirname(weights))
-        ckpt = load_weights(net, weights, hint=f"train it first: sh train.sh ... or python train.py --config {origin}")
+        ckpt = load_weights(net, weights, hint=f"train it first: sh train.sh ... or python train.py --config {origin}",
+                            config=cfg.replace(shot=shot).to_dict())
         epoch = f" (epoch {ckpt['epoch']})" if isinstance(ckpt.get("epoch"), int) else ""
         print0(f"weights: {weights}{epoch}; checkpoint rule: "
                f"{'--weights' if args.weights else cfg.checkpoint_select}")
@@ -246,15 +247,16 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str, out
     return result
 
 
-def load_weights(net, path: str, hint: str) -> dict:
+def load_weights(net, path: str, hint: str, config: dict = None) -> dict:
     """Load a checkpoint of this project, or one written by the released SVF/BAM/PFENet code (recognised by
-    its keys and converted exactly: see model.released), strictly; return the checkpoint dict."""
+    its keys and converted exactly: see model.released), strictly; return the checkpoint dict. `config`: the one
+    the model was built from; a checkpoint of this project that does not fit names what it was trained with."""
     from model.released import detect_format, load_released, released_state
 
     obj = load_checkpoint(path, hint)
     state = released_state(obj)
     if state is None or detect_format(state) is None:
-        return load_model_state(net, obj, path)
+        return load_model_state(net, obj, path, config)
     _, report = load_released(net, obj, path)
     for line in report:
         print0(line)

@@ -300,6 +300,31 @@ def merged(model, cfg):
     return out
 
 
+def describe_ranks(backbone, cfg) -> str:
+    """finetune lora / dna: the ranks the converted convs got, and where the asked rank (lrcc_rank, or
+    lrcc_rank_ratio x input channels) is above a conv's full rank and was capped there; '' for other methods."""
+    if method_of(cfg).name not in ("lora", "dna"):
+        return ""
+    import lrcc
+
+    layers = [(n, m) for n, m in backbone.named_modules() if isinstance(m, lrcc.LowRankConv2d)]
+    if not layers:
+        return ""
+    asked_by = f"lrcc_rank={cfg.lrcc_rank}" if cfg.lrcc_rank else f"lrcc_rank_ratio={cfg.lrcc_rank_ratio:g}"
+
+    def asked(conv):
+        return int(cfg.lrcc_rank) if cfg.lrcc_rank else int(conv.weight.shape[1] * cfg.lrcc_rank_ratio)
+    ranks = sorted({m.rank for _, m in layers})
+    text = (f"lrcc ranks used ({asked_by}): {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else "")
+            + f" over {len(layers)} convs")
+    capped = [(n, m) for n, m in layers if m.rank < asked(m)]
+    if capped:
+        name, conv = capped[0]
+        text += (f"; {len(capped)} of them have a full rank below the {asked(conv)} asked and use it "
+                 f"(e.g. {name} at rank {conv.rank})")
+    return text
+
+
 def describe(cfg) -> str:
     """One line: the method, its stages, what trains, its group and LR key."""
     method, stages = method_of(cfg), tuned_stages(cfg)
