@@ -18,6 +18,11 @@ figures likewise go to `vis_{K}shot_untrained/` and `vis_{K}shot_weights-.../`).
 figures of the first seed's episodes to `exp_dir/vis_{K}shot/`: supports with their mask (blue) | query with
 the ground truth (green) | query with the prediction (magenta), titled with the class name and the episode's IoU
 (engine/vis.py).
+
+Before any episode `--out` is checked: a file path (not a folder) whose folder takes a write (a full disk fails
+here), replacing an existing file only when it holds earlier results of test.py or with `--overwrite`. If writing
+the results still fails after the run, they are printed as JSON and saved in the run's folder (or the temporary
+folder), and the error says where.
 """
 from __future__ import annotations
 
