@@ -318,10 +318,10 @@ def _as_override(value) -> str:
 
 def trained_with(saved: dict, config: dict) -> str:
     """'it was trained with finetune=bn (this config: finetune=svf): pass finetune=bn' for the config keys that shape
-    the model's state dict (model.build.state_config_keys) where the checkpoint's saved config differs from
+    the model's state dict (model.finetune.state_config_keys) where the checkpoint's saved config differs from
     `config`; '' when none does."""
     from common.config import finetune_method
-    from model.build import state_config_keys
+    from model.finetune import state_config_keys
 
     def value(values, key):
         return finetune_method(values) if key == "finetune" else values.get(key)

@@ -21,7 +21,6 @@ import os
 import warnings
 
 import svf
-from common.config import finetune_method
 
 from . import finetune
 from .backbones import build_backbone
@@ -31,7 +30,7 @@ from .released import convert_released, detect_format
 from .weights import load_backbone_weights, load_state_dict_strict, read_state_dict
 
 __all__ = ["build_model", "param_groups", "ARCHS", "dilation_rule", "load_base_learner",
-           "RandomInitWarning", "state_config_keys"]
+           "RandomInitWarning"]
 
 
 class RandomInitWarning(UserWarning):
@@ -132,31 +131,6 @@ def build_model(cfg):
         model = PFENet(_backbone_from(cfg), reduce_dim=reduce_dim, aux_loss_weight=aux,
                        pyramid_bins=tuple(cfg.pyramid_bins))
     return _set_backbone_training(model, cfg)
-
-
-def state_config_keys(values) -> list:
-    """The config keys whose values shape the state dict of the model that ``values`` (a config dict, e.g. the one a
-    checkpoint saved) describes: its tensors' names and shapes. A checkpoint loads into a model built with the same
-    values of these (``finetune`` is compared as the method it runs: common.config.finetune_method);
-    engine.checkpoint names the ones that differ when a checkpoint does not fit."""
-    arch = values.get("arch")
-    method = finetune_method(values)
-    keys = ["arch", "backbone", "finetune"]
-    if method != "freeze":
-        keys.append("finetune_stages")
-    if arch != "pspnet":
-        keys.append("reduce_dim")
-    if arch in ("bam", "pspnet"):
-        keys += ["ppm_bins", "num_base_classes"]
-    if arch == "pfenet":
-        keys.append("pyramid_bins")
-    if arch == "bam":
-        keys.append("shot")  # BAM's K-shot reweighting (kshot_rw) exists for shot > 1
-    if method in ("lora", "dna"):
-        keys += ["lrcc_rank", "lrcc_rank_ratio"]
-    if method == "dna":
-        keys.append("dna_mode")
-    return keys
 
 
 def param_groups(model, cfg):
