@@ -184,7 +184,8 @@ def read_id_list(path, missing_hint="", what="image-set file"):
     lists/pascal/voc_sbd_merge_noduplicate.txt and val.txt), whose image and mask must name the same id
     (check_same_image). A file without any id is a ValueError naming it (``what``: how the user gave it)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image-set file not found: {path} ({what})" + (f"; {missing_hint}" if missing_hint else ""))
+        raise FileNotFoundError(f"image-set file not found: {path} ({what})"
+                                + (f"; {missing_hint}" if missing_hint else ""))
     ids = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):

@@ -131,10 +131,11 @@ def _check_fits(model, out, had_released):
         plain = [n for n, m in svd.items() if (f"{n}.weight" if n else "weight") in out
                  and tuple(out[f"{n}.weight" if n else "weight"].shape) == plain_shape(m)]
         if 2 * len(plain) >= len(svd):
+            examples = _examples([f"{n}.weight" for n in plain])
             raise ValueError(f"no released SVD layers in this state dict (no key ends in vector_S), but the model has "
-                             f"{len(svd)} SVD layers and the state dict holds their plain weights "
-                             f"({_examples([f'{n}.weight' for n in plain])}): it is a plain model's state dict: load it "
-                             "into the model before svf.resolver / svf.prepare (model.load_state_dict), then resolve")
+                             f"{len(svd)} SVD layers and the state dict holds their plain weights ({examples}): it "
+                             "is a plain model's state dict: load it into the model before svf.resolver / "
+                             "svf.prepare (model.load_state_dict), then resolve")
     parts = ((missing, f"of the model's {len(own)} keys missing", 3),
              (unexpected, f"of its {len(out)} keys not in the model", 3),
              (wrong, "of another shape (file vs model)", 2))

@@ -191,7 +191,8 @@ def test_resume_with_a_config_that_builds_another_model_names_the_keys(tiny, tra
     exp = str(tmp_path / "run")
     shutil.copytree(trained[0], exp)
     message = train_error([*tiny["args"], f"exp_dir={exp}", "reduce_dim=16", "epochs=3", "--resume"])
-    assert "last.pth" in message and "trained with reduce_dim=8 (this config: reduce_dim=16): pass reduce_dim=8" in message
+    assert "last.pth" in message and "trained with reduce_dim=8 (this config: reduce_dim=16): pass reduce_dim=8" \
+        in message
     message = train_error([*tiny["args"], f"exp_dir={exp}", "svf=true", "--resume"])
     assert "last.pth" in message and "trained with finetune=freeze (this config: finetune=svf)" in message
 
@@ -763,7 +764,8 @@ def test_exp_dir_errors_say_where_the_value_came_from(tiny, tmp_path):
     message = train_error([*tiny["args"], f"exp_dir={tmp_path / 'file' / 'run'}"])
     assert f"(from the command line (exp_dir={tmp_path / 'file' / 'run'}))" in message
     config = tmp_path / "c.yaml"
-    config.write_text(f"_base_: {os.path.join(ROOT, 'config', 'demo_split0.yaml')}\nexp_dir: {tmp_path / 'file' / 'x'}\n")
+    base = os.path.join(ROOT, "config", "demo_split0.yaml")
+    config.write_text(f"_base_: {base}\nexp_dir: {tmp_path / 'file' / 'x'}\n")
     message = train_error(["--config", str(config), *tiny["args"][2:]])
     assert f"(from config {config})" in message
 
