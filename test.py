@@ -20,6 +20,11 @@ figures likewise go to `vis_{K}shot_untrained/` and `vis_{K}shot_weights-.../`).
 figures of the first seed's episodes to `exp_dir/vis_{K}shot/`: supports with their mask (blue) | query with
 the ground truth (green) | query with the prediction (magenta), titled with the class name and the episode's IoU
 (engine/vis.py).
+
+Before any episode `--out` is checked: a file path (not a folder) whose folder takes a write (a full disk fails
+here), replacing an existing file only when it holds earlier results of test.py or with `--overwrite`. If writing
+the results still fails after the run, they are printed as JSON and saved in the run's folder (or the temporary
+folder), and the error says where.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from engine.checkpoint import evaluation_checkpoint, load_weights
 from engine.config import Config, finetune_method, load_config, split_overrides
 from engine.distributed import DistInfo, cleanup_distributed, init_distributed, print0, seed_everything
 from engine.loop import evaluate_episodes
-from engine.preflight import check_base_learner, check_data, check_pretrained, check_writable
+from engine.preflight import check_base_learner, check_data, check_pretrained, check_writable, value_origin
 from engine.vis import make_visualiser
 
 
@@ -52,7 +57,10 @@ def parse_args(argv=None):
                         help="evaluate the freshly built model (pretrained backbone, untrained heads)")
     parser.add_argument("--shot", type=int, help="support images per episode (default: the config's shot)")
     parser.add_argument("--vis", type=int, default=0, metavar="N", help="write N PNG figures")
-    parser.add_argument("--out", help="results JSON (default exp_dir/test_{K}shot.json)")
+    parser.add_argument("--out", help="results JSON (default exp_dir/test_{K}shot.json); an existing file is replaced "
+                                      "only when it holds earlier results of test.py (or with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --out replace an existing file that is not a results file of test.py")
     args, rest = parser.parse_known_args(argv)
     if args.weights and args.untrained:
         parser.error("--weights and --untrained exclude each other")
@@ -102,19 +110,77 @@ def main(argv=None) -> dict:
     origin = " ".join([args.config] + overrides)
     shot = cfg.shot if args.shot is None else args.shot
     check_data(cfg, origin)
-    out = args.out or os.path.join(cfg.exp_dir, "test.json")
-    check_writable(os.path.dirname(out) or ".", "--out folder" if args.out else "exp_dir", origin)
+    out = args.out or os.path.join(cfg.exp_dir, f"test_{results_tag(shot, args.untrained, args.weights, cfg)}.json")
+    check_output(out, args, "the command line (--out)" if args.out else value_origin("exp_dir", args.config, overrides))
     if args.untrained:  # built as in training; otherwise every weight comes from the checkpoint
         check_base_learner(cfg, origin)
         check_pretrained(cfg, origin)
     dist_info = init_distributed()
     try:
-        return evaluate(cfg, args, shot, dist_info, origin)
+        return evaluate(cfg, args, shot, dist_info, origin, out)
     finally:
         cleanup_distributed()
 
 
-def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> dict:
+# what makes a JSON file a results file of test.py (one that --out may replace without --overwrite)
+RESULT_KEYS = ("benchmark", "fold", "shot", "miou", "per_seed")
+
+
+def is_results_file(path: str) -> bool:
+    """Whether `path` holds a results JSON written by test.py (RESULT_KEYS)."""
+    try:
+        with open(path) as fh:
+            result = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and all(k in result for k in RESULT_KEYS)
+
+
+def check_output(out: str, args, origin: str):
+    """Before any episode: the results file must be a file path (not a folder), must not replace a file that is not
+    earlier results of test.py (unless --overwrite), and its folder must take a write (check_writable: permissions
+    and a full disk)."""
+    name = "--out" if args.out else "the results file"
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"{name} '{out}' (from {origin}) is a folder; --out names the results file, e.g. "
+                                f"--out {os.path.join(out, 'test_results.json')}")
+    if os.path.exists(out) and not args.overwrite and not is_results_file(out):
+        raise FileExistsError(f"{name} '{out}' (from {origin}) exists and is not a results file of test.py; choose "
+                              "another --out, or pass --overwrite to replace it")
+    check_writable(os.path.dirname(out) or ".", "--out folder" if args.out else "exp_dir", origin)
+
+
+def write_results(out: str, text: str, args, cfg: Config):
+    """Write the results JSON to `out`. When that fails after the run (the disk filled up meanwhile, the folder
+    went away), the results are not lost: printed to stdout and saved in the first writable of the run's folder
+    and the temporary folder, and the error names --out, the reason and where they are."""
+    import tempfile
+
+    from engine.checkpoint import write_error_reason
+    try:
+        atomic_write_text(out, text)
+        return
+    except OSError as exc:
+        error = exc
+    print(text, flush=True)
+    saved = None
+    name = f"test_results_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.json"
+    for folder in dict.fromkeys([os.path.abspath(cfg.exp_dir), tempfile.gettempdir()]):
+        if folder == os.path.dirname(os.path.abspath(out)):
+            continue
+        try:
+            atomic_write_text(os.path.join(folder, name), text)
+            saved = os.path.join(folder, name)
+            break
+        except OSError:
+            continue
+    where = f"saved to '{saved}'" if saved else "not saved elsewhere either (no writable folder)"
+    raise OSError(f"cannot write the results to {'--out ' if args.out else ''}'{out}': "
+                  f"{write_error_reason(os.path.dirname(os.path.abspath(out)), error)}. The results were printed "
+                  f"above (JSON) and {where}: copy them to where you want them") from None
+
+
+def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str, out: str) -> dict:
     import dataset
     import model as models
 
@@ -134,7 +200,8 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     else:
         weights = args.weights or evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)
         report_temporaries(os.path.dirname(weights))
-        ckpt = load_weights(net, weights, hint=f"train it first: sh train.sh ... or python train.py --config {origin}")
+        ckpt = load_weights(net, weights, hint=f"train it first: sh train.sh ... or python train.py --config {origin}",
+                            config=cfg.replace(shot=shot).to_dict())
         epoch = f" (epoch {ckpt['epoch']})" if isinstance(ckpt.get("epoch"), int) else ""
         print0(f"weights: {weights}{epoch}; checkpoint rule: "
                f"{'--weights' if args.weights else cfg.checkpoint_select}")
@@ -186,9 +253,8 @@ def evaluate(cfg: Config, args, shot: int, dist_info: DistInfo, origin: str) -> 
     print0(f"mIoU   {percent(miou_mean)} ± {percent(miou_std)}")
     print0(f"FB-IoU {percent(fbiou_mean)} ± {percent(fbiou_std)}")
     if dist_info.is_main:
-        out = args.out or os.path.join(cfg.exp_dir, f"test_{results_tag(shot, args.untrained, args.weights, cfg)}.json")
         # strict JSON: a figure with nothing to average is null (named in classes_without_episodes), never NaN
-        atomic_write_text(out, json.dumps(result, indent=1, allow_nan=False) + "\n")
+        write_results(out, json.dumps(result, indent=1, allow_nan=False) + "\n", args, cfg)
         print0(f"results: {out}")
     return result
 

@@ -21,7 +21,8 @@ augmentation of item i in epoch e from (seed, epoch, i) in the dataset, and the 
 an interruption ends with the same weights as an uninterrupted run (`deterministic: true` on CPU).
 A non-finite loss stops the run before the update and keeps the last good checkpoint; a checkpoint
 is never written from a diverged run (the divergence rule: a weight NaN/inf or beyond 1e6, or an epoch's
-mean loss above 10x the lowest so far; engine/checkpoint.py, docs/reliability.md), and a non-finite
+mean loss above 10x the lowest so far, the run's first step, taken before any update, counting as the first
+reference; engine/checkpoint.py, docs/reliability.md), and a non-finite
 validation is never "best". A second training into a folder in use stops at once (engine/runlock.py). Ctrl-C or
 SIGTERM finishes the current step (or checkpoint write), saves `last.pth` there and exits.
 `last.pth` records the position in the epoch in samples, so a run may resume with another
@@ -52,8 +53,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 import svf
 
 from dataset.files import atomic_write_text, remove_stale_temporaries
-from engine.checkpoint import (BEST, LAST, NonFiniteWeights, atomic_save, config_differences, describe_differences,
-                               evaluation_checkpoint, load_model_state, load_resume_checkpoint, loss_diverged, unwrap)
+from engine.checkpoint import (BEST, LAST, LOSS_DIVERGENCE_FACTOR, NonFiniteWeights, atomic_save, config_differences,
+                               describe_differences, evaluation_checkpoint, load_model_state, load_resume_checkpoint,
+                               loss_diverged, unwrap)
 from engine.config import FIELDS, Config, dump_config, finetune_method, load_config, split_overrides
 from engine.faults import (fault_point, hold_interrupts, install_interrupt_handlers, interrupts_deferred,
                            release_interrupts, restore_handlers)
@@ -61,7 +63,7 @@ from engine.distributed import (DistInfo, all_reduce_sum_, cleanup_distributed, 
                                 init_distributed, loader_generator, print0, seed_everything, worker_init_fn)
 from engine.loop import autocast, evaluate_episodes, evaluate_semantic
 from engine.optim import build_sgd, describe_groups, scheduled_lr, set_lr
-from engine.preflight import check_base_learner, check_data, check_pretrained, check_writable
+from engine.preflight import check_base_learner, check_data, check_pretrained, check_writable, value_origin
 from engine.runlock import ExpDirInUse, own_exp_dir
 
 
@@ -95,7 +97,17 @@ class RunState:
     best_miou: float = -math.inf
     best_epoch: float = 0       # x.5 for a validation halfway through epoch x+1
     term_sums: dict = field(default_factory=dict)  # this rank's loss terms (loss_terms) summed over those steps
-    lowest_loss: float = math.inf  # lowest epoch mean loss so far (the divergence rule's reference)
+    lowest_loss: float = math.inf  # the divergence rule's reference: the lowest of the run's first step loss
+                                   # (before any update) and its epoch mean losses so far
+    timed_steps: int = 0           # train_stats.json, over the whole run (kept in last.pth across resumes): steps
+    timed_seconds: float = 0.0     # trained, their wall time (data loading and mid-epoch validation included),
+    peak_memory_bytes: int = 0     # and the peak memory of the invocations before this one
+
+    def record_step(self, loss: float):
+        """Count one step's loss (mean over ranks) in the epoch; the run's first step sets the first reference."""
+        self.loss_sum, self.loss_steps = self.loss_sum + loss, self.loss_steps + 1
+        if not math.isfinite(self.lowest_loss):  # the model as built: a reference for the first epoch too
+            self.lowest_loss = loss
 
     def epoch_loss(self) -> float:
         return self.loss_sum / self.loss_steps if self.loss_steps else math.nan
@@ -120,7 +132,7 @@ class Run:
     sampler: EpochSampler
     writer: Optional[object]      # a tensorboard SummaryWriter on rank 0, else None
     s_start: Optional[dict]       # SVF's singular values before training (None without SVF)
-    last_good: str = "(none yet)"  # the last checkpoint written (or resumed from), for the messages
+    last_good: Optional[str] = None  # the last good checkpoint written (or resumed from), for the messages
 
     @property
     def iters_per_epoch(self) -> int:
@@ -159,7 +171,8 @@ def main(argv=None) -> int:
     check_data(cfg, origin)
     check_base_learner(cfg, origin)
     check_pretrained(cfg, origin)
-    check_writable(cfg.exp_dir, "exp_dir", origin)
+    check_writable(cfg.exp_dir, "exp_dir", value_origin("base_learner" if args.stage1 else "exp_dir", args.config,
+                                                        overrides))
     dist_info = init_distributed()
     try:
         with own_exp_dir(cfg.exp_dir, dist_info) as owned:  # a second training into this folder stops here
@@ -233,11 +246,14 @@ def train(cfg: Config, args, dist_info: DistInfo) -> int:
 
 def log_run(run: Run, stage: Stage):
     """The head of the log: trainable parameters, model and data, optimizer, checkpoint rule, output."""
-    from model.finetune import describe
+    from model.finetune import describe, describe_ranks
     cfg, optimizer = run.cfg, run.optimizer
     svf.print_trainable_parameters(unwrap(run.net))
     trainable, total = svf.count_parameters(unwrap(run.net).backbone)
     print0(f"{describe(cfg)} | backbone trainable params: {trainable:,d} of {total:,d}")
+    ranks = describe_ranks(unwrap(run.net).backbone, cfg)  # lora / dna: the ranks used, and where they were capped
+    if ranks:
+        print0(ranks)
     print0(f"{stage.name} | backbone {cfg.backbone} | finetune {finetune_method(cfg)} | fold {cfg.fold} | shot {cfg.shot} | "
            f"{run.dist_info.world_size} process(es) on {run.dist_info.device.type} | "
            f"{len(stage.train_set)} training items, {run.iters_per_epoch} steps/epoch x {cfg.epochs} epochs")
@@ -330,6 +346,9 @@ def resume(path: str, cfg: Config, net, optimizer, scaler, use_amp: bool) -> Run
                      term_sums=dict(ckpt.get("epoch_loss_terms", {})),
                      best_miou=ckpt["best_miou"], best_epoch=ckpt["best_epoch"],
                      lowest_loss=ckpt.get("lowest_epoch_loss", math.inf))
+    timing = ckpt.get("timing", {})  # train_stats.json covers the whole run
+    state.timed_steps, state.timed_seconds = int(timing.get("steps", 0)), float(timing.get("seconds", 0.0))
+    state.peak_memory_bytes = int(timing.get("peak_memory_bytes", 0))
     if changed:
         print0("resume: config differs from the checkpoint's in " + describe_differences(changed))
     print0(f"resume: {path} at epoch {state.epoch}, iteration {state.iteration}")
@@ -355,13 +374,11 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
     # the released code validates after iteration round(n/2) (0-based) of every epoch but the first
     mid_epoch_step = round(run.iters_per_epoch / 2) if cfg.val_mid_epoch and run.iters_per_epoch > 1 else None
     previous_handlers = install_interrupt_handlers()
-    timing = {"seconds": 0.0, "steps": 0}  # this invocation's training steps (data loading included)
+    steps_at_start = state.timed_steps
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            t0, steps_before = time.time(), state.iteration
+            t0 = time.time()
             train_one_epoch(run, stage, state, epoch, mid_epoch_step if epoch > 0 else None)
-            timing["seconds"] += time.time() - t0
-            timing["steps"] += state.iteration - steps_before
             mean_loss = state.epoch_loss()
             loss_text = f"{mean_loss:.4f}" if state.loss_steps else "n/a (no step of it was logged)"
             line = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_text}{state.epoch_terms()} ({time.time() - t0:.0f}s)"
@@ -394,19 +411,18 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if is_main:
             try:
+                check_divergence(state, f"the {state.loss_steps} step(s) of epoch {state.epoch + 1} done so far",
+                                 whole_epoch=False)
                 atomic_save(checkpoint_state(run, state), run.last_path)
-            except NonFiniteWeights as exc:
-                print(f"\ninterrupted: {exc}; the last good checkpoint is kept: {run.last_good}", flush=True)
+            except (NonFiniteWeights, DivergedLoss) as exc:
+                print(f"\ninterrupted: {exc}; nothing written from it. {good_checkpoint_advice(run)}", flush=True)
                 return 1
             print(f"\ninterrupted: saved {run.last_path} at epoch {state.epoch}, iteration "
                   f"{state.iteration}; continue with: python train.py --config ... --resume", flush=True)
         return 130
     except (NonFiniteLoss, NonFiniteWeights, DivergedLoss) as exc:
         done = "stopped before applying that update" if isinstance(exc, NonFiniteLoss) else "stopped"
-        advice = ("lower base_lr (or set amp=false) and resume from it with --resume" if run.last_good != "(none yet)"
-                  else "lower base_lr (or set amp=false) and start again")
-        print0(f"error: {exc}; {done}, nothing written from it. The last good checkpoint is {run.last_good}: "
-               f"{advice}")
+        print0(f"error: {exc}; {done}, nothing written from it. {good_checkpoint_advice(run)}")
         return 1
     finally:
         restore_handlers(previous_handlers)
@@ -415,31 +431,36 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
     print0(f"done: best validation mIoU {100 * state.best_miou:.2f} at epoch {state.best_epoch}; "
            f"test.py evaluates {evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)}")
     if is_main:
-        write_run_stats(run, timing)
+        write_run_stats(run, state, trained_now=state.timed_steps > steps_at_start)
     return 0
 
 
 RUN_STATS = "train_stats.json"
 
 
-def write_run_stats(run: Run, timing: dict):
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, kind) of this process's peak memory: GPU torch.cuda.max_memory_allocated, CPU the peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
+
+
+def write_run_stats(run: Run, state: RunState, trained_now: bool):
     """exp_dir/train_stats.json, written when a run completes: trainable parameters (all, backbone), the mean
-    wall time of this invocation's steps (data loading and mid-epoch validation included, end-of-epoch
-    validation not) and its peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS).
+    wall time of the run's steps (data loading and mid-epoch validation included, end-of-epoch validation not) and
+    its peak memory, over every invocation of the run (--resume continues the figures saved in last.pth).
     tools/ablate.py reads it."""
     path = os.path.join(run.cfg.exp_dir, RUN_STATS)
-    if not timing["steps"] and os.path.exists(path):
+    if not trained_now and os.path.exists(path):
         return  # a finished run resumed again: keep the figures of the invocations that trained
     net, device = unwrap(run.net), run.dist_info.device
     (trainable, total), (trainable_backbone, _) = svf.count_parameters(net), svf.count_parameters(net.backbone)
-    if device.type == "cuda":
-        memory, kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    else:
-        memory, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
+    memory, kind = peak_memory(device)
+    steps = state.timed_steps
     stats = {"trainable": trainable, "trainable_backbone": trainable_backbone, "total_parameters": total,
-             "steps_timed": timing["steps"],
-             "step_time_s": timing["seconds"] / timing["steps"] if timing["steps"] else None,
-             "peak_memory_bytes": int(memory), "memory_kind": kind, "device": device.type,
+             "steps_timed": steps, "step_time_s": state.timed_seconds / steps if steps else None,
+             "peak_memory_bytes": max(int(memory), state.peak_memory_bytes), "memory_kind": kind,
+             "device": device.type,
              "world_size": run.dist_info.world_size, "torch_threads": torch.get_num_threads()}
     atomic_write_text(path, json.dumps(stats, indent=1) + "\n")
 
@@ -459,6 +480,7 @@ def train_one_epoch(run: Run, stage: Stage, state: RunState, epoch: int, mid_epo
         from tqdm import tqdm
         bar = tqdm(total=iters_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    dynamic_ncols=True, leave=False, disable=None)
+    step_start = time.time()
     for it, batch in enumerate(loader, start=skip):
         hold_interrupts()  # Ctrl-C / SIGTERM take effect after the whole step (release_interrupts)
         step = epoch * iters_per_epoch + it
@@ -478,7 +500,10 @@ def train_one_epoch(run: Run, stage: Stage, state: RunState, epoch: int, mid_epo
         scaler.update()
         mean = float(stats[0]) / dist_info.world_size
         state.epoch, state.iteration = epoch, it + 1
-        state.loss_sum, state.loss_steps = state.loss_sum + mean, state.loss_steps + 1
+        state.record_step(mean)
+        now = time.time()  # the step's wall time, its data loading included (and a mid-epoch validation, next)
+        state.timed_steps, state.timed_seconds = state.timed_steps + 1, state.timed_seconds + now - step_start
+        step_start = now
         terms = loss_terms(run, cfg)  # this rank's (rank 0's in the log, as the released log)
         for name, value in terms.items():
             state.term_sums[name] = state.term_sums.get(name, 0.0) + value
@@ -536,21 +561,33 @@ def checkpoint_state(run: Run, state: RunState) -> dict:
             "epoch_loss_sum": state.loss_sum, "epoch_loss_steps": state.loss_steps,
             "epoch_loss_terms": dict(state.term_sums),
             "best_miou": state.best_miou, "best_epoch": state.best_epoch, "lowest_epoch_loss": state.lowest_loss,
+            "timing": {"steps": state.timed_steps, "seconds": state.timed_seconds,
+                       "peak_memory_bytes": max(peak_memory(run.dist_info.device)[0], state.peak_memory_bytes)},
             "config": run.cfg.to_dict()}
 
 
 def check_divergence(state: RunState, what: str, whole_epoch: bool = True):
     """The divergence rule on the loss (engine.checkpoint.loss_diverged), before anything is validated or saved:
-    raise DivergedLoss when the mean loss of `what` (an epoch, or its first half before a mid-epoch validation)
-    is beyond it; a whole epoch that passes lowers the reference."""
+    raise DivergedLoss when the mean loss of `what` (an epoch, or its first half before a mid-epoch validation, or
+    the steps done before an interruption) is beyond it; a whole epoch that passes lowers the reference. The first
+    epoch is checked against the run's first step, whose loss is that of the model before any update."""
     mean = state.epoch_loss()
     if not state.loss_steps:
         return
     if loss_diverged(mean, state.lowest_loss):
         raise DivergedLoss(f"the mean loss of {what}, {mean:.4g}, is more than the divergence rule allows "
-                           f"(lowest epoch mean loss so far: {state.lowest_loss:.4g}): the run diverged")
+                           f"({LOSS_DIVERGENCE_FACTOR:g}x {state.lowest_loss:.4g}, the lowest of the first step's loss "
+                           f"and the epoch mean losses so far): the run diverged")
     if whole_epoch:
         state.lowest_loss = min(state.lowest_loss, mean)
+
+
+def good_checkpoint_advice(run: Run) -> str:
+    """What to do after a diverged or non-finite state: resume from the last good checkpoint, or start again."""
+    if run.last_good is None:
+        return "There is no good checkpoint: start again with a lower base_lr (or amp=false)"
+    return (f"The last good checkpoint is {run.last_good}: lower base_lr (or set amp=false) and resume from it with "
+            "--resume")
 
 
 def save(obj: dict, path: str):

@@ -138,10 +138,25 @@ def list_entry_path(field, data_root, where=""):
                      "relative to data_root (e.g. JPEGImages/<id>.jpg) or set data_root to the folder it is in")
 
 
-def read_list(list_path, data_root):
+def _stem(field):
+    return os.path.splitext(os.path.basename(field))[0]
+
+
+def check_same_image(image_field, label_field, where):
+    """PASCAL's and COCO's lists pair ``<name>.jpg`` with ``<name>.png``: a line whose mask names another image is a
+    ValueError naming ``where`` (file:line), never re-mapped silently (a mask of another image trains and scores
+    garbage without a word)."""
+    if _stem(image_field) != _stem(label_field):
+        raise ValueError(f"{where}: the image {image_field!r} and the mask {label_field!r} name different images "
+                         f"({_stem(image_field)!r} vs {_stem(label_field)!r}); in PASCAL's and COCO's lists an image "
+                         "<name>.jpg goes with the mask <name>.png: correct or remove the line")
+
+
+def read_list(list_path, data_root, same_image=False):
     """Read a list file of ``image label`` lines; returns [(image_path, label_path)] under data_root, in the
     file's order. Paths relative to data_root (our lists, PFENet's/BAM's/the SVF code's ``val.txt``) or absolute
-    (the released ``fss_list/*/data_list_N.txt`` hold the authors' paths: mapped by ``list_entry_path``)."""
+    (the released ``fss_list/*/data_list_N.txt`` hold the authors' paths: mapped by ``list_entry_path``).
+    ``same_image``: every line's image and mask must have the same name (check_same_image; make_lists' inputs)."""
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data root not found: {data_root} (set data_root / --data-root)")
     if not os.path.isfile(list_path):
@@ -156,20 +171,34 @@ def read_list(list_path, data_root):
             if len(fields) != 2:
                 raise ValueError(f"{list_path}:{line_no}: expected 'image_path label_path', got {line!r}")
             where = f"{list_path}:{line_no}"
+            if same_image:
+                check_same_image(*fields, where)
             pairs.append(tuple(list_entry_path(field, data_root, where) for field in fields))
     if not pairs:
         raise ValueError(f"list file {list_path} is empty")
     return pairs
 
 
-def read_id_list(path, missing_hint=""):
+def read_id_list(path, missing_hint="", what="image-set file"):
     """Read the image ids of an image-set file: one id per line (VOC's ImageSets/Segmentation/train.txt,
     SBD's train_noval.txt) or ``JPEGImages/<id>.jpg SegmentationClassAug/<id>.png`` lines (PFENet/BAM's
-    lists/pascal/voc_sbd_merge_noduplicate.txt and val.txt)."""
+    lists/pascal/voc_sbd_merge_noduplicate.txt and val.txt), whose image and mask must name the same id
+    (check_same_image). A file without any id is a ValueError naming it (``what``: how the user gave it)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image-set file not found: {path}" + (f"; {missing_hint}" if missing_hint else ""))
+        raise FileNotFoundError(f"image-set file not found: {path} ({what})"
+                                + (f"; {missing_hint}" if missing_hint else ""))
+    ids = []
     with open(path) as f:
-        return [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in f if line.strip()]
+        for line_no, line in enumerate(f, 1):
+            fields = line.split()
+            if fields:
+                if len(fields) > 1:
+                    check_same_image(fields[0], fields[1], f"{path}:{line_no}")
+                ids.append(_stem(fields[0]))
+    if not ids:
+        raise ValueError(f"{what} {path} is empty: it names no image; give a list with one id (or 'image mask' "
+                         "pair) per line. Nothing was written")
+    return ids
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .files import (atomic_write_json, atomic_write_text, check_image_decodes, label_histogram, read_id_list,
                     read_list)
-from .registry import Benchmark, as_benchmark, family
+from .registry import as_benchmark
 
 DEFAULT_MIN_CLASS_PIXELS = 2 * 32 * 32
 PASCAL_SBD_LIST = os.path.join("ImageSets", "SBD", "train_noval.txt")
@@ -47,9 +47,11 @@ def pascal_image_lists(data_root, sbd_list=None, val_list=None):
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data root not found: {data_root}")
     seg_sets = os.path.join(data_root, "ImageSets", "Segmentation")
-    voc_train = read_id_list(os.path.join(seg_sets, "train.txt"))
-    voc_val = read_id_list(val_list or os.path.join(seg_sets, "val.txt"))
-    sbd_train = read_id_list(sbd_list or os.path.join(data_root, PASCAL_SBD_LIST), missing_hint=SBD_LIST_HINT)
+    voc_train = read_id_list(os.path.join(seg_sets, "train.txt"), what="VOC train list")
+    voc_val = read_id_list(val_list or os.path.join(seg_sets, "val.txt"),
+                           what="--val-list file" if val_list else "VOC val list")
+    sbd_train = read_id_list(sbd_list or os.path.join(data_root, PASCAL_SBD_LIST), missing_hint=SBD_LIST_HINT,
+                             what="--sbd-list file" if sbd_list else "SBD list")
     val_ids = list(dict.fromkeys(voc_val))  # the file's order, each id once
     # Removing val ids again guards against an SBD list that overlaps VOC val (SBD's own train.txt).
     train_ids = sorted((set(voc_train) | set(sbd_train)) - set(val_ids))
@@ -89,6 +91,9 @@ def coco_image_lists(data_root, val_list=None):
             label_rel = os.path.join("annotations", folder, name)
             _check_pair_exists(data_root, image_rel, label_rel)
             pairs.append((image_rel, label_rel))
+        if not pairs:
+            raise ValueError(f"COCO label folder {label_dir} holds no label map (*.png); write them with "
+                             f"`python -m dataset.prepare_coco --data-root {data_root}`. Nothing was written")
         lists[split] = pairs
     return {split: lists[split] for split in COCO_SPLIT_DIRS}
 
@@ -98,7 +103,7 @@ def _listed_pairs(list_path, data_root):
     mapped by files.list_entry_path); every pair must exist."""
     root = os.path.abspath(data_root)
     pairs = []
-    for image_path, label_path in read_list(list_path, data_root):
+    for image_path, label_path in read_list(list_path, data_root, same_image=True):
         rel = tuple(os.path.relpath(os.path.abspath(p), root) for p in (image_path, label_path))
         _check_pair_exists(data_root, *rel)
         pairs.append(rel)
@@ -114,12 +119,17 @@ def _check_pair_exists(data_root, image_rel, label_rel):
                                 "listed image needs its mask (SegmentationClassAug for PASCAL)")
 
 
-def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=None, **family_args):
+def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=None, workers=0, **family_args):
     """Write ``<list_dir>/train.txt`` and ``val.txt`` of a family (a name or a ``Benchmark``) from the pairs its
     ``image_lists`` finds; print counts, warn when not the standard ones. ``sbd_list``, ``val_list`` and
     ``family_args`` (e.g. the folder family's ``val_fraction``) are the make_lists options; one the family does not
-    read is an error."""
-    fam = benchmark.family if isinstance(benchmark, Benchmark) else family(benchmark)
+    read is an error.
+
+    Every input is checked before anything is written: the id lists (none empty), every listed image and mask
+    (they exist, the image decodes, the mask's values and size: the scan of class_pixel_counts, whose cache is
+    written with the lists), so a bad input leaves the previous lists and caches as they were."""
+    bench = as_benchmark(benchmark, data_root)
+    fam = bench.family
     given = {k: v for k, v in dict(family_args, sbd_list=sbd_list, val_list=val_list).items() if v is not None}
     unread = sorted(set(given) - set(fam.make_lists_options))
     if unread:
@@ -127,15 +137,28 @@ def write_image_lists(benchmark, data_root, list_dir, sbd_list=None, val_list=No
         raise ValueError(f"{flags}: not an option of {fam.name}'s lists (it reads "
                          f"{', '.join('--' + k.replace('_', '-') for k in fam.make_lists_options) or 'none'})")
     args = argparse.Namespace(**{k: given.get(k) for k in fam.make_lists_options})
-    args.options = dict(benchmark.options) if isinstance(benchmark, Benchmark) else {}  # e.g. classes_file
+    args.options = dict(bench.options)  # e.g. classes_file
     lists = fam.image_lists(data_root, args)
     for split, pairs in lists.items():
-        path = os.path.join(list_dir, split + ".txt")
         if not pairs:
-            raise ValueError(f"no {split} image found for {fam.name} under {data_root}: nothing written to {path}")
+            raise ValueError(f"no {split} image found for {fam.name} under {data_root}: nothing written to "
+                             f"{os.path.join(list_dir, split + '.txt')}")
+    texts = {split: "".join(f"{i} {l}\n" for i, l in pairs) for split, pairs in lists.items()}
+    scans = {}  # split -> (cache path, key, scan) of the lists whose scan is not cached yet
     for split, pairs in lists.items():
         path = os.path.join(list_dir, split + ".txt")
-        atomic_write_text(path, "".join(f"{i} {l}\n" for i, l in pairs))
+        under_root = [tuple(os.path.join(data_root, p) for p in pair) for pair in pairs]  # as read_list gives them
+        content_sha256 = hashlib.sha256(texts[split].encode()).hexdigest()
+        key = _list_key(path, data_root, bench, under_root, sha256=content_sha256)
+        cache = _class_pixels_cache(path)
+        if _load_cache(cache, key) is None:
+            scans[split] = (cache, key, _scan_pairs(under_root, bench, workers))
+    for split, pairs in lists.items():
+        path = os.path.join(list_dir, split + ".txt")
+        atomic_write_text(path, texts[split])
+        if split in scans:
+            cache, key, value = scans[split]
+            atomic_write_json(cache, {"key": key, "value": value})
         expected = (fam.expected_counts or {}).get(split)
         print(f"{path}: {len(pairs)} images" + (f" (standard {fam.name} {split} list: {expected})" if expected else ""))
         if expected is not None and len(pairs) != expected:
@@ -199,11 +222,26 @@ def _files_stamp(pairs):
     return digest.hexdigest()
 
 
-def _list_key(list_path, data_root, bench, pairs):
-    """What every cache built from a list file depends on (read_list checks the paths first)."""
+def _list_key(list_path, data_root, bench, pairs, sha256=None):
+    """What every cache built from a list file depends on (read_list checks the paths first); ``sha256``: that of
+    the list's content when it is not written yet (write_image_lists)."""
     return {"version": CACHE_VERSION, "list_file": os.path.abspath(list_path),
-            "list_sha256": _file_sha256(list_path), "data_root": os.path.abspath(data_root),
+            "list_sha256": sha256 or _file_sha256(list_path), "data_root": os.path.abspath(data_root),
             "benchmark": bench.cache_id, "files_size_mtime_sha256": _files_stamp(pairs)}
+
+
+def _class_pixels_cache(list_path):
+    stem = os.path.splitext(os.path.basename(list_path))[0]
+    return os.path.join(cache_dir(list_path), f"{stem}_class_pixels.json")
+
+
+def _scan_pairs(pairs, bench, workers=0):
+    """[[class, pixels], ...] of every (image, mask) pair, each pair checked (_count_classes)."""
+    jobs = [(image, label, bench) for image, label in pairs]
+    if workers and workers > 1:
+        with multiprocessing.Pool(workers) as pool:
+            return pool.map(_count_classes, jobs, chunksize=64)
+    return [_count_classes(job) for job in jobs]
 
 
 def class_pixel_counts(list_path, data_root, benchmark, workers=0):
@@ -212,16 +250,10 @@ def class_pixel_counts(list_path, data_root, benchmark, workers=0):
     bench = as_benchmark(benchmark, data_root)
     pairs = read_list(list_path, data_root)
     key = _list_key(list_path, data_root, bench, pairs)
-    stem = os.path.splitext(os.path.basename(list_path))[0]
-    path = os.path.join(cache_dir(list_path), f"{stem}_class_pixels.json")
+    path = _class_pixels_cache(list_path)
     value = _load_cache(path, key)
     if value is None:
-        jobs = [(image, label, bench) for image, label in pairs]
-        if workers and workers > 1:
-            with multiprocessing.Pool(workers) as pool:
-                value = pool.map(_count_classes, jobs, chunksize=64)
-        else:
-            value = [_count_classes(job) for job in jobs]
+        value = _scan_pairs(pairs, bench, workers)
         atomic_write_json(path, {"key": key, "value": value})
     return pairs, [{int(c): int(p) for c, p in counts} for counts in value]
 

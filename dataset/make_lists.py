@@ -39,7 +39,13 @@ What it reads (all paths under --data-root):
 Absolute paths in a list (the released ``fss_list`` files hold the authors' paths) are mapped under --data-root
 from their last ``JPEGImages/``, ``SegmentationClassAug/``, ``train2014/`` or ``val2014/`` folder (``annotations/``
 kept before the last two); a path with none of them is an error naming the file and line. The same mapping
-applies when a list written elsewhere is used directly as ``<list_dir>/val.txt``.
+applies when a list written elsewhere is used directly as ``<list_dir>/val.txt``. A ``--val-list`` (or
+``--sbd-list``) line whose mask names another image than its image (``a.jpg b.png``) is an error naming the file
+and line, never re-mapped to the image's own mask; an input list without any image is an error naming it.
+
+Nothing is written until every input has passed: the lists' files exist, every image decodes and every mask has
+valid values and its image's size (the class scan below runs on the new lists before they replace the old ones),
+so a bad input leaves the previous ``train.txt`` / ``val.txt`` and caches as they were.
 
 What it writes: ``<list-dir>/train.txt`` and ``val.txt`` (lines ``image_path label_path`` relative
 to the data root), and in ``<list-dir>/cache/`` the class pixel counts of every listed image and,
@@ -94,8 +100,8 @@ def main(argv=None):
     default_dir = os.path.join(args.data_root, "lists") if args.benchmark == "folder" else \
         os.path.join("lists", args.benchmark)
     list_dir = args.list_dir or default_dir
-    write_image_lists(bench, args.data_root, list_dir, args.sbd_list, args.val_list, val_fraction=args.val_fraction,
-                      train_ids=args.train_ids, val_ids=args.val_ids)
+    write_image_lists(bench, args.data_root, list_dir, args.sbd_list, args.val_list, args.workers,
+                      val_fraction=args.val_fraction, train_ids=args.train_ids, val_ids=args.val_ids)
     train_list, val_list = os.path.join(list_dir, "train.txt"), os.path.join(list_dir, "val.txt")
     if bench.family.test_dataset is not None:  # binary masks, a class per folder (dataset/crossdomain.py)
         return summarize_class_lists(bench, args.data_root, train_list, val_list)

@@ -14,6 +14,7 @@ and plain values; a file that is empty, truncated or not a checkpoint is a one-l
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import pickle
@@ -132,7 +133,11 @@ def _os_error_behind(exc: BaseException):
 
 def describe_write_error(path: str, err: OSError) -> str:
     """'cannot write PATH: <reason and what to do>' for an OSError of a write (ENOSPC, EDQUOT, EROFS, EACCES)."""
-    folder = os.path.dirname(os.path.abspath(path))
+    return f"cannot write {path}: {write_error_reason(os.path.dirname(os.path.abspath(path)), err)}"
+
+
+def write_error_reason(folder: str, err: OSError) -> str:
+    """Why a write into `folder` failed and what to do (the disk is full / read-only / ...)."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
             free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free"
@@ -143,7 +148,7 @@ def describe_write_error(path: str, err: OSError) -> str:
         why = f"{os.strerror(err.errno)} ({folder} is read-only or not writable); choose another folder"
     else:
         why = f"{os.strerror(err.errno) if err.errno else err}"
-    return f"cannot write {path}: {why}"
+    return why
 
 
 def atomic_save(obj, path: str):
@@ -265,6 +270,17 @@ def _listed(keys: list, label: str) -> str:
     return f"{len(keys)} {label} {keys[:20]}" + (" ..." if len(keys) > 20 else "")
 
 
+def state_mismatch(own: dict, state: dict) -> tuple[list, list, list]:
+    """(missing keys, unexpected keys, 'key: file (shape) vs model (shape)') of `state` against the model's state
+    dict `own`; BatchNorm's num_batches_tracked may be absent."""
+    optional = {k for k in own if k.endswith("num_batches_tracked")}
+    missing = sorted(set(own) - set(state) - optional)
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in sorted(state) if k in own and state[k].shape != own[k].shape]
+    return missing, unexpected, wrong_shape
+
+
 def load_state_dict_strict(module: nn.Module, state: dict, path: str, what: str = "weights",
                            hint: str = "check that the file is for this architecture/backbone (and was saved "
                                        "without SVF)") -> nn.Module:
@@ -275,10 +291,7 @@ def load_state_dict_strict(module: nn.Module, state: dict, path: str, what: str 
     for use (pretrained, base_learner, --weights, --resume, released checkpoints) comes through here."""
     own = module.state_dict()
     optional = {k for k in own if k.endswith("num_batches_tracked")}
-    missing = sorted(set(own) - set(state) - optional)
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in sorted(state) if k in own and state[k].shape != own[k].shape]
+    missing, unexpected, wrong_shape = state_mismatch(own, state)
     if missing or unexpected or wrong_shape:
         found = [_listed(keys, label) for keys, label in
                  ((missing, "missing keys"), (unexpected, "unexpected keys"), (wrong_shape, "of another shape"))
@@ -298,15 +311,48 @@ def load_model_weights(model: nn.Module, path: str, hint: str = "", config: dict
     return load_model_state(model, load_checkpoint(path, hint), path, config)
 
 
+def _as_override(value) -> str:
+    """A config value as it is written on the command line (key=value): true, null, [1,2,3], text."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def trained_with(saved: dict, config: dict) -> str:
+    """'it was trained with finetune=bn (this config: finetune=svf): pass finetune=bn' for the config keys that shape
+    the model's state dict (model.finetune.state_config_keys) where the checkpoint's saved config differs from
+    `config`; '' when none does."""
+    from common.config import finetune_method
+    from model.finetune import state_config_keys
+
+    def value(values, key):
+        return finetune_method(values) if key == "finetune" else values.get(key)
+    keys = dict.fromkeys(state_config_keys(saved) + state_config_keys(config))
+    differ = [k for k in keys if (k in saved or k == "finetune") and value(saved, k) != value(config, k)]
+    if not differ:
+        return ""
+    was = [f"{k}={_as_override(value(saved, k))}" for k in differ]
+    now = [f"{k}={_as_override(value(config, k))}" for k in differ]
+    return f"it was trained with {', '.join(was)} (this config: {', '.join(now)}): pass {' '.join(was)}"
+
+
 def load_model_state(model: nn.Module, obj, path: str, config: dict = None) -> dict:
-    """load_model_weights for a checkpoint already read from `path` (the file is not read again)."""
+    """load_model_weights for a checkpoint already read from `path` (the file is not read again). With `config`
+    (the config the model was built from) and a checkpoint that saved its own, a mismatch names the keys that
+    shape the model and differ (trained_with: 'pass finetune=bn'), else every key that differs."""
     saved = obj.get("config") if isinstance(obj, dict) else None
     changed = config_differences(saved, config) if config is not None and isinstance(saved, dict) else {}
+    state = state_dict_from(obj, path, "checkpoint")
+    hint = trained_with(saved, config) if changed else ""
+    if hint:  # the model keys of the config differ: that is the whole story, told first and short
+        mismatch = state_mismatch(unwrap(model).state_dict(), state)
+        if any(mismatch):
+            n = sum(map(len, mismatch))
+            raise ValueError(f"checkpoint file {path!r} does not fit this model: {hint} ({n} tensor name(s) or "
+                             f"shape(s) differ, e.g. {next(keys for keys in mismatch if keys)[0]})")
     if changed:
         why = "the config differs from the one saved in the checkpoint in " + describe_differences(changed)
     else:
         why = "check arch/backbone/svf/reduce_dim/shot against the run that wrote it"
-    load_state_dict_strict(unwrap(model), state_dict_from(obj, path, "checkpoint"), path, "checkpoint", why)
+    load_state_dict_strict(unwrap(model), state, path, "checkpoint", why)
     return obj if isinstance(obj, dict) else {}
 
 
@@ -316,20 +362,22 @@ def evaluation_checkpoint(exp_dir: str, checkpoint_select: str) -> str:
     return os.path.join(exp_dir, name)
 
 
-def load_weights(net: nn.Module, path: str, hint: str) -> dict:
+def load_weights(net: nn.Module, path: str, hint: str, config: dict = None) -> dict:
     """Load a checkpoint of this project, or one written by the released SVF/BAM/PFENet code (recognised by
-    its keys and converted exactly: see model.released), strictly; return the checkpoint dict (test.py, predict.py)."""
-    return load_weights_from(net, load_checkpoint(path, hint), path)
+    its keys and converted exactly: see model.released), strictly; return the checkpoint dict (test.py, predict.py).
+    `config`: the one the model was built from; a checkpoint of this project that does not fit names what it was
+    trained with."""
+    return load_weights_from(net, load_checkpoint(path, hint), path, config)
 
 
-def load_weights_from(net: nn.Module, obj, path: str) -> dict:
+def load_weights_from(net: nn.Module, obj, path: str, config: dict = None) -> dict:
     """load_weights for a checkpoint already read from `path` (the file is not read again)."""
     from engine.distributed import print0
     from model.released import detect_format, load_released, released_state
 
     state = released_state(obj)
     if state is None or detect_format(state) is None:
-        return load_model_state(net, obj, path)
+        return load_model_state(net, obj, path, config)
     _, report = load_released(net, obj, path)
     for line in report:
         print0(line)

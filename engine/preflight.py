@@ -82,11 +82,23 @@ def check_pretrained(cfg, config_path: str = "CONFIG"):
         f"at that path, or set pretrained=null for a random initialisation (tests and demos only)")
 
 
-def check_writable(folder: str, what: str, config_path: str = "CONFIG"):
+def value_origin(key: str, config_path: str, overrides) -> str:
+    """Where a config value came from, for messages: 'the command line (key=value)' when an override set it (the
+    last one wins), else 'config FILE'."""
+    given = [o for o in overrides if o.split("=", 1)[0].strip() == key]
+    return f"the command line ({given[-1]})" if given else f"config {config_path}"
+
+
+PROBE_BYTES = 64 * 1024  # written (and fsynced) by check_writable: more than a results JSON, so a full disk shows
+
+
+def check_writable(folder: str, what: str, origin: str = "CONFIG"):
     """The output folder (exp_dir, or test.py --out's folder) must accept a new file, or, when it does not exist
-    yet, its nearest existing parent must be a writable folder: a read-only or unwritable place is one line
-    before any training or evaluation, not a traceback after it. Nothing is created or left behind (an existing
-    folder is probed with a temporary file that is removed at once)."""
+    yet, its nearest existing parent must be a writable folder: a read-only, unwritable or full place is one line
+    before any training or evaluation, not a traceback after it. The nearest existing folder is probed with a
+    temporary file of PROBE_BYTES real bytes, written with os.write and fsynced (an empty file is created even on
+    a full disk), then removed at once: nothing is created or left behind. ``origin``: where the value came from
+    (value_origin)."""
     import tempfile
 
     folder = os.path.abspath(folder or ".")
@@ -96,13 +108,22 @@ def check_writable(folder: str, what: str, config_path: str = "CONFIG"):
     try:
         if not os.path.isdir(existing):
             raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder")
-        if existing == folder:
-            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
+        if existing != folder and not os.access(existing, os.W_OK | os.X_OK):  # also reports a read-only file system
+            raise PermissionError(errno.EACCES, f"cannot create folders in {existing}")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe.")
+        try:
+            data = b"\0" * PROBE_BYTES
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
             os.close(fd)
             os.remove(probe)
-        elif not os.access(existing, os.W_OK | os.X_OK):  # access() also reports a read-only file system
-            raise PermissionError(errno.EACCES, f"cannot create folders in {existing}")
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            from engine.checkpoint import write_error_reason
+            raise OSError(f"{what} '{folder}' (from {origin}) cannot be written: {write_error_reason(existing, exc)}, "
+                          "or choose a folder on another disk") from None
         reason = exc.strerror or str(exc)
-        raise PermissionError(f"{what} '{folder}' (from {config_path}) is not writable: {reason}; choose a writable "
+        raise PermissionError(f"{what} '{folder}' (from {origin}) is not writable: {reason}; choose a writable "
                               f"folder (exp_dir=PATH / --out PATH) or fix its permissions") from None

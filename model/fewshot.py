@@ -82,7 +82,11 @@ class FewShotModel(FrozenInEval):
         else:
             s = self.backbone(support_imgs.flatten(0, 1), layer4_mask=fg.flatten(0, 1))
         query = self.down_query(self._mid_level(q[2], q[3]))
-        supp = self.down_supp(self._mid_level(s[2], s[3]))
+        # one shot at a time, in shot order, as the released code: with Dropout2d in training its masks are drawn
+        # in the released order (one batch of all shots would draw them at once, episode by episode)
+        mid = self._mid_level(s[2], s[3])
+        mid = mid.reshape(b, k, *mid.shape[1:])
+        supp = torch.stack([self.down_supp(mid[:, i]) for i in range(k)], 1).flatten(0, 1)
         prototypes = masked_average_pooling(supp, resize(fg.flatten(0, 1), supp.shape[-2:]))
         s4 = s[4].reshape(b, k, *s[4].shape[1:])
         priors = torch.stack([resize(prior_mask(q[4], s4[:, i], fg[:, i]), query.shape[-2:])
@@ -273,8 +277,10 @@ class BAM(FewShotModel):
         weight, distance = self._shot_weights(q_low, s_low, b, k)  # (B,K,1,1), (B,1,1,1)
         prior = (weight.unsqueeze(2) * f["priors"]).sum(1)
         prototype = (weight.unsqueeze(2) * f["prototypes"]).sum(1)
-        meta_out = self.meta(f["query"], prototype, prior)
+        # the base learner before the meta-learner's ASPP and classifier, as in the released forward: in training
+        # their Dropout2d masks (base_learner_dropout) are then drawn in the released order
         base_out = self.base_learner(self._base_features(query_img, q_layers))
+        meta_out = self.meta(f["query"], prototype, prior)
         if base_out.shape[-2:] != meta_out.shape[-2:]:
             base_out = resize(base_out, meta_out.shape[-2:])
 

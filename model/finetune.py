@@ -33,7 +33,7 @@ from common.config import FIELDS, FINETUNE_METHODS, finetune_method
 from .backbones import STAGES
 
 __all__ = ["Method", "METHODS", "method_of", "tuned_stages", "apply", "trainable_names", "backbone_group",
-           "merged", "describe"]
+           "merged", "describe", "describe_ranks", "state_config_keys"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -298,6 +298,56 @@ def merged(model, cfg):
         out.backbone = method.merge(out.backbone)
         out.backbone.requires_grad_(False)
     return out
+
+
+def state_config_keys(values) -> list:
+    """The config keys whose values shape the state dict of the model that ``values`` (a config dict, e.g. the one a
+    checkpoint saved) describes: its tensors' names and shapes. A checkpoint loads into a model built with the same
+    values of these (``finetune`` is compared as the method it runs: common.config.finetune_method);
+    engine.checkpoint names the ones that differ when a checkpoint does not fit."""
+    arch = values.get("arch")
+    method = finetune_method(values)
+    keys = ["arch", "backbone", "finetune"]
+    if method != "freeze":
+        keys.append("finetune_stages")
+    if arch != "pspnet":
+        keys.append("reduce_dim")
+    if arch in ("bam", "pspnet"):
+        keys += ["ppm_bins", "num_base_classes"]
+    if arch == "pfenet":
+        keys.append("pyramid_bins")
+    if arch == "bam":
+        keys.append("shot")  # BAM's K-shot reweighting (kshot_rw) exists for shot > 1
+    if method in ("lora", "dna"):
+        keys += ["lrcc_rank", "lrcc_rank_ratio"]
+    if method == "dna":
+        keys.append("dna_mode")
+    return keys
+
+
+def describe_ranks(backbone, cfg) -> str:
+    """finetune lora / dna: the ranks the converted convs got, and where the asked rank (lrcc_rank, or
+    lrcc_rank_ratio x input channels) is above a conv's full rank and was capped there; '' for other methods."""
+    if method_of(cfg).name not in ("lora", "dna"):
+        return ""
+    import lrcc
+
+    layers = [(n, m) for n, m in backbone.named_modules() if isinstance(m, lrcc.LowRankConv2d)]
+    if not layers:
+        return ""
+    asked_by = f"lrcc_rank={cfg.lrcc_rank}" if cfg.lrcc_rank else f"lrcc_rank_ratio={cfg.lrcc_rank_ratio:g}"
+
+    def asked(conv):
+        return int(cfg.lrcc_rank) if cfg.lrcc_rank else int(conv.weight.shape[1] * cfg.lrcc_rank_ratio)
+    ranks = sorted({m.rank for _, m in layers})
+    text = (f"lrcc ranks used ({asked_by}): {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else "")
+            + f" over {len(layers)} convs")
+    capped = [(n, m) for n, m in layers if m.rank < asked(m)]
+    if capped:
+        name, conv = capped[0]
+        text += (f"; {len(capped)} of them have a full rank below the {asked(conv)} asked and use it "
+                 f"(e.g. {name} at rank {conv.rank})")
+    return text
 
 
 def describe(cfg) -> str:

@@ -108,12 +108,52 @@ def convert_released_state_dict(model, state_dict):
     return out, truncated
 
 
+def _examples(keys, n=3):
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _check_fits(model, out, had_released):
+    """One-line ValueError when the converted state dict ``out`` does not fit ``model`` key for key (instead of
+    torch's kilobytes of missing / unexpected / size-mismatch lists): a plain model's state dict given to a resolved
+    model, or a state dict of another architecture."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in out and not k.endswith("num_batches_tracked")]  # torch adds those
+    unexpected = [k for k in out if k not in own]
+    wrong = [f"{k} {tuple(out[k].shape)} vs {tuple(own[k].shape)}" for k in out
+             if k in own and hasattr(out[k], "shape") and out[k].shape != own[k].shape]
+    if not (missing or unexpected or wrong):
+        return
+    svd = {name: m for name, m in model.named_modules() if isinstance(m, SVDLayer)}
+    if svd and not had_released:
+        def plain_shape(layer):  # the weight of the plain layer it stands for: (out, in / groups, *kernel)
+            v, u = layer._factors()
+            return (u.weight.shape[0],) + tuple(v.weight.shape[1:])
+        plain = [n for n, m in svd.items() if (f"{n}.weight" if n else "weight") in out
+                 and tuple(out[f"{n}.weight" if n else "weight"].shape) == plain_shape(m)]
+        if 2 * len(plain) >= len(svd):
+            examples = _examples([f"{n}.weight" for n in plain])
+            raise ValueError(f"no released SVD layers in this state dict (no key ends in vector_S), but the model has "
+                             f"{len(svd)} SVD layers and the state dict holds their plain weights ({examples}): it "
+                             "is a plain model's state dict: load it into the model before svf.resolver / "
+                             "svf.prepare (model.load_state_dict), then resolve")
+    parts = ((missing, f"of the model's {len(own)} keys missing", 3),
+             (unexpected, f"of its {len(out)} keys not in the model", 3),
+             (wrong, "of another shape (file vs model)", 2))
+    found = [f"{len(keys)} {what} ({_examples(keys, n)})" for keys, what, n in parts if keys]
+    raise ValueError(f"a state dict of another architecture: {', '.join(found)}; build the model the checkpoint was "
+                     "saved from (same architecture and options), resolve it, then load")
+
+
 def load_released_state_dict(model, state_dict, strict=True):
     """Load a checkpoint of the released SVF code into ``model`` (resolved by this ``svf``; plain layers take the
     folded weight): each released SVD layer is folded and resolved again exactly, the rest loads as it is. The
     model's SVD layers then remember the loaded weights as their base (``svf.save_adapter`` fingerprints them).
-    Returns what ``model.load_state_dict`` returns (missing and unexpected keys when ``strict=False``)."""
+    Returns what ``model.load_state_dict`` returns (missing and unexpected keys when ``strict=False``). With
+    ``strict``, a state dict that does not fit is one line saying what it is: a plain (non-SVF) model's, to load
+    before resolving, or another architecture's; nothing is loaded then."""
     out, _, rebuilt = _convert(model, state_dict)
+    if strict:
+        _check_fits(model, out, had_released=bool(_released_layers(state_dict)))
     result = model.load_state_dict(out, strict=strict)
     for name, new in rebuilt.items():
         model.get_submodule(name).base_fingerprint = new.base_fingerprint

@@ -145,8 +145,8 @@ def test_label_outside_the_classes_names_the_file(tmp_path):
     root, list_dir = str(tmp_path / "voc"), str(tmp_path / "lists")
     write_voc_tree(root, labels={**TREE, "e": label_with((21, 300))})
     with pytest.raises(ValueError, match=r"label map .*e\.png contains values \[21\], outside 0..20"):
-        with pytest.warns(UserWarning):
-            make_lists_main(["pascal", "--data-root", root, "--list-dir", list_dir, "--workers", "1"])
+        make_lists_main(["pascal", "--data-root", root, "--list-dir", list_dir, "--workers", "1"])
+    assert not os.path.exists(list_dir)  # every input is checked before anything is written
 
 
 def test_corrupt_or_colour_mask_names_the_file(tmp_path):
@@ -155,12 +155,12 @@ def test_corrupt_or_colour_mask_names_the_file(tmp_path):
     with open(os.path.join(root, "SegmentationClassAug", "b.png"), "wb") as f:
         f.write(b"\x89PNG broken")
     args = ["pascal", "--data-root", root, "--list-dir", list_dir, "--workers", "1"]
-    with pytest.raises(ValueError, match=r"cannot decode label map .*b\.png"), pytest.warns(UserWarning):
+    with pytest.raises(ValueError, match=r"cannot decode label map .*b\.png"):
         make_lists_main(args)
     cv2.imwrite(os.path.join(root, "SegmentationClassAug", "b.png"), np.zeros((SIZE, SIZE, 3), np.uint8) + 7)
     with pytest.raises(ValueError, match=r"label map .*b\.png has mode 'RGB'; expected a single-channel"):
-        with pytest.warns(UserWarning):
-            make_lists_main(args)
+        make_lists_main(args)
+    assert not os.path.exists(list_dir)  # every input is checked before anything is written
 
 
 # ---------------------------------------------------------------- COCO
@@ -253,13 +253,15 @@ def test_prepare_coco_bad_inputs(tmp_path):
     cv2.imwrite(str(tmp_path / "train2014" / "x.jpg"), np.zeros((8, 8, 3), np.uint8))
     cv2.imwrite(str(label_dir / "x.png"), np.full((8, 8), 81, np.uint8))
     (tmp_path / "annotations" / "val2014").mkdir(exist_ok=True)  # prepare_split made it
+    make = ["coco", "--data-root", str(tmp_path), "--list-dir", str(tmp_path / "l"), "--workers", "1"]
+    with pytest.raises(ValueError, match=r"annotations/val2014 holds no label map"):  # an empty input is an error
+        make_lists_main(make)
     (tmp_path / "val2014").mkdir()
-    cv2.imwrite(str(tmp_path / "val2014" / "y.jpg"), np.zeros((8, 8, 3), np.uint8))  # a valid val pair: the lists
-    cv2.imwrite(str(tmp_path / "annotations" / "val2014" / "y.png"), np.zeros((8, 8), np.uint8))  # are written
+    cv2.imwrite(str(tmp_path / "val2014" / "y.jpg"), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "annotations" / "val2014" / "y.png"), np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match=r"x\.png contains values \[81\], outside 0..80"):
-        with pytest.warns(UserWarning):
-            make_lists_main(["coco", "--data-root", str(tmp_path), "--list-dir", str(tmp_path / "l"),
-                             "--workers", "1"])
+        make_lists_main(make)
+    assert not (tmp_path / "l").exists()  # every input is checked before anything is written
 
 
 # ---------------------------------------------------------------- the released code's list files

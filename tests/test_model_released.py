@@ -193,16 +193,17 @@ def _up(x, size):
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
-def _r_encode(sd, x, s_x, s_y, rule):
-    """Query/support features, prototypes (Weighted_GAP), priors, as the released forward computes them."""
+def _r_encode(sd, x, s_x, s_y, rule, training=False):
+    """Query/support features, prototypes (Weighted_GAP), priors, as the released forward computes them (training:
+    the Dropout2d(0.5) of down_query, then of down_supp shot after shot, as the released forward draws them)."""
     q = _r_resnet(sd, x, "", rule)
-    query_feat = F.relu(_r_conv(sd, "down_query.0.", torch.cat([q[3], q[2]], 1)))
+    query_feat = F.dropout2d(F.relu(_r_conv(sd, "down_query.0.", torch.cat([q[3], q[2]], 1))), 0.5, training)
     pros, priors, lows = [], [], []
     for i in range(s_x.shape[1]):
         mask = (s_y[:, i] == 1).float().unsqueeze(1)
         s = _r_resnet(sd, s_x[:, i], "", rule, mask=mask)
         m3 = _up(mask, s[3].shape[-2:])
-        supp = F.relu(_r_conv(sd, "down_supp.0.", torch.cat([s[3], s[2]], 1)))
+        supp = F.dropout2d(F.relu(_r_conv(sd, "down_supp.0.", torch.cat([s[3], s[2]], 1))), 0.5, training)
         h, w = supp.shape[-2:]
         area = F.avg_pool2d(m3, (h, w)) * h * w + 0.0005
         pros.append(F.avg_pool2d(supp * m3, (h, w)) * h * w / area)
@@ -226,21 +227,32 @@ def _gram(f):
     return torch.bmm(f, f.permute(0, 2, 1)) / (torch.bmm(n, n.permute(0, 2, 1)) + 1e-7)
 
 
-def _r_meta(sd, query_feat, pro, prior):
-    x = F.relu(_r_conv(sd, "init_merge.0.", torch.cat([query_feat, pro.expand_as(query_feat), prior], 1)))
+def _r_merge(sd, query_feat, pro, prior):
+    return F.relu(_r_conv(sd, "init_merge.0.", torch.cat([query_feat, pro.expand_as(query_feat), prior], 1)))
+
+
+def _r_meta(sd, query_feat, pro, prior, training=False):
+    return _r_meta_head(sd, _r_merge(sd, query_feat, pro, prior), training)
+
+
+def _r_meta_head(sd, x, training=False):
+    """ASPP_meta, res1_meta, res2_meta, cls_meta (its Dropout2d(0.1) in training) on init_merge's output."""
     size = x.shape[-2:]
     gl = F.relu(_r_conv(sd, "ASPP_meta.layer6_0.0.", F.avg_pool2d(x, size))).expand(-1, -1, *size)
     br = [gl, F.relu(_r_conv(sd, "ASPP_meta.layer6_1.0.", x))]
     br += [F.relu(_r_conv(sd, f"ASPP_meta.layer6_{i}.0.", x, 1, d, d)) for i, d in ((2, 6), (3, 12), (4, 18))]
     x = F.relu(_r_conv(sd, "res1_meta.0.", torch.cat(br, 1)))
     y = F.relu(_r_conv(sd, "res2_meta.2.", F.relu(_r_conv(sd, "res2_meta.0.", x, 1, 1)), 1, 1)) + x
-    return _r_conv(sd, "cls_meta.3.", F.relu(_r_conv(sd, "cls_meta.0.", y, 1, 1)))
+    return _r_conv(sd, "cls_meta.3.", F.dropout2d(F.relu(_r_conv(sd, "cls_meta.0.", y, 1, 1)), 0.1, training))
 
 
-def released_bam_forward(sd, x, s_x, s_y):
-    """model/BAM.py (SVF code) forward in eval mode: final_out at the input size."""
+def released_bam_forward(sd, x, s_x, s_y, training=False, cat_idx=None):
+    """model/BAM.py (SVF code) forward: final_out at the input size in eval mode; in training (its train() then
+    fix_bn: BatchNorm in eval, every Dropout2d active, drawn in the forward's order: down_query, down_supp shot after
+    shot, the base learner's after init_merge, then cls_meta's; the episode's base class, cat_idx 0-based in the
+    base learner's classes, left out of its map) (final_out, meta_out), both at the input size."""
     shot = s_x.shape[1]
-    q, query_feat, pros, priors, lows = _r_encode(sd, x, s_x, s_y, "every")
+    q, query_feat, pros, priors, lows = _r_encode(sd, x, s_x, s_y, "every", training)
     que_gram = _gram(q[2])
     norm_max = torch.ones_like(que_gram).norm(dim=(1, 2))
     est = torch.cat([((que_gram - _gram(s)).norm(dim=(1, 2)) / norm_max).reshape(-1, 1, 1, 1) for s in lows], 1)
@@ -254,19 +266,26 @@ def released_bam_forward(sd, x, s_x, s_y):
     est_val = (weight * est).sum(1, True)
     prior = (weight * torch.cat(priors, 1)).sum(1, True)
     pro = (weight.permute(0, 2, 1, 3) * torch.cat(pros, 2)).sum(2, True)
-    meta_out = _r_meta(sd, query_feat, pro, prior)
-    base_in = _r_resnet(sd, x, "p" if "layer0p.0.weight" in sd else "", "every")[4]
+    merged = _r_merge(sd, query_feat, pro, prior)
+    base_in = _r_resnet(sd, x, "p" if any(k.startswith("layer0p.") for k in sd) else "", "every")[4]
     ppm = [base_in] + [_up(F.relu(_r_bn(sd, f"learner_base.0.features.{i}.2.", _r_conv(
         sd, f"learner_base.0.features.{i}.1.", F.adaptive_avg_pool2d(base_in, b)))), base_in.shape[-2:])
         for i, b in enumerate((1, 2, 3, 6))]
     h = F.relu(_r_bn(sd, "learner_base.1.1.", _r_conv(sd, "learner_base.1.0.", torch.cat(ppm, 1), 1, 1)))
-    base_out = _r_conv(sd, "learner_base.1.4.", h)
+    base_out = _r_conv(sd, "learner_base.1.4.", F.dropout2d(h, 0.1, training))
+    meta_out = _r_meta_head(sd, merged, training)
     meta_soft, base_soft = meta_out.softmax(1), base_out.softmax(1)
     base_map = base_soft[:, 1:].sum(1, True)
+    if training:  # cls_type 'Base': every base class but the episode's own
+        keep = [torch.tensor([c not in (0, int(cat_idx[b]) + 1) for c in range(base_soft.shape[1])])
+                for b in range(base_soft.shape[0])]
+        base_map = torch.stack([base_soft[b, keep[b]].sum(0, True) for b in range(base_soft.shape[0])])
     est_map = est_val.expand_as(meta_soft[:, 1:])
     bg = F.conv2d(torch.cat([meta_soft[:, :1], est_map], 1), sd["gram_merge.weight"])
     fg = F.conv2d(torch.cat([meta_soft[:, 1:], est_map], 1), sd["gram_merge.weight"])
     final = torch.cat([F.conv2d(torch.cat([bg, base_map], 1), sd["cls_merge.weight"]), fg], 1)
+    if training:
+        return _up(final, x.shape[-2:]), _up(meta_out, x.shape[-2:])
     return _up(final, x.shape[-2:])
 
 
@@ -381,6 +400,36 @@ def test_bam_without_svf_own_and_svf_code_layouts_match_the_released_forward():
         assert own or any("layerNp" in line and "dropped" in line for line in report)
         with torch.no_grad():
             assert _rel(model.eval()(x, s_x, s_y), released_bam_forward(_plain(obj), x, s_x, s_y)) < 1e-4
+
+
+@pytest.mark.parametrize("shot", [1, 2])
+def test_bam_training_forward_draws_its_dropout_masks_in_the_released_order(shot):
+    """In training every Dropout2d is active (base_learner_dropout, the released fix_bn); with the same seed our
+    forward draws the masks in the released forward's order (down_query, down_supp shot after shot, the base
+    learner's, cls_meta's), so the main and auxiliary losses equal the released ones. Before: the base learner
+    ran after the meta-learner and the shots' down_supp masks were drawn at once (main loss ~1e-2 apart)."""
+    obj = released_bam(svf_on=True, shot=shot)
+    torch.manual_seed(0)
+    model = build_model(_cfg(arch="bam", svf=True, shot=shot))
+    load_released(model, obj, "bam_svf.pth")
+    model.train()
+    x, s_x, s_y = _episode(shot=shot)
+    y = torch.zeros(1, 57, 57, dtype=torch.long)
+    y[:, 20:50, 5:30] = 1
+    y[:, :, 0] = 255
+    class_id = torch.tensor([8])  # fold 0's base classes are 6..20: the base learner's class 3 (cat_idx 2)
+    sd = _plain(obj)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        logits, _ = model(x, s_x, s_y, query_mask=y, class_id=class_id)
+        terms = {k: float(v) for k, v in model.loss_terms.items()}
+        torch.manual_seed(11)
+        final, meta = released_bam_forward(sd, x, s_x, s_y, training=True, cat_idx=[2])
+        torch.manual_seed(12)  # another draw: the test can tell draws apart
+        other, _ = released_bam_forward(sd, x, s_x, s_y, training=True, cat_idx=[2])
+    main, aux1 = F.cross_entropy(final, y, ignore_index=255), F.cross_entropy(meta, y, ignore_index=255)
+    assert abs(terms["main"] - float(main)) < 1e-4 and abs(terms["aux1"] - float(aux1)) < 1e-4
+    assert _rel(logits, final) < 1e-4 and _rel(other, final) > 1e-3
 
 
 def test_svf_baseline_5shot_converts_and_sums_the_shots_as_released():

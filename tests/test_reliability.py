@@ -191,9 +191,10 @@ def test_resume_with_a_config_that_builds_another_model_names_the_keys(tiny, tra
     exp = str(tmp_path / "run")
     shutil.copytree(trained[0], exp)
     message = train_error([*tiny["args"], f"exp_dir={exp}", "reduce_dim=16", "epochs=3", "--resume"])
-    assert "last.pth" in message and "reduce_dim: 8 -> 16" in message
+    assert "last.pth" in message and "trained with reduce_dim=8 (this config: reduce_dim=16): pass reduce_dim=8" \
+        in message
     message = train_error([*tiny["args"], f"exp_dir={exp}", "svf=true", "--resume"])
-    assert "last.pth" in message and "svf: False -> True" in message
+    assert "last.pth" in message and "trained with finetune=freeze (this config: finetune=svf)" in message
 
 
 def test_a_diverging_run_never_writes_its_weights(tiny, tmp_path, capsys):
@@ -630,3 +631,205 @@ def test_make_lists_cache_follows_edited_masks(tiny, tmp_path):
     os.utime(pairs[index][1], ns=(1, 1))                                  # even with an old modification time
     _, again = class_pixel_counts(train_list, str(data), "pascal")
     assert old not in again[index] and again[index][new] == counts[index][old] + counts[index].get(new, 0)
+
+
+# ------------------------------------------------------------------------------------------ round 3 (issue 32)
+
+def test_a_ruined_first_epoch_is_never_kept(tiny, tmp_path, capsys):
+    """base_lr=100: epoch 1's mean loss is ~500 (a normal run: ~0.7) with weights below the 1e6 limit; it used to be
+    written as last.pth and best.pth (test.py scored it), since the divergence rule had no reference before the first
+    epoch ended. Now the run's first step (the model before any update) is the reference: nothing is written, and the
+    message says there is no good checkpoint to resume from. The same for an interruption during that epoch."""
+    exp = tmp_path / "run"
+    ruinous = ["base_lr=100", "batch_size=16", "epochs=3", "finetune=freeze"]
+    code, out = train_here([*tiny["args"], f"exp_dir={exp}", *ruinous], capsys)
+    assert code == 1, out
+    assert "the mean loss of epoch 1" in out and "divergence rule" in out
+    assert "There is no good checkpoint: start again with a lower base_lr" in out and "--resume" not in out
+    assert not (exp / "last.pth").exists() and not (exp / "best.pth").exists()
+    exp = tmp_path / "interrupted"
+    out = run(["train.py", *tiny["args"], f"exp_dir={exp}", *ruinous], fault="step:0:1:SIGINT")
+    assert out.returncode == 1 and "no good checkpoint" in out.stdout and "divergence rule" in out.stdout, out.stdout
+    assert not (exp / "last.pth").exists()
+    code, out = train_here([*tiny["args"], f"exp_dir={tmp_path / 'normal'}", "batch_size=16", "epochs=2",
+                            "finetune=freeze"], capsys)                 # the same run at a sane LR is not stopped
+    assert code == 0 and (tmp_path / "normal" / "last.pth").exists(), out
+
+
+@pytest.mark.parametrize("bad", ["empty", "other_mask", "damaged_image"])
+def test_make_lists_checks_every_input_before_writing(bad, tiny, tmp_path):
+    """--val-list of an empty file used to overwrite a good val.txt with an empty one and then blame the output; a
+    line 'a.jpg b.png' was re-mapped to a's own mask without a word; a damaged image among new lines was found after
+    the new lists had replaced the old ones. Each is now one line naming the input, and nothing is written."""
+    data, lists = tmp_path / "data", tmp_path / "lists"
+    shutil.copytree(tiny["data"], data)
+    shutil.copytree(tiny["lists"], lists)
+    before = {p: p.read_bytes() for p in lists.rglob("*") if p.is_file()}
+    val = tmp_path / "val_list.txt"
+    ids = [os.path.basename(i)[:-4] for i, _ in (line.split() for line in (lists / "val.txt").read_text().splitlines())]
+    train_ids = sorted({os.path.basename(i)[:-4] for i, _ in
+                        (line.split() for line in (lists / "train.txt").read_text().splitlines())})
+    lines = [f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in ids]
+    if bad == "empty":
+        val.write_text("")
+        expected = (str(val), "is empty")
+    elif bad == "other_mask":
+        lines[1] = f"JPEGImages/{ids[1]}.jpg SegmentationClassAug/{ids[2]}.png\n"
+        val.write_text("".join(lines))
+        expected = (f"{val}:2", "name different images")
+    else:                                          # a training image moved to val, its JPEG cut in half
+        image = data / "JPEGImages" / f"{train_ids[0]}.jpg"
+        image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+        val.write_text("".join(lines) + f"JPEGImages/{train_ids[0]}.jpg SegmentationClassAug/{train_ids[0]}.png\n")
+        expected = (str(image), "truncated")
+    out = run(["dataset.make_lists", "pascal", "--data-root", str(data), "--list-dir", str(lists), "--workers", "0",
+               "--min-class-pixels", "16", "--val-list", str(val)], module=True)
+    one_line_error(out, *expected)
+    assert {p: p.read_bytes() for p in lists.rglob("*") if p.is_file()} == before     # nothing written
+
+
+def no_evaluation(*args, **kwargs):
+    raise AssertionError("test.py evaluated although --out was refusable before the run")
+
+
+@pytest.mark.parametrize("case", ["folder", "full_disk", "foreign_file"])
+def test_test_py_out_is_refused_before_the_run(case, tiny, trained, tmp_path, monkeypatch):
+    """An existing folder as --out, a full disk (the probe was an empty file: it passed) and an unrelated file
+    (replaced without a word) used to be found only after every episode, or never. Now: one line naming --out and
+    what to do, before any episode; --overwrite replaces a foreign file, and a previous result is replaced as
+    before."""
+    import errno
+
+    import test as test_script
+    args = [*tiny["args"], f"exp_dir={trained[0]}"]
+    out = tmp_path / "results"
+    if case == "folder":
+        out.mkdir()
+        expected = (f"--out '{out}'", "is a folder", "--out names the results file")
+    elif case == "full_disk":
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(os, "write", full)
+        expected = (f"--out folder '{tmp_path}'", "the disk is full", "from the command line (--out)")
+    else:
+        out.write_text("my notes\n")
+        expected = (f"--out '{out}'", "is not a results file of test.py", "--overwrite")
+    monkeypatch.setattr(test_script, "evaluate", no_evaluation)
+    with pytest.raises(OSError) as info:
+        test_script.main([*args, "--out", str(out)])
+    message = str(info.value)
+    assert "\n" not in message and "demo_split0.yaml" not in message, message   # --out came from the command line
+    for fragment in expected:
+        assert fragment in message, message
+    if case == "foreign_file":
+        monkeypatch.undo()
+        assert out.read_text() == "my notes\n"
+        first = test_script.main([*args, "--out", str(out), "--overwrite"])
+        assert json.loads(out.read_text())["miou"] == first["miou"]
+        test_script.main([*args, "--out", str(out)])                          # earlier results: replaced
+
+
+def test_test_py_keeps_the_results_when_writing_them_fails_after_the_run(tiny, trained, tmp_path, monkeypatch,
+                                                                         capsys):
+    """The disk fills up during the evaluation: the results used to exist only on screen, after a bare
+    '[Errno 28] No space left on device'. Now they are printed as JSON, saved in the run's folder, and the error
+    names --out, the reason and where the results are."""
+    import errno
+
+    import test as test_script
+    exp = tmp_path / "run"
+    shutil.copytree(trained[0], exp)
+    out = tmp_path / "elsewhere" / "r.json"
+    real_write = test_script.atomic_write_text
+
+    def full_disk_at_out(path, text):
+        if os.path.abspath(path) == str(out):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(path, text)
+    monkeypatch.setattr(test_script, "atomic_write_text", full_disk_at_out)
+    capsys.readouterr()
+    with pytest.raises(OSError) as info:
+        test_script.main([*tiny["args"], f"exp_dir={exp}", "--out", str(out)])
+    message = str(info.value)
+    (saved,) = glob.glob(str(exp / "test_results_*.json"))
+    assert "\n" not in message and f"--out '{out}'" in message and "the disk is full" in message
+    assert f"saved to '{saved}'" in message
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+    assert json.loads(open(saved).read()) == result and result["per_seed"] and not out.exists()
+
+
+def test_exp_dir_errors_say_where_the_value_came_from(tiny, tmp_path):
+    (tmp_path / "file").write_text("x")
+    message = train_error([*tiny["args"], f"exp_dir={tmp_path / 'file' / 'run'}"])
+    assert f"(from the command line (exp_dir={tmp_path / 'file' / 'run'}))" in message
+    config = tmp_path / "c.yaml"
+    base = os.path.join(ROOT, "config", "demo_split0.yaml")
+    config.write_text(f"_base_: {base}\nexp_dir: {tmp_path / 'file' / 'x'}\n")
+    message = train_error(["--config", str(config), *tiny["args"][2:]])
+    assert f"(from config {config})" in message
+
+
+def test_load_released_state_dict_says_what_a_misfit_state_dict_is():
+    """A plain (non-SVF) state dict, or another architecture's, used to end in torch's multi-kilobyte dump of
+    missing / unexpected / size-mismatched keys."""
+    import svf
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8, 4))
+    torch.manual_seed(0)
+    plain = net()
+    resolved = svf.resolver(net())
+    before = {k: v.clone() for k, v in resolved.state_dict().items()}
+    for state, words in ((plain.state_dict(), ("no released SVD layers in this state dict", "a plain model's",
+                                                "load it into the model before svf.resolver")),
+                         (nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 2)).state_dict(),
+                          ("a state dict of another architecture", "0.weight"))):
+        with pytest.raises(ValueError) as info:
+            svf.load_released_state_dict(resolved, state)
+        message = str(info.value)
+        assert all(w in message for w in words) and "\n" not in message and len(message) < 500, message
+    assert all(torch.equal(v, before[k]) for k, v in resolved.state_dict().items())      # nothing loaded
+    svf.load_released_state_dict(resolved, svf.resolver(copy_of(plain)).state_dict())     # a fitting one loads
+    x = torch.randn(2, 3, 3, 3)
+    assert torch.allclose(resolved.eval()(x), plain.eval()(x), atol=1e-5)
+
+
+def copy_of(module):
+    import copy
+    return copy.deepcopy(module)
+
+
+def test_test_py_weights_of_another_method_or_size_says_how_it_was_trained(tiny, trained, tmp_path):
+    """A checkpoint trained with another finetune (or reduce_dim, arch, ...): test.py used to dump 69 missing keys
+    and 'check arch/backbone/svf/reduce_dim/shot'; the checkpoint saves its config, so the message says it."""
+    import test as test_script
+    for extra, words in ((["svf=true"], "it was trained with finetune=freeze (this config: finetune=svf): "
+                                        "pass finetune=freeze"),
+                         (["finetune=bn", "reduce_dim=16"], "it was trained with finetune=freeze, reduce_dim=8 (this "
+                                                           "config: finetune=bn, reduce_dim=16): pass finetune=freeze "
+                                                           "reduce_dim=8"),
+                         (["arch=pfenet"], "pass arch=baseline")):
+        with pytest.raises(ValueError) as info:
+            test_script.main([*tiny["args"], f"exp_dir={trained[0]}", *extra, "--out", str(tmp_path / "r.json")])
+        message = str(info.value)
+        assert words in message and "\n" not in message and len(message) < 400, message
+
+
+def test_lrcc_rank_above_full_rank_is_logged_with_the_rank_used(tiny, tmp_path, capsys):
+    code, out = train_here([*tiny["args"], f"exp_dir={tmp_path / 'run'}", "finetune=lora", "lrcc_rank=1000",
+                            "epochs=1", "val_episodes=1"], capsys)
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if line.startswith("lrcc ranks used"))
+    assert "(lrcc_rank=1000)" in line and "have a full rank below the 1000 asked and use it" in line, line
+
+
+def test_train_stats_cover_the_whole_run_across_resumes(tiny, trained, tmp_path, capsys):
+    exp = tmp_path / "run"
+    steps_per_epoch = trained[2]
+    code, out = train_here([*tiny["args"], f"exp_dir={exp}", "epochs=3", "--stop-after", "1"], capsys)
+    assert code == 0 and not (exp / "train_stats.json").exists(), out
+    code, out = train_here([*tiny["args"], f"exp_dir={exp}", "epochs=3", "--resume"], capsys)
+    assert code == 0, out
+    stats = json.loads((exp / "train_stats.json").read_text())
+    assert stats["steps_timed"] == 3 * steps_per_epoch and stats["step_time_s"] > 0
