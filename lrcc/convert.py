@@ -172,7 +172,8 @@ class LowRankLinear(nn.Linear):
     """An ``nn.Linear`` with the same lrcc factors as ``LowRankConv2d`` (a Linear is a 1x1 conv with one group):
     ``lora_A`` (r, in), ``lora_B`` (out, r), ``sparse_weight`` / ``sparse_mask`` / ``residual`` shaped like
     ``weight``; W_eff = W + scaling·B·A (lora_mode) or B·A + S⊙mask (+ E). The forward is one ``F.linear`` with
-    W_eff (LoRA with dropout in training: the low-rank branch on the dropped-out input)."""
+    W_eff, except LoRA while its factors train: x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ, which needs no gradient of a full-size
+    weight (and applies the dropout to the low-rank branch's input)."""
     convert_options = None
     groups = 1
 
@@ -205,8 +206,12 @@ class LowRankLinear(nn.Linear):
     set_decomposition = LowRankConv2d.set_decomposition
 
     def forward(self, x):
-        if self.mode == "lora_mode" and self.lora_dropout_p > 0 and self.training:
-            low_rank = nn.functional.linear(nn.functional.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        factors_train = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        if self.mode == "lora_mode" and (factors_train or (self.lora_dropout_p > 0 and self.training)):
+            # the factored form: x·Wᵀ + s·(x·Aᵀ)·Bᵀ needs no gradient of a full-size weight (LoRA's usual form);
+            # dropout, when set, acts on the low-rank branch's input
+            hidden = self.lora_dropout(x) if self.training else x
+            low_rank = nn.functional.linear(nn.functional.linear(hidden, self.lora_A), self.lora_B)
             return nn.functional.linear(x, self.weight, self.bias) + self.scaling * low_rank
         return nn.functional.linear(x, self.effective_weight(), self.bias)
 

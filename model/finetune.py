@@ -106,6 +106,7 @@ def _lrcc_convert(backbone, stages, mode, cfg):
         options["lora_alpha"] = cfg.lora_alpha
     else:
         options.update(compress_step=int(cfg.dna_compress_step), lambda_s=float(cfg.dna_lambda_s))
+    _check_layers_run(backbone, stages, cfg)
     for name, module in _stage_modules(backbone, stages):
         if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules()):
             continue  # a norm layer or an embedding: nothing to convert
@@ -115,16 +116,16 @@ def _lrcc_convert(backbone, stages, mode, cfg):
             cache = f"{root}.{name}" + (f".{ext}" if ext else "")
         converted = lrcc.model_convert_conv(module, mode, cache_path=cache, include_linear=True, **options)
         backbone.set_submodule(name, converted)  # the converted layers' own factors train (lrcc.TRAINABLE_BY_MODE)
-    _check_layers_run(backbone, cfg)
     return backbone
 
 
-def _check_layers_run(backbone, cfg):
-    """Every converted layer must be called by the forward pass: a module that reads a layer's ``weight`` instead
-    (torchvision's Swin attention; timm's attention with separate q/v biases, the *_qkvb models) would silently
-    ignore the adapter. One look at a small image tells."""
-    import lrcc
-    layers = {n: m for n, m in backbone.named_modules() if isinstance(m, lrcc.LOW_RANK_LAYERS)}
+def _check_layers_run(backbone, stages, cfg):
+    """Every layer lrcc converts must be called by the forward pass: a module that reads a layer's ``weight``
+    instead (torchvision's Swin attention; timm's attention with separate q/v biases, the *_qkvb models) would
+    silently ignore the adapter. One look at a small image tells, before anything is converted."""
+    attention = {id(c) for m in backbone.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()}
+    layers = {f"{n}.{sub}" if sub else n: m for n, module in _stage_modules(backbone, stages)
+              for sub, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in attention}
     called = set()
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: called.add(n)) for n, m in layers.items()]
     training = backbone.training

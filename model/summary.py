@@ -54,7 +54,7 @@ def summarize(cfg, file=None):
           file=file)
     print(finetune.describe(cfg), file=file)
     svf.print_trainable_parameters(model, file=file)
-    print(f"backbone {model.backbone.describe()}", file=file)
+    print(f"layout: {model.backbone.describe()}", file=file)
     print(_count_line("backbone", model.backbone), file=file)
     named = [s for s in finetune.tuned_stages(cfg) if s not in STAGES]  # a timm backbone's module paths
     for stage in STAGES + tuple(named):

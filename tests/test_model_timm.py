@@ -334,3 +334,63 @@ def test_module_paths_as_finetune_stages_and_the_summary():
     assert per_block == 4 * 32  # the singular values of qkv, proj, fc1, fc2 (rank 32 each)
     assert f"{'layer4':<14s} trainable {per_block:>12,d}" in text
     assert f"{'layer1':<14s} trainable {0:>12,d}" in text
+
+
+TINY_VIT = "{embed_dim: 16, depth: 4, num_heads: 2, patch_size: 8, img_size: 32, init_values: 0.1}"
+
+
+def _tiny_run(tiny_voc):
+    data, lists = tiny_voc
+    return ["--config", "config/demo_vit.yaml", f"data_root={data}", f"list_dir={lists}", "min_class_pixels=16",
+            "train_size=32", "test_size=40", "workers=0", "reduce_dim=16", "batch_size=8", "val_episodes=2",
+            "test_episodes=4", "test_seeds=[1,2]", "deterministic=true", f"backbone_kwargs={TINY_VIT}"]
+
+
+def _run(args, ok=True):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    if ok:
+        assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def test_a_timm_checkpoint_resumes_bit_exactly_tests_and_exports_merged(tiny_voc, tmp_path):
+    """train.py on the ViT demo config (SVF), stopped after one epoch and resumed = uninterrupted, bit for bit;
+    test.py evaluates the checkpoint; tools/export_merged.py merges it and the merged file tests as finetune=freeze."""
+    args = _tiny_run(tiny_voc) + ["finetune=svf", "epochs=2"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    out = _run(["train.py", *args, f"exp_dir={whole}"])
+    assert "(timm-vit)" in out.stdout or "trainable params" in out.stdout
+    _run(["train.py", *args, f"exp_dir={parts}", "--stop-after", "1"])
+    _run(["train.py", *args, f"exp_dir={parts}", "--resume"])
+    a = torch.load(f"{whole}/last.pth", weights_only=True)["model"]
+    b = torch.load(f"{parts}/last.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and any("vector_S" in k for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    tested = _run(["test.py", *args, f"exp_dir={whole}"])
+    assert "mIoU" in tested.stdout
+    merged = str(tmp_path / "merged.pth")
+    exported = _run(["tools/export_merged.py", *args, f"exp_dir={whole}", "--out", merged])
+    difference = float(exported.stdout.strip().rsplit(" ", 1)[-1])
+    assert difference < 1e-4
+    plain = torch.load(merged, weights_only=True)["model"]
+    assert not any("vector_S" in k for k in plain) and "backbone.net.blocks.3.attn.qkv.weight" in plain
+    again = _run(["test.py", *args, f"exp_dir={whole}", "finetune=freeze", "svf=false", "--weights", merged])
+    assert "mIoU" in again.stdout
+
+
+def test_ablate_compares_methods_on_a_vit_in_one_command(tiny_voc, tmp_path):
+    import json
+    out = str(tmp_path / "abl")
+    _run(["tools/ablate.py", "--config", "config/demo_vit.yaml", "--methods", "svf,lora", "--train-seeds", "1",
+          "--out", out, *_tiny_run(tiny_voc)[2:], "epochs=1"])
+    with open(f"{out}/ablation.json") as fh:
+        rows = {r["method"]: r for r in json.load(fh)["rows"]}
+    assert set(rows) == {"untrained", "svf", "lora"}
+    # the tiny ViT's layer2-4 = blocks 1-3: SVF trains 4 x 16 singular values per block, LoRA rank 1 the factors
+    assert rows["svf"]["trainable_backbone"] == 3 * 4 * 16
+    assert rows["lora"]["trainable_backbone"] == 3 * ((16 + 48) + (16 + 16) + (16 + 64) + (64 + 16))
