@@ -270,7 +270,8 @@ class Config(types.SimpleNamespace):
 
 def _chosen(value, choices) -> bool:
     """`value` is one of `choices`, or matches one of its patterns (entries with '*', fnmatch rules)."""
-    return value in choices or any("*" in c and fnmatch.fnmatchcase(str(value), c) for c in choices)
+    return value in choices or any(isinstance(c, str) and "*" in c and fnmatch.fnmatchcase(str(value), c)
+                                   for c in choices)
 
 
 def check_value(key: str, value: Any, source: str) -> Any:

@@ -68,7 +68,13 @@ def test_shipped_configs_set_every_key_and_their_fold():
     """One base file per benchmark holds the whole config; each split file is `_base_` + its fold."""
     names = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "config", "*.yaml"))}
     families = ("pascal", "coco", "demo")
-    assert names == {f"{f}.yaml" for f in families} | {f"{f}_split{i}.yaml" for f in families for i in range(4)}
+    variants = {"demo_vit.yaml": "demo.yaml"}  # a variant: `_base_` + the keys that differ (the ViT demo)
+    assert names == {f"{f}.yaml" for f in families} | {f"{f}_split{i}.yaml" for f in families for i in range(4)} | \
+        set(variants)
+    for name, base in variants.items():
+        with open(os.path.join(ROOT, "config", name)) as fh:
+            assert yaml.safe_load(fh)["_base_"] == base
+        assert load_config(os.path.join(ROOT, "config", name)).fold == 0
     for family in families:
         with open(os.path.join(ROOT, "config", f"{family}.yaml")) as fh:
             keys = set(yaml.safe_load(fh))
