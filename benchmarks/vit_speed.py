@@ -16,7 +16,9 @@ built by the fine-tuning registry (model/finetune.py) as train.py builds it:
   trains 3.75x SVF's count on a ViT block: the nearest it comes to SVF's budget);
 - full: ``finetune=full``: every parameter of layer2-4.
 A step is forward + backward + SGD step on one fixed batch; the least (and the median) of ``--iters`` steps after
-``--warmup``, the variants timed round-robin so that they see the same machine. Memory: the bytes autograd saves
+``--warmup``, the variants timed round-robin so that they see the same machine. Clock: on the CPU the main
+thread's CPU time (``time.thread_time``: with one thread it is the step's computation, which other jobs on a shared
+machine barely disturb; ``--clock wall`` for the wall clock), on CUDA the synchronised wall clock. Memory: the bytes autograd saves
 for the backward pass (saved-tensor hooks, any device), the trainable state (parameters + gradients + momentum)
 and, on CUDA, the peak memory a step allocates above what the models hold. Multiply-adds: every Linear and conv
 of the step, forward and backward (input gradients where needed, weight gradients where the weight trains;
@@ -118,6 +120,7 @@ def count_macs(model, batch):
 def run(args):
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     variants = args.variants
     models = {n: build_variant(n, args).to(device) for n in variants}
     g = torch.Generator().manual_seed(0)
@@ -136,7 +139,7 @@ def run(args):
                 held = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             if it == 0:
                 with torch.autograd.graph.saved_tensors_hooks(saved[name].pack, lambda t: t):
                     loss = model(*batch)
@@ -147,7 +150,7 @@ def run(args):
             opt.step()
             sync(device)
             if it >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
             if device.type == "cuda" and it == args.warmup:
                 peaks[name] = (torch.cuda.max_memory_allocated() - held) / 2**20
     results = {}
@@ -164,7 +167,7 @@ def run(args):
 def report(results, args):
     floor = results.get("floor")
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
-    print(f"timm:{args.model}, batch {args.batch} at {args.size}x{args.size}, {device}; least (median) of "
+    print(f"timm:{args.model}, batch {args.batch} at {args.size}x{args.size}, {device}, {args.clock} clock; least (median) of "
           f"{args.iters} steps after {args.warmup}; layer2-4 tuned; x floor = ratio to the floor variant")
     print(f"{'variant':<9} | {'step s':>7} {'(median)':>9} {'x floor':>7} | {'GMAC':>6} {'x floor':>7} | "
           f"{'saved MiB':>9} {'state MiB':>9} {'peak MiB':>8} | {'trainable':>10}")
@@ -186,8 +189,12 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clock", choices=("cpu", "wall"), help="cpu: the main thread's CPU time (with 1 thread, "
+                        "what other jobs on a shared machine barely disturb; the CPU default); wall: wall clock "
+                        "(the CUDA default, synchronised)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    args.clock = args.clock or ("wall" if args.device.startswith("cuda") else "cpu")
     results = run(args)
     report(results, args)
     if args.json:

@@ -14,8 +14,14 @@
   fine-tune a dozen times on a 2-core CPU in a quarter of an hour.
 - ``resnet50_tv``: torchvision's ResNet-50 (7x7 stem: ``layer0`` = conv1, bn1, relu, maxpool), dilated the same way.
 - ``swin_t`` / ``swin_s`` / ``swin_b``: torchvision's Swin Transformers, stages as in ``model/swin.py``; output stride 32.
+- ``timm:<name>``: any timm model (model/timm_backbone.py): DINOv2/DINOv3 ViTs, ConvNeXt, timm's ResNets ...
 - ``vgg16_bn``: torchvision's VGG16-bn ``features`` split into stages as PFENet/BAM do (indices 0-6, 7-13,
   14-23, 24-33, 34-42; the last max-pool dropped) with ceil-mode max-pools as in their vgg.py; output stride 16.
+
+Each name belongs to one family of ``FAMILIES`` (resnet-deep, torchvision, vgg, swin, timm-vit, timm-hierarchical,
+timm-cnn): the entry says which outputs play layer0-4, their strides, the archs it is wired for, and ``build_backbone``
+builds through it. Every backbone answers ``stage_prefixes(stage)`` / ``stage_modules(stage)`` (what a stage of
+``finetune_stages`` is made of), which is all model/finetune.py needs.
 
 Parameter names inside the stages are those of the released weight files (``layer0.conv1``, ``layer1.0.conv2``,
 ``layer2.3.downsample.0`` ...) so that ``model.weights`` only has to move the stem keys under ``layer0``.
