@@ -260,7 +260,7 @@ class Family:
     names: tuple = ()
     timm_modules: Optional[tuple] = None
     archs: tuple = ALL_ARCHS
-    create_kwargs: tuple = ()  # timm.create_model options of the family ((key, value) pairs)
+    create_kwargs: tuple = ()  # timm.create_model options ((key, value) pairs), passed where the model takes them
 
 
 FAMILIES = (
@@ -278,7 +278,8 @@ FAMILIES = (
            "multiple of it", timm_modules=("vision_transformer", "eva", "deit"),
            create_kwargs=(("dynamic_img_size", True),)),
     Family("timm-hierarchical", "layer0 = stem / patch embedding, layer1-4 = the four stages (timm's feature_info)",
-           "4, 4, 8, 16, 32", timm_modules=("convnext", "swin_transformer", "swin_transformer_v2")),
+           "4, 4, 8, 16, 32", timm_modules=("convnext", "swin_transformer", "swin_transformer_v2"),
+           create_kwargs=(("strict_img_size", False),)),  # Swin: any input size (windows padded)
     Family("timm-cnn", "layer0 = every trunk module before the last four feature_info levels (ResNet: conv1, bn1, "
            "act1, maxpool), layer1-4 = the trunk up to each of those levels", "feature_info's; output_stride=8 where the "
            "model takes it (ResNets: 2, 4, 8, 8, 8)", timm_modules=(), create_kwargs=(("output_stride", 8),)),
@@ -306,11 +307,11 @@ def _build_timm(name, family, hub=False, timm_kwargs=None):
     kwargs.update(timm_kwargs or {})
     try:
         net = create(short, hub=hub, **kwargs)
-    except ValueError:
-        if "output_stride" not in kwargs or (timm_kwargs and "output_stride" in timm_kwargs):
+    except ValueError:  # the family's options apply where the model takes them (a CNN that does not dilate
+        optional = [k for k in dict(family.create_kwargs) if k not in (timm_kwargs or {})]  # keeps its stride)
+        if not optional:
             raise
-        kwargs.pop("output_stride")  # a CNN that does not dilate keeps its own stride
-        net = create(short, hub=hub, **kwargs)
+        net = create(short, hub=hub, **{k: v for k, v in kwargs.items() if k not in optional})
     cls = ViTBackbone if family.name == "timm-vit" else FeatureBackbone
     return cls(name, net, family.name, timm_module(short))
 

@@ -179,7 +179,7 @@ class TimmBackbone(nn.Module):
             missing = sorted(own - set(state))[:3]
             raise ValueError(f"backbone weights file {path!r} holds another model's weights: only {found} of the "
                              f"{len(own)} tensors of timm {name} are in it (missing e.g. {missing}); use the "
-                             f"weights file of {name} (weights_help in docs/training.md)")
+                             f"weights file of {name} (docs/training.md, \"Weights files\")")
         return {"net." + k: v for k, v in state.items()}
 
     def describe(self):

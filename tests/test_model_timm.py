@@ -38,8 +38,11 @@ SMALL = {
     CONVNEXT: dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), ls_init_value=0.1),  # layer scale as above
     RESNET: dict(layers=(1, 1, 1, 1), zero_init_last=False),  # timm zeroes the last BatchNorm of each block
 }
+SWIN = "timm:swin_tiny_patch4_window7_224"  # the hierarchical family's other member: features only
+SMALL_SWIN = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 # what each family must give at a 64x64 input: (widths layer0..4, strides layer0..4)
 FEATURES = {
+    SWIN: ((24, 24, 48, 96, 192), (4, 4, 8, 16, 32)),
     DINOV2: ((32,) * 5, (14,) * 5), DINOV3: ((32,) * 5, (16,) * 5),
     CONVNEXT: ((8, 8, 16, 32, 64), (4, 4, 8, 16, 32)), RESNET: ((64, 64, 128, 256, 512), (4, 4, 8, 8, 8)),
 }
@@ -56,7 +59,7 @@ FAST = dict(base_lr=0.1, svf_lr_mult=100.0, backbone_lr_mult=1.0, bias_lr_mult=1
 
 def _backbone(name, seed=0):
     torch.manual_seed(seed)
-    return build_backbone(name, timm_kwargs=SMALL[name]).eval()
+    return build_backbone(name, timm_kwargs=SMALL_SWIN if name == SWIN else SMALL[name]).eval()
 
 
 def _cfg(name, method="freeze", **extra):
@@ -74,7 +77,7 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("name", list(SMALL) + [SWIN])
 def test_features_have_the_family_widths_and_strides(name):
     backbone = _backbone(name)
     widths, strides = FEATURES[name]
@@ -394,3 +397,18 @@ def test_ablate_compares_methods_on_a_vit_in_one_command(tiny_voc, tmp_path):
     # the tiny ViT's layer2-4 = blocks 1-3: SVF trains 4 x 16 singular values per block, LoRA rank 1 the factors
     assert rows["svf"]["trainable_backbone"] == 3 * 4 * 16
     assert rows["lora"]["trainable_backbone"] == 3 * ((16 + 48) + (16 + 16) + (16 + 64) + (64 + 16))
+
+
+def test_one_registry_entry_per_family_decides_every_name():
+    from model.backbones import BACKBONES, FAMILIES, family_of
+    names = {"resnet50": "resnet-deep", "resnet18_deep_half": "resnet-deep", "resnet50_tv": "torchvision",
+             "vgg16_bn": "vgg", "swin_t": "swin", "timm:vit_small_patch14_dinov2": "timm-vit",
+             "timm:vit_large_patch16_dinov3": "timm-vit", "timm:deit_small_patch16_224": "timm-vit",
+             "timm:eva02_small_patch14_224": "timm-vit", "timm:convnext_tiny": "timm-hierarchical",
+             "timm:swin_base_patch4_window7_224": "timm-hierarchical", "timm:resnet50": "timm-cnn",
+             "timm:efficientnet_b0": "timm-cnn"}
+    assert {n: family_of(n).name for n in names} == names
+    assert len({f.name for f in FAMILIES}) == len(FAMILIES) and all(f.layers and f.strides for f in FAMILIES)
+    assert {n for f in FAMILIES for n in f.names} == set(BACKBONES)  # every fixed name has exactly one family
+    with pytest.raises(ValueError, match="unknown backbone 'resnet5'"):
+        family_of("resnet5")
