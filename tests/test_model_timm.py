@@ -39,10 +39,12 @@ SMALL = {
     RESNET: dict(layers=(1, 1, 1, 1), zero_init_last=False),  # timm zeroes the last BatchNorm of each block
 }
 SWIN = "timm:swin_tiny_patch4_window7_224"  # the hierarchical family's other member: features only
-SMALL_SWIN = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+DINOV2_PLAIN = "timm:vit_small_patch14_dinov2"  # DINOv2 without registers, the name the README lists first
+EXTRA = {SWIN: dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+         DINOV2_PLAIN: dict(embed_dim=32, depth=4, num_heads=2, img_size=56)}
 # what each family must give at a 64x64 input: (widths layer0..4, strides layer0..4)
 FEATURES = {
-    SWIN: ((24, 24, 48, 96, 192), (4, 4, 8, 16, 32)),
+    SWIN: ((24, 24, 48, 96, 192), (4, 4, 8, 16, 32)), DINOV2_PLAIN: ((32,) * 5, (14,) * 5),
     DINOV2: ((32,) * 5, (14,) * 5), DINOV3: ((32,) * 5, (16,) * 5),
     CONVNEXT: ((8, 8, 16, 32, 64), (4, 4, 8, 16, 32)), RESNET: ((64, 64, 128, 256, 512), (4, 4, 8, 8, 8)),
 }
@@ -59,7 +61,7 @@ FAST = dict(base_lr=0.1, svf_lr_mult=100.0, backbone_lr_mult=1.0, bias_lr_mult=1
 
 def _backbone(name, seed=0):
     torch.manual_seed(seed)
-    return build_backbone(name, timm_kwargs=SMALL_SWIN if name == SWIN else SMALL[name]).eval()
+    return build_backbone(name, timm_kwargs=EXTRA.get(name) or SMALL[name]).eval()
 
 
 def _cfg(name, method="freeze", **extra):
@@ -77,7 +79,7 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("name", list(SMALL) + [SWIN])
+@pytest.mark.parametrize("name", list(SMALL) + list(EXTRA))
 def test_features_have_the_family_widths_and_strides(name):
     backbone = _backbone(name)
     widths, strides = FEATURES[name]
@@ -85,7 +87,7 @@ def test_features_have_the_family_widths_and_strides(name):
     with torch.no_grad():
         feats = backbone(x)
     assert tuple(backbone.channels[s] for s in ("layer0", "layer1", "layer2", "layer3", "layer4")) == widths
-    patch = strides[0] if name in (DINOV2, DINOV3) else None
+    patch = strides[0] if name in (DINOV2, DINOV3, DINOV2_PLAIN) else None
     for f, width, stride in zip(feats, widths, strides):
         side = int(64 / patch + 0.5) if patch else -(-64 // stride)  # a ViT: the image rounded to whole patches
         assert tuple(f.shape) == (2, width, side, side), (name, tuple(f.shape))
@@ -412,3 +414,25 @@ def test_one_registry_entry_per_family_decides_every_name():
     assert {n for f in FAMILIES for n in f.names} == set(BACKBONES)  # every fixed name has exactly one family
     with pytest.raises(ValueError, match="unknown backbone 'resnet5'"):
         family_of("resnet5")
+
+
+def test_pretrained_hub_lets_timm_download_and_the_weight_rule_applies(monkeypatch):
+    """pretrained=hub: timm.create_model(pretrained=True) (faked here: nothing is downloaded) and the weight rule."""
+    import timm
+    calls = []
+    real = timm.create_model
+
+    def fake(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        net = real(name, pretrained=False, **kwargs)
+        with torch.no_grad():
+            net.blocks[0].mlp.fc1.weight[0, 0] = float("inf")  # a broken download
+        return net
+
+    monkeypatch.setattr(timm, "create_model", fake)
+    with pytest.raises(ValueError, match=r"'hub:timm:vit_small_patch16_dinov3' holds unusable weights: tensor "
+                                         r"'net.blocks.0.mlp.fc1.weight'"):
+        build_model(_cfg(DINOV3, "svf", pretrained="hub"))
+    assert calls == [True]
+    with pytest.raises(ValueError, match="pretrained=hub and backbone_kwargs apply to backbone=timm:<name> only"):
+        build_model(tiny_cfg(pretrained="hub"))
