@@ -16,6 +16,10 @@ Each ``Method`` declares, in one entry of ``METHODS``:
   in eval mode (PFENet/BAM), and every other method keeps the statistics frozen;
 - ``refuses(backbone, stages, cfg)``: a one-line reason when the method cannot work on this backbone, or None.
 
+A stage of ``finetune_stages`` is whatever the backbone says it is made of (``stage_prefixes`` / ``stage_modules``:
+``layer0 .. layer4``, or for a timm backbone also its module paths such as ``blocks.6-11``), so every method works
+on every backbone family (model/backbones.py ``FAMILIES``) without a branch per backbone.
+
 ``apply(model, cfg)`` is what ``model.build.build_model`` calls; ``param_groups`` reads the group and LR key
 from here; ``trainable_names(backbone, cfg)`` is the exact set a method trains (tests, the checks below).
 ``finetune: null`` derives the method from ``svf`` (``common.config.finetune_method``): the derived full

@@ -317,6 +317,14 @@ def test_lora_on_linear_layers_merges_exactly_and_refuses_weight_readers():
         merged = lrcc.merge(converted)(x)
     assert _rel(out, plain) > 1e-3 and _rel(merged, out) <= 1e-5
     assert not any(isinstance(m, lrcc.LOW_RANK_LAYERS) for m in lrcc.merge(converted).modules())
+    # the adapter file holds the Linear layers' factors: into the plain blocks (merged) or as lrcc layers
+    saved = lrcc.state_dict(converted)
+    assert len(saved["layers"]) == 16 and all("in_features" in o for o in saved["layers"].values())
+    import copy
+    with torch.no_grad():
+        into_plain = lrcc.load_state_dict(copy.deepcopy(vit.net.blocks), saved)
+        as_layers = lrcc.load_state_dict(copy.deepcopy(vit.net.blocks), saved, merge=False)
+        assert _rel(into_plain(x), out) <= 1e-5 and torch.equal(as_layers(x), out)
     # timm's *_qkvb attention reads qkv.weight with its separate q/k/v biases: a LoRA there would be ignored
     with pytest.raises(ValueError, match="reads the weight of .*attn.qkv directly") as err:
         _build(tiny_cfg(backbone="timm:vit_small_patch16_dinov3_qkvb", backbone_kwargs=SMALL[DINOV3],
