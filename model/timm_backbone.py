@@ -138,12 +138,11 @@ class TimmBackbone(nn.Module):
         return [(f"net.{m}", self.net.get_submodule(m)) for m in self._members(spec) if m not in params]
 
     def svf_excluded(self, specs):
-        """Modules left plain under SVF: every trunk module outside the tuned ``specs`` (nothing trains there)."""
-        tuned = {m for s in specs for m in self._members(s)}
-        every = [m for s in STAGES for m in self._stages[s]]
-        params = dict(self.net.named_parameters(recurse=False))
-        return [f"net.{m}" for m in every if m not in tuned and m not in params
-                and not any(m.startswith(t + ".") for t in tuned)]
+        """Layers left plain under SVF: every conv/linear layer outside the tuned ``specs`` (nothing trains there)."""
+        tuned = [f"net.{m}" for s in specs for m in self._members(s)]
+        kinds = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
+        return [n for n, m in self.named_modules() if isinstance(m, kinds)
+                and not any(n == t or n.startswith(t + ".") for t in tuned)]
 
     def _stage_trains(self, stage):
         prefixes = self.stage_prefixes(stage)

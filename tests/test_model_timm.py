@@ -338,6 +338,10 @@ def test_module_paths_as_finetune_stages_and_the_summary():
     trainable = {n.split(".")[2] for n, p in model.backbone.named_parameters() if p.requires_grad}
     assert trainable == {"2", "3"}
     assert "_blocks2-3" in cfg.exp_dir
+    part = _build(_cfg(DINOV2, "svf", finetune_stages=["blocks.3.attn"]))  # a module inside a block
+    assert {n for n, p in part.backbone.named_parameters() if p.requires_grad} == {
+        "net.blocks.3.attn.qkv.vector_S", "net.blocks.3.attn.proj.vector_S"}
+    assert type(part.backbone.net.blocks[3].mlp.fc1) is nn.Linear  # outside the tuned module: left plain
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         model = summarize(_cfg(DINOV3, "svf"), file=out)
