@@ -45,6 +45,7 @@ that names it. `python -m engine.config CONFIG [key=value ...] [--get KEY]` prin
 from __future__ import annotations
 
 import copy
+import fnmatch
 import difflib
 import math
 import os
@@ -64,10 +65,10 @@ __all__ = ["FIELDS", "Field", "BENCHMARKS", "FINETUNE_METHODS",
 
 @dataclass(frozen=True)
 class Field:
-    type: str                 # int | float | bool | str | int_list | float_list | str_list | mapping
+    type: str                 # int | float | bool | str | int_list | float_list | str_list | mapping | kwargs
     default: Any
     help: str
-    choices: Optional[tuple] = None  # str_list: of each item
+    choices: Optional[tuple] = None  # str_list: of each item; an entry with '*' is a pattern (fnmatch)
     optional: bool = False    # None (YAML null) allowed
     valid: Optional[str] = None  # numbers (each item of a list): an interval like "[0, 1)" or "(0, inf)"
     min_items: int = 0        # lists: fewest items
@@ -142,15 +143,17 @@ FIELDS: dict[str, Field] = {
                valid=SEED_RANGE),
     # --- model
     "arch": _f("str", "baseline", "model", ("baseline", "pfenet", "bam", "pspnet")),
-    "backbone": _f("str", "resnet50", "backbone",
+    "backbone": _f("str", "resnet50", "backbone (timm:<name>: any timm model, e.g. timm:vit_small_patch14_dinov2)",
                    ("resnet50", "resnet101", "resnet18_deep", "resnet18_deep_half", "vgg16_bn", "resnet50_tv", "swin_t",
-                    "swin_s", "swin_b")),
+                    "swin_s", "swin_b", "timm:*")),
+    "backbone_kwargs": _f("kwargs", {}, "timm:<name> backbones: options of timm.create_model (e.g. {depth: 4, "
+                          "embed_dim: 64, num_heads: 2, img_size: 64} for a small model); {} = the model as published"),
     "dilation_rule": _f("str", "auto", "which ResNet 3x3 convs layer3/4 dilate: every_block (BAM, PFENet's own "
                         "code) | torchvision (the SVF code's baseline and PFENet: first block of layer3 1, of layer4 2) "
                         "| auto = every_block for bam/pspnet, torchvision for baseline/pfenet",
                         ("auto", "every_block", "torchvision")),
-    "pretrained": _f("str", None, "ImageNet (or stage-1) backbone weights file; null = random init",
-                     optional=True),
+    "pretrained": _f("str", None, "ImageNet (or stage-1) backbone weights file; null = random init; hub = timm "
+                     "downloads the weights of a timm:<name> backbone", optional=True),
     "svf": _f("bool", True, "singular value fine-tuning of backbone layer2-4; the same as finetune: svf (true) "
               "or the finetune that svf false derives (freeze, or full for the stage-1 PSPNet)"),
     "finetune": _f("str", None, "how the backbone trains (docs/training.md): freeze | svf | full | bias (BitFit) | "
@@ -158,7 +161,8 @@ FIELDS: dict[str, Field] = {
                    "svf, false -> freeze (few-shot models) or full (the stage-1 PSPNet, every stage)",
                    FINETUNE_METHODS, optional=True),
     "finetune_stages": _f("str_list", ["layer2", "layer3", "layer4"], "backbone stages that finetune trains; the "
-                          "other stages are frozen", BACKBONE_STAGES, min_items=1),
+                          "other stages are frozen; timm backbones also take module paths of the model, e.g. "
+                          "blocks.6-11 (blocks 6 to 11) or stages.2", BACKBONE_STAGES + ("*.*",), min_items=1),
     "svf_factors": _f("str", "S", "finetune svf: which SVD factors train: S (the paper's SVF) | US | SV | USV "
                       "(the paper's ablation)", SVF_FACTORS),
     "fold_batchnorm": _f("bool", True, "fold each frozen BatchNorm into the conv before it at run time (svf.fold_batchnorm: "
@@ -287,6 +291,12 @@ class Config(types.SimpleNamespace):
         return new
 
 
+def _chosen(value, choices) -> bool:
+    """`value` is one of `choices`, or matches one of its patterns (entries with '*', fnmatch rules)."""
+    return value in choices or any(isinstance(c, str) and "*" in c and fnmatch.fnmatchcase(str(value), c)
+                                   for c in choices)
+
+
 def check_value(key: str, value: Any, source: str) -> Any:
     """Return `value` converted to the type of `key`, or raise a ValueError naming both."""
     field = FIELDS[key]
@@ -323,7 +333,7 @@ def check_value(key: str, value: Any, source: str) -> Any:
             raise bad("a list of names like [layer2, layer3]")
         value = list(value)
         if field.choices is not None:
-            wrong = [v for v in value if v not in field.choices]
+            wrong = [v for v in value if not _chosen(v, field.choices)]
             if wrong:
                 raise ValueError(f"{where}: {wrong[0]!r} is not one of {list(field.choices)}")
         if len(set(value)) != len(value):
@@ -336,6 +346,10 @@ def check_value(key: str, value: Any, source: str) -> Any:
         if not all(item_ok(v) for v in value):
             raise bad("a list of " + ("integers" if t == "int_list" else "numbers"))
         value = [int(v) if t == "int_list" else float(v) for v in value]
+    elif t == "kwargs":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a mapping of keyword arguments like {depth: 4, embed_dim: 64}")
+        value = dict(value)
     elif t == "mapping":
         if not isinstance(value, dict):
             raise bad("a mapping like {base_lr: 0.005}")
@@ -349,7 +363,7 @@ def check_value(key: str, value: Any, source: str) -> Any:
         value = inner
     else:  # pragma: no cover - schema error
         raise TypeError(f"schema type {t} of {key}")
-    if field.choices is not None and t != "str_list" and value not in field.choices:
+    if field.choices is not None and t != "str_list" and not _chosen(value, field.choices):
         raise ValueError(f"{where} must be one of {list(field.choices)}, got {value!r}")
     if t.endswith("_list") and len(value) < field.min_items:
         raise ValueError(f"{where} needs at least {field.min_items} item(s), got {value!r}")
@@ -429,7 +443,7 @@ def finetune_tag(values) -> str:
         tag = f"dna_{get('dna_mode')}" if method == "dna" else method
     stages = list(get("finetune_stages"))
     if method != "freeze" and stages != FIELDS["finetune_stages"].default:
-        tag += "_l" + "".join(s[len("layer"):] for s in stages)
+        tag += "_l" + "".join(s[len("layer"):] if s in BACKBONE_STAGES else "_" + s.replace(".", "") for s in stages)
     return tag
 
 
@@ -453,7 +467,10 @@ def _format_templates(values: dict) -> dict:
 def backbone_weights_file(backbone: str) -> str:
     """`{backbone_weights}`: the usual ImageNet weights file name of a backbone, so that `pretrained:
     initmodel/{backbone_weights}` follows the backbone word: PSPNet/PFENet's deep-stem ResNets are
-    resnet50_v2.pth / resnet101_v2.pth, every other backbone <backbone>.pth (vgg16_bn.pth, swin_t.pth, ...)."""
+    resnet50_v2.pth / resnet101_v2.pth, a timm:<name> backbone <name>.safetensors (timm's hub file, renamed), every
+    other backbone <backbone>.pth (vgg16_bn.pth, swin_t.pth, ...)."""
+    if backbone.startswith("timm:"):
+        return f"{backbone[len('timm:'):]}.safetensors"
     return f"{backbone}_v2.pth" if backbone in ("resnet50", "resnet101") else f"{backbone}.pth"
 
 

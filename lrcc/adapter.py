@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .common import FINGERPRINT_SCHEME, atomic_save, check_fingerprints, read_adapter_file, weight_fingerprint
-from .convert import LowRankConv2d, _replace_module
+from .convert import LOW_RANK_LAYERS, low_rank_layer, _replace_module
 
 __all__ = ["state_dict", "load_state_dict", "save_adapter", "load_adapter", "save_lora_state_dict",
            "load_lora_state_dict"]
@@ -27,7 +27,7 @@ FORMAT, VERSION = "lrcc-adapter", 2  # version 1: no options, base_sha256 of the
 
 def state_dict(model):
     """The adapter of ``model`` as a dict (see the module doc); the base weights are left out."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankConv2d)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LOW_RANK_LAYERS)}
     if not layers:
         raise ValueError("lrcc: the model has no lrcc layers; convert it with model_convert_conv first "
                          "(or save model.state_dict() for a plain model)")
@@ -65,8 +65,8 @@ def _option_differences(saved, layer_options):
 def load_state_dict(model, saved, merge=True, check_fingerprint=True, source="lrcc.load_state_dict"):
     """Load an adapter from ``state_dict`` into ``model`` and return the model.
 
-    Converted layers must have the saved options. A plain ``nn.Conv2d`` at a saved layer's name receives
-    the merged effective weight (``merge=True``) or is replaced by the saved ``LowRankConv2d`` (``merge=False``,
+    Converted layers must have the saved options. A plain ``nn.Conv2d`` (``nn.Linear``) at a saved layer's name
+    receives the merged effective weight (``merge=True``) or is replaced by the saved lrcc layer (``merge=False``,
     to train on). Each layer's pretrained weight must be the one the adapter was trained on (unless
     ``check_fingerprint=False``) and every saved tensor must find a home; otherwise a ValueError/KeyError
     names the layer or key."""
@@ -76,7 +76,7 @@ def load_state_dict(model, saved, merge=True, check_fingerprint=True, source="lr
         raise ValueError(f"{source}: fingerprint scheme {saved.get('fingerprint_scheme')!r} is not this lrcc's "
                          f"{FINGERPRINT_SCHEME!r}; load it with the lrcc version that wrote it")
     modules = dict(model.named_modules())
-    lrcc_in_model = {n for n, m in modules.items() if isinstance(m, LowRankConv2d)}
+    lrcc_in_model = {n for n, m in modules.items() if isinstance(m, LOW_RANK_LAYERS)}
     missing = sorted(lrcc_in_model - set(saved["layers"]))
     if missing:
         raise KeyError(f"{source} has no adapter for the model's lrcc layers {missing}")
@@ -84,7 +84,7 @@ def load_state_dict(model, saved, merge=True, check_fingerprint=True, source="lr
         (f" (the adapter was made by model_convert_conv(model, **{saved['options']}))" if saved.get("options") else "")
     for name, options in saved["layers"].items():
         module = modules.get(name)
-        if not isinstance(module, nn.Conv2d):
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise KeyError(f"{source} holds an adapter for layer {name!r}, but the model has "
                            f"{type(module).__name__ if module is not None else 'no module'} there")
     if check_fingerprint:
@@ -100,10 +100,10 @@ def load_state_dict(model, saved, merge=True, check_fingerprint=True, source="lr
     for name, options in saved["layers"].items():
         module = modules[name]
         target = module
-        if not isinstance(module, LowRankConv2d):  # a plain conv: rebuild the layer, then merge into it
+        if not isinstance(module, LOW_RANK_LAYERS):  # a plain layer: rebuild the lrcc layer, then merge into it
             lrcc_keys = {"mode", "rank", "lora_alpha", "lora_dropout", "keep_residual"}
             with torch.random.fork_rng(devices=[]):  # LoRA's init must not move the caller's RNG
-                target = LowRankConv2d.from_conv(copy.deepcopy(module), **{k: options[k] for k in lrcc_keys})
+                target = low_rank_layer(copy.deepcopy(module), **{k: options[k] for k in lrcc_keys})
             target.convert_options = saved.get("options")
         diffs = _option_differences(options, target.options())
         if diffs:

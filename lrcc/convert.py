@@ -1,6 +1,7 @@
 """The converted layer, the decomposition and its cache, the conversion and the merge.
 
-Every selected ``nn.Conv2d`` becomes a ``LowRankConv2d``. Per group g of the conv, its weight is read
+Every selected ``nn.Conv2d`` becomes a ``LowRankConv2d`` (and, with ``include_linear=True``, every ``nn.Linear`` a
+``LowRankLinear``: the same factors, its weight read as one (out, in) matrix). Per group g of the conv, its weight is read
 "kernel-number first" as a matrix W_g of shape (out/groups, in/groups*kh*kw), and
 
 * decomposition modes (DnA):  W_eff = U·V + S⊙mask (+ E)
@@ -27,7 +28,7 @@ import torch.nn as nn
 
 from .common import FINGERPRINT_SCHEME, atomic_save, print_trainable_parameters, weight_fingerprint
 
-__all__ = ["MODES", "TRAINABLE_BY_MODE", "LowRankConv2d", "model_convert_conv", "decompose_low_rank_sparse",
+__all__ = ["MODES", "TRAINABLE_BY_MODE", "LowRankConv2d", "LowRankLinear", "LOW_RANK_LAYERS", "model_convert_conv", "decompose_low_rank_sparse",
            "layer_rank", "mark_only_lrcc_as_trainable", "merge"]
 
 # What trains inside a converted layer (U = lora_B, V = lora_A, S = sparse_weight), per mode.
@@ -44,7 +45,41 @@ TRAINABLE_BY_MODE = {
 MODES = tuple(TRAINABLE_BY_MODE)
 DECOMPOSITION_ALGORITHM = "godec-full-rank-subspace-best-v2"  # part of the cache key: bump when it changes
 CACHE_FORMAT = "lrcc-decomposition"
-_EXTRAS = {"lora_alpha": None, "lora_dropout": 0.0, "keep_residual": True, "verbose": True}
+_EXTRAS = {"lora_alpha": None, "lora_dropout": 0.0, "keep_residual": True, "include_linear": False,
+           "verbose": True}
+
+
+def _init_factors(layer, mode, rank, lora_alpha, lora_dropout, keep_residual):
+    """The lrcc state of a converted layer (conv or linear): mode, rank, scaling, factors, sparse part."""
+    if mode not in MODES:
+        raise ValueError(f"unknown lrcc mode {mode!r}; choose one of {list(MODES)}")
+    rows, cols = layer.group_matrix_shape
+    if not 1 <= rank <= min(rows, cols):
+        raise ValueError(f"rank {rank} is outside [1, {min(rows, cols)}] for a layer with weight "
+                         f"{tuple(layer.weight.shape)} and groups={layer.groups}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    layer.mode, layer.rank = mode, int(rank)
+    layer.lora_alpha, layer.lora_dropout_p = lora_alpha, float(lora_dropout)
+    layer.scaling = 1.0 if lora_alpha is None else float(lora_alpha) / layer.rank
+    layer.keep_residual = bool(keep_residual) and mode != "lora_mode"
+    layer.weight.requires_grad_(False)
+    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    layer.lora_A = nn.Parameter(torch.zeros(layer.groups * layer.rank, cols, **factory))
+    layer.lora_B = nn.Parameter(torch.zeros(layer.weight.shape[0], layer.rank, **factory))
+    layer.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+    if mode == "lora_mode":
+        # B = 0 keeps the model unchanged at init; fan_in of A is one group's in*kh*kw (the seed's init)
+        nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
+    else:
+        layer.sparse_weight = nn.Parameter(torch.zeros_like(layer.weight))
+        layer.register_buffer("sparse_mask", torch.zeros(layer.weight.shape, dtype=torch.bool,
+                                                         device=layer.weight.device))
+        if layer.keep_residual:
+            layer.register_buffer("residual", torch.zeros_like(layer.weight))
+    for name in ("lora_A", "lora_B", "sparse_weight"):
+        if hasattr(layer, name):
+            getattr(layer, name).requires_grad_(name in TRAINABLE_BY_MODE[mode])
 
 
 class LowRankConv2d(nn.Conv2d):
@@ -61,35 +96,7 @@ class LowRankConv2d(nn.Conv2d):
                  lora_alpha=None, lora_dropout=0.0, keep_residual=True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        if mode not in MODES:
-            raise ValueError(f"unknown lrcc mode {mode!r}; choose one of {list(MODES)}")
-        rows, cols = self.group_matrix_shape
-        if not 1 <= rank <= min(rows, cols):
-            raise ValueError(f"rank {rank} is outside [1, {min(rows, cols)}] for a conv with weight "
-                             f"{tuple(self.weight.shape)} and groups={groups}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-        self.mode, self.rank = mode, int(rank)
-        self.lora_alpha, self.lora_dropout_p = lora_alpha, float(lora_dropout)
-        self.scaling = 1.0 if lora_alpha is None else float(lora_alpha) / self.rank
-        self.keep_residual = bool(keep_residual) and mode != "lora_mode"
-        self.weight.requires_grad_(False)
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = nn.Parameter(torch.zeros(groups * self.rank, cols, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(out_channels, self.rank, **factory))
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        if mode == "lora_mode":
-            # B = 0 keeps the model unchanged at init; fan_in of A is one group's in*kh*kw (the seed's init)
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        else:
-            self.sparse_weight = nn.Parameter(torch.zeros_like(self.weight))
-            self.register_buffer("sparse_mask", torch.zeros(self.weight.shape, dtype=torch.bool,
-                                                            device=self.weight.device))
-            if self.keep_residual:
-                self.register_buffer("residual", torch.zeros_like(self.weight))
-        for name in ("lora_A", "lora_B", "sparse_weight"):
-            if hasattr(self, name):
-                getattr(self, name).requires_grad_(name in TRAINABLE_BY_MODE[mode])
+        _init_factors(self, mode, rank, lora_alpha, lora_dropout, keep_residual)
 
     @classmethod
     def from_conv(cls, conv, **lrcc_options):
@@ -161,14 +168,78 @@ class LowRankConv2d(nn.Conv2d):
         return super().extra_repr() + f", mode={self.mode}, rank={self.rank}"
 
 
+class LowRankLinear(nn.Linear):
+    """An ``nn.Linear`` with the same lrcc factors as ``LowRankConv2d`` (a Linear is a 1x1 conv with one group):
+    ``lora_A`` (r, in), ``lora_B`` (out, r), ``sparse_weight`` / ``sparse_mask`` / ``residual`` shaped like
+    ``weight``; W_eff = W + scaling·B·A (lora_mode) or B·A + S⊙mask (+ E). The forward is one ``F.linear`` with
+    W_eff, except LoRA while its factors train: x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ, which needs no gradient of a full-size
+    weight (and applies the dropout to the low-rank branch's input)."""
+    convert_options = None
+    groups = 1
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, mode, rank,
+                 lora_alpha=None, lora_dropout=0.0, keep_residual=True):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        _init_factors(self, mode, rank, lora_alpha, lora_dropout, keep_residual)
+
+    @classmethod
+    def from_linear(cls, linear, **lrcc_options):
+        """A LowRankLinear sharing ``linear``'s weight and bias parameters (factors still to be set)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                    dtype=linear.weight.dtype, **lrcc_options)
+        layer.weight = linear.weight
+        layer.weight.requires_grad_(False)
+        layer.bias = linear.bias
+        return layer.train(linear.training)
+
+    @property
+    def group_matrix_shape(self):
+        return tuple(self.weight.shape)
+
+    def options(self):
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "mode": self.mode, "rank": self.rank, "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout_p, "keep_residual": self.keep_residual}
+
+    low_rank_weight = LowRankConv2d.low_rank_weight
+    effective_weight = LowRankConv2d.effective_weight
+    set_decomposition = LowRankConv2d.set_decomposition
+
+    def forward(self, x):
+        factors_train = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        if self.mode == "lora_mode" and (factors_train or (self.lora_dropout_p > 0 and self.training)):
+            # the factored form: x·Wᵀ + s·(x·Aᵀ)·Bᵀ needs no gradient of a full-size weight (LoRA's usual form);
+            # dropout, when set, acts on the low-rank branch's input
+            hidden = self.lora_dropout(x) if self.training else x
+            low_rank = nn.functional.linear(nn.functional.linear(hidden, self.lora_A), self.lora_B)
+            return nn.functional.linear(x, self.weight, self.bias) + self.scaling * low_rank
+        return nn.functional.linear(x, self.effective_weight(), self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", mode={self.mode}, rank={self.rank}"
+
+
+LOW_RANK_LAYERS = (LowRankConv2d, LowRankLinear)
+
+
+def low_rank_layer(module, **lrcc_options):
+    """The lrcc layer of a plain ``nn.Conv2d`` or ``nn.Linear`` (sharing its weight and bias)."""
+    if isinstance(module, nn.Conv2d):
+        return LowRankConv2d.from_conv(module, **lrcc_options)
+    return LowRankLinear.from_linear(module, **lrcc_options)
+
+
 # ----------------------------------------------------------------------------------------------------
 # decomposition
 
 def layer_rank(conv, r=0, r_ratio=0.25):
-    """Rank per group: ``r`` if > 0, else int(in_channels/groups * r_ratio) (the seed's documented rule,
-    input channels x r_ratio), at least 1, capped at the group matrix's full rank."""
-    out_c, in_per_group, kh, kw = conv.weight.shape
-    full = min(out_c // conv.groups, in_per_group * kh * kw)
+    """Rank per group of a conv (or of a Linear: in_features for in_channels): ``r`` if > 0, else
+    int(in_channels/groups * r_ratio) (the seed's documented rule, input channels x r_ratio), at least 1, capped
+    at the group matrix's full rank."""
+    out_c, in_per_group = conv.weight.shape[:2]  # a Linear's (out, in) is a 1x1 conv with one group
+    kernel = conv.weight[0, 0].numel()
+    groups = getattr(conv, "groups", 1)
+    full = min(out_c // groups, in_per_group * kernel)
     if r < 0 or (r == 0 and r_ratio <= 0):
         raise ValueError(f"need r > 0 or r_ratio > 0, got r={r}, r_ratio={r_ratio}")
     rank = int(r) if r > 0 else int(in_per_group * r_ratio)
@@ -290,8 +361,21 @@ def _replace_module(model, name, new):
 
 def _has_plain_conv_forward(module):
     # subclasses that change forward (weight standardisation, ...) are not convertible exactly
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
     return (type(module).forward is nn.Conv2d.forward
             and type(module)._conv_forward is nn.Conv2d._conv_forward)
+
+
+def _candidates(model, include_linear):
+    """(name, layer) of the plain nn.Conv2d (and with ``include_linear`` nn.Linear) layers of ``model``. A Linear
+    held by an nn.MultiheadAttention is left out: that module reads its ``out_proj.weight`` directly, so a
+    converted layer there would be ignored."""
+    attention_children = {f"{n}.{c}" if n else c for n, m in model.named_modules()
+                          if isinstance(m, nn.MultiheadAttention) for c, _ in m.named_children()}
+    kinds = (nn.Conv2d, nn.Linear) if include_linear else (nn.Conv2d,)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)
+            and not isinstance(m, LOW_RANK_LAYERS) and n not in attention_children]
 
 
 def model_convert_conv(model, mode, cache_path=None, convert_op_name=(), ignore_op_name=(), fix_op_name=(),
@@ -306,7 +390,9 @@ def model_convert_conv(model, mode, cache_path=None, convert_op_name=(), ignore_
     ``cache_path``: file caching the decomposition, reused when settings and weights match (None: not
     cached); ``lora_mode`` does not use it. ``path=`` is its deprecated old name.
     ``merge_parameter=True`` returns ``merge(converted)``: plain convs with the effective weights.
-    Extras: ``lora_alpha`` (None -> scaling 1, as the seed), ``lora_dropout`` (0.0),
+    Extras: ``lora_alpha`` (None -> scaling 1, as the seed), ``lora_dropout`` (0.0), ``include_linear`` (False:
+    Conv2d only, as the seed; True: nn.Linear layers too, e.g. a transformer's attention and MLP; the selection
+    lists then match Linear names as well),
     ``keep_residual`` (True: W_eff == W at init; False: the seed's W ≈ U·V + S), ``verbose`` (True).
     Outside converted layers ``requires_grad`` is untouched (BatchNorm, classifier, biases train);
     call ``mark_only_lrcc_as_trainable`` to train the adapter alone.
@@ -340,14 +426,14 @@ def model_convert_conv(model, mode, cache_path=None, convert_op_name=(), ignore_
     log = print if opts["verbose"] else (lambda *a, **k: None)
 
     model = copy.deepcopy(model)
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
-             and not isinstance(m, LowRankConv2d)]
+    convs = _candidates(model, opts["include_linear"])
     conv_names = [n for n, _ in convs]
     for arg, patterns in (("convert_op_name", convert_op_name), ("ignore_op_name", ignore_op_name),
                           ("fix_op_name", fix_op_name)):
         for p in patterns:
             if not any(p in n for n in conv_names):
-                raise ValueError(f"{arg} entry {p!r} matches no nn.Conv2d layer; conv layers are: {conv_names}")
+                kinds = "nn.Conv2d/nn.Linear" if opts["include_linear"] else "nn.Conv2d"
+                raise ValueError(f"{arg} entry {p!r} matches no {kinds} layer; such layers are: {conv_names}")
 
     converted, ignored, fixed = [], [], []
     for name, conv in convs:
@@ -362,7 +448,7 @@ def model_convert_conv(model, mode, cache_path=None, convert_op_name=(), ignore_
             raise ValueError(f"conv layer {name!r} is a {type(conv).__name__} with its own forward, which lrcc "
                              "cannot convert exactly; add it to ignore_op_name or fix_op_name")
         else:
-            layer = LowRankConv2d.from_conv(conv, mode=mode, rank=layer_rank(conv, r, r_ratio),
+            layer = low_rank_layer(conv, mode=mode, rank=layer_rank(conv, r, r_ratio),
                                             lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
                                             keep_residual=opts["keep_residual"])
             model = _replace_module(model, name, layer)
@@ -376,7 +462,8 @@ def model_convert_conv(model, mode, cache_path=None, convert_op_name=(), ignore_
         layer.convert_options = call_options
     if not converted:
         raise ValueError(f"lrcc.model_convert_conv found nothing to convert in {type(model).__name__}: it has no "
-                         f"nn.Conv2d layer outside ignore_op_name/fix_op_name (conv layers: {conv_names})")
+                         f"{'nn.Conv2d/nn.Linear' if opts['include_linear'] else 'nn.Conv2d'} layer outside ignore_op_name/"
+                         f"fix_op_name (such layers: {conv_names})")
     if mode != "lora_mode" and converted:
         _decompose_layers(converted, r, r_ratio, compress_step, lambda_s, cache_path, log)
     log(f"lrcc: mode={mode}: converted {len(converted)} conv layers "
@@ -401,7 +488,7 @@ def mark_only_lrcc_as_trainable(model):
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in model.modules():
-        if isinstance(layer, LowRankConv2d):
+        if isinstance(layer, LOW_RANK_LAYERS):
             for name in TRAINABLE_BY_MODE[layer.mode]:
                 getattr(layer, name).requires_grad_(True)
     return model
@@ -409,9 +496,13 @@ def mark_only_lrcc_as_trainable(model):
 
 @torch.no_grad()
 def _merged_conv(layer):
-    conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                     layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
-                     device=layer.weight.device, dtype=layer.weight.dtype)
+    if isinstance(layer, LowRankLinear):
+        conv = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=layer.weight.device,
+                         dtype=layer.weight.dtype)
+    else:
+        conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
+                         device=layer.weight.device, dtype=layer.weight.dtype)
     conv.weight.copy_(layer.effective_weight())
     if layer.bias is not None:
         conv.bias.copy_(layer.bias)
@@ -421,9 +512,9 @@ def _merged_conv(layer):
 
 
 def merge(model):
-    """A deep copy with every LowRankConv2d replaced by a plain nn.Conv2d holding its effective weight
-    (trainable, as a fresh conv is); ``model`` is not modified."""
+    """A deep copy with every LowRankConv2d (LowRankLinear) replaced by a plain nn.Conv2d (nn.Linear) holding its
+    effective weight (trainable, as a fresh layer is); ``model`` is not modified."""
     model = copy.deepcopy(model)
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankConv2d)]:
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LOW_RANK_LAYERS)]:
         model = _replace_module(model, name, _merged_conv(layer))
     return model

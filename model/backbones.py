@@ -14,19 +14,28 @@
   fine-tune a dozen times on a 2-core CPU in a quarter of an hour.
 - ``resnet50_tv``: torchvision's ResNet-50 (7x7 stem: ``layer0`` = conv1, bn1, relu, maxpool), dilated the same way.
 - ``swin_t`` / ``swin_s`` / ``swin_b``: torchvision's Swin Transformers, stages as in ``model/swin.py``; output stride 32.
+- ``timm:<name>``: any timm model (model/timm_backbone.py): DINOv2/DINOv3 ViTs, ConvNeXt, timm's ResNets ...
 - ``vgg16_bn``: torchvision's VGG16-bn ``features`` split into stages as PFENet/BAM do (indices 0-6, 7-13,
   14-23, 24-33, 34-42; the last max-pool dropped) with ceil-mode max-pools as in their vgg.py; output stride 16.
+
+Each name belongs to one family of ``FAMILIES`` (resnet-deep, torchvision, vgg, swin, timm-vit, timm-hierarchical,
+timm-cnn): the entry says which outputs play layer0-4, their strides, the archs it is wired for, and ``build_backbone``
+builds through it. Every backbone answers ``stage_prefixes(stage)`` / ``stage_modules(stage)`` (what a stage of
+``finetune_stages`` is made of), which is all model/finetune.py needs.
 
 Parameter names inside the stages are those of the released weight files (``layer0.conv1``, ``layer1.0.conv2``,
 ``layer2.3.downsample.0`` ...) so that ``model.weights`` only has to move the stem keys under ``layer0``.
 """
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Backbone", "build_backbone", "BACKBONES", "STAGES", "DILATION_RULES"]
+__all__ = ["Backbone", "build_backbone", "BACKBONES", "STAGES", "DILATION_RULES", "FAMILIES", "Family",
+           "family_of", "ALL_ARCHS"]
 
 STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
 DILATION_RULES = ("every_block", "torchvision")
@@ -84,6 +93,8 @@ class Backbone(nn.Module):
     ``channels_last``: the stages work on (N, H, W, C) (Swin); the outputs are (N, C, H, W) all the same."""
 
     channels_last = False
+    chains_stages = True  # each stage reads the previous stage's output (BAM's base learner may restart there)
+    family = None
 
     def __init__(self, name, stages, channels, output_stride):
         super().__init__()
@@ -93,6 +104,30 @@ class Backbone(nn.Module):
         self.channels = dict(zip(STAGES, channels))
         self.output_stride = output_stride
         self.dilation_rule = None  # set for the dilated ResNets
+
+    def _check_stage(self, stage):
+        if stage not in STAGES:
+            raise ValueError(f"finetune_stages entry {stage!r}: the {self.name} backbone has the stages "
+                             f"{', '.join(STAGES)} only (module paths like blocks.6-11 are for timm backbones)")
+
+    def stage_prefixes(self, stage):
+        """Parameter-name prefixes of ``stage`` (``finetune_stages``' names; timm backbones take module paths too)."""
+        self._check_stage(stage)
+        return (f"{stage}.",)
+
+    def stage_modules(self, stage):
+        """(name, module) of the modules that make ``stage``."""
+        self._check_stage(stage)
+        return [(stage, getattr(self, stage))]
+
+    def svf_excluded(self, stages):
+        """Modules svf.resolver leaves plain: none (the frozen stages are resolved too, as always: their
+        checkpoints keep the SVD names)."""
+        return []
+
+    def describe(self):
+        return (f"{self.name} ({self.family}): stages {', '.join(STAGES)}; widths "
+                + "/".join(str(self.channels[s]) for s in STAGES) + f"; output stride {self.output_stride}")
 
     def forward(self, x, layer4_mask=None):
         """All five stage outputs, as a list [layer0 .. layer4]. With ``layer4_mask`` (N, 1, H, W) in [0, 1],
@@ -210,11 +245,89 @@ def _swin(name):
     return swin_backbone(name)
 
 
-def build_backbone(name, dilation_rule="every_block"):
-    """A randomly initialised backbone by name (one of ``BACKBONES``) with the ResNet dilation rule
-    ``dilation_rule`` (one of ``DILATION_RULES``); load weights with ``model.weights``."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}: expected one of {sorted(BACKBONES)}")
+ALL_ARCHS = ("pspnet", "baseline", "pfenet", "bam")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family of backbones: which of its outputs play layer0 .. layer4 (``layers``, ``strides``: the rule, in
+    words, for the docs and ``python -m model.summary``), how to build one, and the few-shot archs it is wired for.
+    ``names``: the fixed backbone names it builds; ``timm_modules``: for ``timm:<name>``, the timm modules whose
+    models it takes (``()``: every other timm model)."""
+    name: str
+    layers: str
+    strides: str
+    names: tuple = ()
+    timm_modules: Optional[tuple] = None
+    archs: tuple = ALL_ARCHS
+    create_kwargs: tuple = ()  # timm.create_model options ((key, value) pairs), passed where the model takes them
+
+
+FAMILIES = (
+    Family("resnet-deep", "layer0 = deep stem (3x3 convs 3-64-64-128 + max-pool), layer1-4 = the four residual stages",
+           "4, 4, 8, 8, 8 (layer3/4 dilated 2/4)", names=("resnet50", "resnet101", "resnet18_deep", "resnet18_deep_half")),
+    Family("torchvision", "layer0 = conv1, bn1, relu, maxpool; layer1-4 = torchvision's layer1-4",
+           "4, 4, 8, 8, 8 (layer3/4 dilated 2/4)", names=("resnet50_tv",)),
+    Family("vgg", "features split as PFENet/BAM: [0:7], [7:14], [14:24], [24:34], [34:43]", "2, 4, 8, 16, 16",
+           names=("vgg16_bn",)),
+    Family("swin", "layer0 = patch embedding, layer1-4 = the four stages (torchvision's features 1, 2-3, 4-5, 6-7)",
+           "4, 4, 8, 16, 32", names=("swin_t", "swin_s", "swin_b"), archs=("baseline", "pfenet")),
+    Family("timm-vit", "layer0 = patch embedding + tokens + position embedding; layer1-4 = the blocks in four equal "
+           "runs ([0, d/4), [d/4, d/2), [d/2, 3d/4), [3d/4, d) + final norm); feature = the last block's patch tokens "
+           "through the final norm", "the patch size (14 or 16) for every layer; the image resized to the nearest "
+           "multiple of it", timm_modules=("vision_transformer", "eva", "deit"),
+           create_kwargs=(("dynamic_img_size", True),)),
+    Family("timm-hierarchical", "layer0 = stem / patch embedding, layer1-4 = the four stages (timm's feature_info)",
+           "4, 4, 8, 16, 32", timm_modules=("convnext", "swin_transformer", "swin_transformer_v2"),
+           create_kwargs=(("strict_img_size", False),)),  # Swin: any input size (windows padded)
+    Family("timm-cnn", "layer0 = every trunk module before the last four feature_info levels (ResNet: conv1, bn1, "
+           "act1, maxpool), layer1-4 = the trunk up to each of those levels", "feature_info's; output_stride=8 where the "
+           "model takes it (ResNets: 2, 4, 8, 8, 8)", timm_modules=(), create_kwargs=(("output_stride", 8),)),
+)
+
+
+def family_of(name):
+    """The ``Family`` of backbone ``name`` (``timm:<name>`` goes by the timm module that defines the model)."""
+    if name.startswith("timm:"):
+        from .timm_backbone import timm_module, timm_name
+        module = timm_module(timm_name(name))
+        timm_families = [f for f in FAMILIES if f.timm_modules is not None]
+        return next((f for f in timm_families if module in f.timm_modules),
+                    next(f for f in timm_families if f.timm_modules == ()))
+    for family in FAMILIES:
+        if name in family.names:
+            return family
+    raise ValueError(f"unknown backbone {name!r}: expected one of {sorted(BACKBONES)} or timm:<timm model name>")
+
+
+def _build_timm(name, family, hub=False, timm_kwargs=None):
+    from .timm_backbone import FeatureBackbone, ViTBackbone, create, timm_module, timm_name
+    short = timm_name(name)
+    kwargs = dict(family.create_kwargs)
+    kwargs.update(timm_kwargs or {})
+    try:
+        net = create(short, hub=hub, **kwargs)
+    except ValueError:  # the family's options apply where the model takes them (a CNN that does not dilate
+        optional = [k for k in dict(family.create_kwargs) if k not in (timm_kwargs or {})]  # keeps its stride)
+        if not optional:
+            raise
+        net = create(short, hub=hub, **{k: v for k, v in kwargs.items() if k not in optional})
+    cls = ViTBackbone if family.name == "timm-vit" else FeatureBackbone
+    return cls(name, net, family.name, timm_module(short))
+
+
+def build_backbone(name, dilation_rule="every_block", hub=False, timm_kwargs=None):
+    """A randomly initialised backbone by name (one of ``BACKBONES``, or ``timm:<name>``) with the ResNet dilation
+    rule ``dilation_rule`` (one of ``DILATION_RULES``); load weights with ``model.weights``. ``hub``: a timm model
+    with timm's own pretrained weights (downloaded); ``timm_kwargs``: options of ``timm.create_model``."""
     if dilation_rule not in DILATION_RULES:
         raise ValueError(f"unknown dilation_rule {dilation_rule!r}: expected one of {DILATION_RULES}")
-    return BACKBONES[name](dilation_rule)
+    family = family_of(name)
+    if family.timm_modules is not None:
+        return _build_timm(name, family, hub, timm_kwargs)
+    if hub or timm_kwargs:
+        raise ValueError(f"backbone={name} is not a timm model: pretrained=hub and backbone_kwargs apply to "
+                         "backbone=timm:<name> only; give a weights file")
+    backbone = BACKBONES[name](dilation_rule)
+    backbone.family = family.name
+    return backbone

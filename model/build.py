@@ -4,7 +4,10 @@ How the config chooses the model:
 - ``arch``: ``pspnet`` (BAM's stage 1) | ``baseline`` | ``pfenet`` | ``bam``;
 - ``backbone``: ``resnet50`` | ``resnet101`` | ``resnet18_deep`` | ``vgg16_bn`` | ``resnet50_tv``, dilated by
   ``dilation_rule`` (``auto``: BAM's rule for bam/pspnet, torchvision's for baseline/pfenet, as the released code);
-- ``pretrained``: backbone weights file (or null: random init, with a warning); for ``bam`` the backbone and
+  ``swin_t/s/b``; ``timm:<name>`` (any timm model, ``backbone_kwargs`` its ``timm.create_model`` options); each
+  name belongs to one family of ``model.backbones.FAMILIES``, which says which outputs play layer0-4;
+- ``pretrained``: backbone weights file (or null: random init, with a warning; ``hub``: timm downloads the weights
+  of a ``timm:`` backbone); for ``bam`` the backbone and
   the base learner come from ``base_learner`` (the stage-1 PSPNet checkpoint) instead;
 - ``finetune`` (or, when null, ``svf``): how the backbone trains, one entry of the registry in model/finetune.py.
   ``svf`` (svf: true): the backbone goes through ``svf.resolver`` (exact SVD of every conv) and
@@ -21,12 +24,14 @@ import os
 import warnings
 
 import svf
+from engine.checkpoint import check_weights
 
 from . import finetune
-from .backbones import build_backbone
+from .backbones import build_backbone, family_of
 from .fewshot import BAM, PFENet, Baseline
 from .pspnet import PSPNet
 from .released import convert_released, detect_format
+from .timm_backbone import HUB
 from .weights import load_backbone_weights, load_state_dict_strict, read_state_dict
 
 __all__ = ["build_model", "param_groups", "ARCHS", "dilation_rule", "load_base_learner",
@@ -67,10 +72,18 @@ def dilation_rule(cfg):
     return rule
 
 
+def _plain_backbone(cfg, hub=False):
+    """The backbone ``cfg`` names, randomly initialised (``hub``: a timm model with timm's downloaded weights)."""
+    return build_backbone(cfg.backbone, dilation_rule(cfg), hub=hub, timm_kwargs=cfg.backbone_kwargs or None)
+
+
 def _backbone_from(cfg):
-    backbone = build_backbone(cfg.backbone, dilation_rule(cfg))
     path = cfg.pretrained
-    if path:
+    hub = path == HUB
+    backbone = _plain_backbone(cfg, hub=hub)
+    if hub:  # timm downloaded them: the weight rule still applies
+        check_weights(backbone.state_dict(), f"{HUB}:{cfg.backbone}", "backbone weights")
+    elif path:
         load_backbone_weights(backbone, path)
     else:
         warnings.warn(f"pretrained is not set: the {backbone.name} backbone is randomly initialised "
@@ -108,14 +121,15 @@ def build_model(cfg):
     arch = cfg.arch
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: expected one of {ARCHS}")
-    if cfg.backbone.startswith("swin") and arch not in ("baseline", "pfenet"):
-        raise ValueError(f"backbone={cfg.backbone} is wired for arch=baseline and arch=pfenet only "
+    family = family_of(cfg.backbone)
+    if arch not in family.archs:
+        raise ValueError(f"backbone={cfg.backbone} is wired for {' and '.join('arch=' + a for a in family.archs)} only "
                          f"(got arch={arch}): BAM's base learner and the PSPNet head expect a ResNet/VGG layout")
     reduce_dim, aux = int(cfg.reduce_dim), float(cfg.aux_loss_weight)
     if arch == "bam":
         path = cfg.base_learner
         if path:
-            pspnet = _pspnet(cfg, build_backbone(cfg.backbone, dilation_rule(cfg)))
+            pspnet = _pspnet(cfg, _plain_backbone(cfg))
             load_base_learner(pspnet, path)
         else:
             warnings.warn("base_learner is not set: BAM's base learner (PSPNet head) is randomly initialised "

@@ -245,7 +245,9 @@ class BAM(FewShotModel):
         if self.base_backbone is None:
             return query_layers[4]
         shared = int(self.base_shared_stages)
-        x = query_img if shared == 0 else query_layers[shared - 1]
+        if shared == 0:  # from the image (every backbone; a ViT's features are not its next stage's input)
+            return self.base_backbone(query_img)[4]
+        x = query_layers[shared - 1]
         for stage in STAGES[shared:]:
             x = getattr(self.base_backbone, stage)(x)
         return x

@@ -16,6 +16,10 @@ Each ``Method`` declares, in one entry of ``METHODS``:
   in eval mode (PFENet/BAM), and every other method keeps the statistics frozen;
 - ``refuses(backbone, stages, cfg)``: a one-line reason when the method cannot work on this backbone, or None.
 
+A stage of ``finetune_stages`` is whatever the backbone says it is made of (``stage_prefixes`` / ``stage_modules``:
+``layer0 .. layer4``, or for a timm backbone also its module paths such as ``blocks.6-11``), so every method works
+on every backbone family (model/backbones.py ``FAMILIES``) without a branch per backbone.
+
 ``apply(model, cfg)`` is what ``model.build.build_model`` calls; ``param_groups`` reads the group and LR key
 from here; ``trainable_names(backbone, cfg)`` is the exact set a method trains (tests, the checks below).
 ``finetune: null`` derives the method from ``svf`` (``common.config.finetune_method``): the derived full
@@ -25,6 +29,7 @@ import copy
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
 import svf
@@ -36,20 +41,37 @@ __all__ = ["Method", "METHODS", "method_of", "tuned_stages", "apply", "trainable
            "merged", "describe", "describe_ranks", "state_config_keys"]
 
 _BN = nn.modules.batchnorm._BatchNorm
+_LAYER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)  # timm's LayerNorm/LayerNorm2d subclass nn.LayerNorm
 
 
 def _stage_modules(backbone, stages):
-    return [(s, getattr(backbone, s)) for s in stages]
+    """(name in the backbone, module) of every module of ``stages`` (layer0..4, or a timm backbone's module paths)."""
+    return [(n, m) for s in stages for n, m in backbone.stage_modules(s)]
+
+
+def _in_stages(backbone, stages):
+    """A predicate on backbone parameter names: does the name belong to one of ``stages``?"""
+    prefixes = tuple(p for s in stages for p in backbone.stage_prefixes(s))
+    exact = {p for p in prefixes if not p.endswith(".")}
+    starts = tuple(p for p in prefixes if p.endswith("."))
+    return lambda name: name in exact or name.startswith(starts)
 
 
 def _mark(backbone, stages, wanted):
-    """requires_grad on the parameters of ``stages`` for which ``wanted(module, param_name)`` holds."""
-    for stage, module in _stage_modules(backbone, stages):
-        for sub in module.modules():
-            for name, p in sub.named_parameters(recurse=False):
-                if wanted(sub, name):
-                    p.requires_grad_(True)
+    """requires_grad on the parameters of ``stages`` for which ``wanted(owner module, param_name)`` holds."""
+    inside = _in_stages(backbone, stages)
+    for name, p in backbone.named_parameters():
+        if inside(name):
+            owner, _, leaf = name.rpartition(".")
+            if wanted(backbone.get_submodule(owner) if owner else backbone, leaf):
+                p.requires_grad_(True)
     return backbone
+
+
+def _norm_kinds(backbone, stages):
+    """The norm layers ``bn`` trains: BatchNorm where the tuned stages have any, else LayerNorm/GroupNorm/RMSNorm."""
+    modules = [x for _, m in _stage_modules(backbone, stages) for x in m.modules()]
+    return _BN if any(isinstance(x, _BN) for x in modules) else _LAYER_NORMS
 
 
 # ---- prepare: per method ---------------------------------------------------------------------------------
@@ -59,16 +81,16 @@ def _prepare_freeze(backbone, stages, cfg):
 
 
 def _prepare_svf(backbone, stages, cfg):
-    resolved = svf.resolver(backbone)  # a converted copy; exact at ratio 1.0
-    frozen = [s for s in STAGES if s not in stages]
-    svf.apply_paper_freezing(resolved, frozen, stages, factors=cfg.svf_factors)
+    # a converted copy, exact at ratio 1.0 (a timm backbone leaves the modules outside the tuned stages plain)
+    resolved = svf.resolver(backbone, excluded_layers=backbone.svf_excluded(stages))
+    tuned = [n for n, m in _stage_modules(resolved, stages) if any(isinstance(x, svf.SVDLayer) for x in m.modules())]
+    # the paper's freezing: everything frozen (BatchNorm in eval) but the singular values of the tuned stages
+    svf.prepare(resolved, tuned, frozen_stages="rest", factors=cfg.svf_factors, verbose=False)
     return resolved
 
 
 def _prepare_full(backbone, stages, cfg):
-    for _, module in _stage_modules(backbone, stages):
-        module.requires_grad_(True)
-    return backbone
+    return _mark(backbone, stages, lambda m, n: True)
 
 
 def _prepare_bias(backbone, stages, cfg):
@@ -76,7 +98,8 @@ def _prepare_bias(backbone, stages, cfg):
 
 
 def _prepare_bn(backbone, stages, cfg):
-    return _mark(backbone, stages, lambda m, n: isinstance(m, _BN))
+    kinds = _norm_kinds(backbone, stages)
+    return _mark(backbone, stages, lambda m, n: isinstance(m, kinds))
 
 
 def _lrcc_convert(backbone, stages, mode, cfg):
@@ -87,14 +110,43 @@ def _lrcc_convert(backbone, stages, mode, cfg):
         options["lora_alpha"] = cfg.lora_alpha
     else:
         options.update(compress_step=int(cfg.dna_compress_step), lambda_s=float(cfg.dna_lambda_s))
-    for stage in stages:
+    _check_layers_run(backbone, stages, cfg)
+    for name, module in _stage_modules(backbone, stages):
+        if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules()):
+            continue  # a norm layer or an embedding: nothing to convert
         cache = None
-        if mode != "lora_mode" and cfg.dna_cache:  # one file per stage: the cache key is per call
+        if mode != "lora_mode" and cfg.dna_cache:  # one file per stage module: the cache key is per call
             root, ext = (cfg.dna_cache.rsplit(".", 1) + [""])[:2] if "." in cfg.dna_cache else (cfg.dna_cache, "")
-            cache = f"{root}.{stage}" + (f".{ext}" if ext else "")
-        converted = lrcc.model_convert_conv(getattr(backbone, stage), mode, cache_path=cache, **options)
-        setattr(backbone, stage, converted)  # the converted layers' own factors train (lrcc.TRAINABLE_BY_MODE)
+            cache = f"{root}.{name}" + (f".{ext}" if ext else "")
+        converted = lrcc.model_convert_conv(module, mode, cache_path=cache, include_linear=True, **options)
+        backbone.set_submodule(name, converted)  # the converted layers' own factors train (lrcc.TRAINABLE_BY_MODE)
     return backbone
+
+
+def _check_layers_run(backbone, stages, cfg):
+    """Every layer lrcc converts must be called by the forward pass: a module that reads a layer's ``weight``
+    instead (torchvision's Swin attention; timm's attention with separate q/v biases, the *_qkvb models) would
+    silently ignore the adapter. One look at a small image tells, before anything is converted."""
+    attention = {id(c) for m in backbone.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()}
+    layers = {f"{n}.{sub}" if sub else n: m for n, module in _stage_modules(backbone, stages)
+              for sub, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in attention}
+    called = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: called.add(n)) for n, m in layers.items()]
+    training = backbone.training
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            backbone(torch.zeros(1, 3, 64, 64, device=next(backbone.parameters()).device))
+    finally:
+        backbone.train(training)
+        for h in hooks:
+            h.remove()
+    unused = [n for n in layers if n not in called]
+    if unused:
+        raise ValueError(f"finetune={cfg.finetune}: the {backbone.name} backbone reads the weight of {unused[0]} "
+                         f"directly instead of calling the layer ({len(unused)} such layers), so a LoRA/DnA layer "
+                         "there would be ignored; use finetune=svf (its layers give the merged weight when read), "
+                         "bias, bn or full")
 
 
 def _prepare_lora(backbone, stages, cfg):
@@ -108,37 +160,39 @@ def _prepare_dna(backbone, stages, cfg):
 # ---- refusals ----------------------------------------------------------------------------------------------
 
 def _stages_without(backbone, stages, kind):
-    return [s for s, m in _stage_modules(backbone, stages) if not any(isinstance(x, kind) for x in m.modules())]
+    return [s for s in stages
+            if not any(isinstance(x, kind) for _, m in backbone.stage_modules(s) for x in m.modules())]
 
 
 def _refuses_bn(backbone, stages, cfg):
-    missing = _stages_without(backbone, stages, _BN)
+    missing = _stages_without(backbone, stages, _norm_kinds(backbone, stages))
     if missing:
-        return (f"finetune=bn trains BatchNorm gamma/beta, but the {backbone.name} backbone's {missing[0]} has no "
-                "BatchNorm layer; use finetune=bias or full for it")
+        return (f"finetune=bn trains norm layers (BatchNorm, or LayerNorm where there is no BatchNorm), but the "
+                f"{backbone.name} backbone's {missing[0]} has none; use finetune=bias or full for it")
     return None
 
 
 def _refuses_bias(backbone, stages, cfg):
-    missing = [s for s, m in _stage_modules(backbone, stages) if not any(n.endswith("bias") for n, _ in m.named_parameters())]
+    missing = [s for s in stages if not any(n.endswith("bias") for n, _ in backbone.named_parameters()
+                                            if _in_stages(backbone, [s])(n))]
     if missing:
         return f"finetune=bias: the {backbone.name} backbone's {missing[0]} has no bias parameter to train"
     return None
 
 
 def _refuses_lrcc(backbone, stages, cfg):
-    missing = _stages_without(backbone, stages, nn.Conv2d)
+    missing = _stages_without(backbone, stages, (nn.Conv2d, nn.Linear))
     if missing:
-        return (f"finetune={cfg.finetune} converts nn.Conv2d layers (lrcc), but the {backbone.name} backbone's "
-                f"{missing[0]} has none (its blocks are Linear layers); use finetune=svf, bias or full for it")
+        return (f"finetune={cfg.finetune} converts nn.Conv2d and nn.Linear layers (lrcc), but the {backbone.name} "
+                f"backbone's {missing[0]} has none; use finetune=bias or full for it")
     return None
 
 
 # ---- trainable sets (independent of prepare: the tests and param_groups check one against the other) -------
 
 def _names_in(backbone, stages, wanted):
-    prefixes = tuple(f"{s}." for s in stages)
-    return {n for n, p in backbone.named_parameters() if n.startswith(prefixes) and wanted(n)}
+    inside = _in_stages(backbone, stages)
+    return {n for n, p in backbone.named_parameters() if inside(n) and wanted(n)}
 
 
 def _svf_factor_names(name, factors):
@@ -169,11 +223,16 @@ class Method:
 def _lrcc_trainable(backbone, stages, cfg):
     import lrcc
     out = set()
-    for stage in stages:
-        for name, m in getattr(backbone, stage).named_modules():
-            if isinstance(m, lrcc.LowRankConv2d):
-                out.update(f"{stage}.{name}.{t}" for t in lrcc.TRAINABLE_BY_MODE[m.mode])
+    for stage_name, module in _stage_modules(backbone, stages):
+        for name, m in module.named_modules():
+            if isinstance(m, lrcc.LOW_RANK_LAYERS):
+                out.update(f"{stage_name}.{name}.{t}" if name else f"{stage_name}.{t}" for t in lrcc.TRAINABLE_BY_MODE[m.mode])
     return out
+
+
+def _norm_trainable(backbone, stages, cfg):
+    kinds = _norm_kinds(backbone, stages)
+    return _names_in(backbone, stages, lambda n: isinstance(backbone.get_submodule(n.rpartition(".")[0]), kinds))
 
 
 def _lrcc_merge(backbone):
@@ -195,15 +254,14 @@ METHODS = {m.name: m for m in (
            in_place=True, group="biases", lr_key="bias_lr_mult",
            trainable=lambda b, s, c: _names_in(b, s, lambda n: n.rsplit(".", 1)[-1] == "bias"),
            refuses=_refuses_bias),
-    Method("bn", "BatchNorm gamma and beta (statistics stay frozen)", _prepare_bn, in_place=True,
-           group="batchnorm", lr_key="bn_lr_mult",
-           trainable=lambda b, s, c: {f"{st}.{n}.{p}" for st in s for n, m in getattr(b, st).named_modules()
-                                      if isinstance(m, _BN) for p, _ in m.named_parameters(recurse=False)},
-           refuses=_refuses_bn),
-    Method("lora", "LoRA factors A, B of every conv (lrcc lora_mode; rank lrcc_rank / lrcc_rank_ratio)",
+    Method("bn", "norm-layer gamma and beta: BatchNorm (statistics stay frozen), or LayerNorm/GroupNorm on a backbone "
+           "without BatchNorm (ViTs, ConvNeXt)", _prepare_bn, in_place=True, group="batchnorm", lr_key="bn_lr_mult",
+           trainable=_norm_trainable, refuses=_refuses_bn),
+    Method("lora", "LoRA factors A, B of every conv and linear layer (lrcc lora_mode; rank lrcc_rank / lrcc_rank_ratio)",
            _prepare_lora, in_place=True, group="lora", lr_key="lora_lr_mult", trainable=_lrcc_trainable,
            merge=_lrcc_merge, refuses=_refuses_lrcc),
-    Method("dna", "DnA factors of every conv, W = U.V + S (lrcc dna_mode; rank lrcc_rank / lrcc_rank_ratio)",
+    Method("dna", "DnA factors of every conv and linear layer, W = U.V + S (lrcc dna_mode; rank lrcc_rank / "
+           "lrcc_rank_ratio)",
            _prepare_dna, in_place=True, group="dna", lr_key="dna_lr_mult", trainable=_lrcc_trainable,
            merge=_lrcc_merge, refuses=_refuses_lrcc),
 )}
@@ -228,7 +286,8 @@ def tuned_stages(cfg) -> tuple:
                              "PSPNet with svf false (finetune null) trains every stage as BAM's stage 1; set "
                              "finetune=full to train only some stages")
         return STAGES
-    return tuple(s for s in STAGES if s in cfg.finetune_stages)
+    named = tuple(s for s in cfg.finetune_stages if s not in STAGES)  # a timm backbone's module paths
+    return tuple(s for s in STAGES if s in cfg.finetune_stages) + named
 
 
 def trainable_names(backbone, cfg) -> set:
@@ -252,13 +311,16 @@ def apply(model, cfg):
     work = copy.deepcopy(plain) if changes and method.in_place and isinstance(model, BAM) else plain
     model.backbone = method.prepare(work, stages, cfg)
     if changes and isinstance(model, BAM):  # the base learner reads the original stage-1 backbone
-        shared = min(STAGES.index(s) for s in stages)  # the stages before the first tuned one are untouched
-        model.set_base_backbone(plain, shared_stages=shared)
+        # the stages before the first tuned one are untouched (a backbone whose features are not the next stage's
+        # input, e.g. a ViT, runs again from the image)
+        chained = plain.chains_stages and all(s in STAGES for s in stages)
+        model.set_base_backbone(plain, shared_stages=min(STAGES.index(s) for s in stages) if chained else 0)
     keeps_statistics = isinstance(model, PSPNet) and method.trains_bn_statistics
     if keeps_statistics:  # stage 1: the tuned stages update their statistics; the frozen ones do not
-        for stage in STAGES:
-            if stage not in stages:
-                svf.freeze_batchnorm(getattr(model.backbone, stage))
+        inside = _in_stages(model.backbone, stages)
+        for name, m in model.backbone.named_modules():
+            if isinstance(m, _BN) and not any(inside(f"{name}.{p}") for p, _ in m.named_parameters(recurse=False)):
+                svf.freeze_batchnorm(m)
     else:  # BatchNorm statistics (and Dropout) frozen: the backbone stays in eval mode (FrozenInEval)
         model.eval_modules = tuple(dict.fromkeys(model.eval_modules + ("backbone",)))
     expected = method.trainable(model.backbone, stages, cfg)

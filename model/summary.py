@@ -2,7 +2,8 @@
 
 Builds the model the config describes and prints what trains: the finetune method (model/finetune.py), the
 trainable-parameter line (``svf.print_trainable_parameters``), the backbone's trainable count and the counts per
-stage (``layer0`` .. ``layer4``) and per head. Overrides are the same ``key=value`` words as train.py and test.py
+stage (``layer0`` .. ``layer4``, and each module path of ``finetune_stages`` for a timm backbone) and per head, after
+the backbone's family rule (which outputs play layer0-4, widths, strides). Overrides are the same ``key=value`` words as train.py and test.py
 take (``--set key=value`` works too), e.g. ``finetune=lora lrcc_rank=8``.
 Works without the weights files: a ``pretrained`` / ``base_learner`` path that does not exist is replaced by
 random initialisation, with a note saying so.
@@ -26,13 +27,24 @@ def _count_line(name, module):
     return f"  {name:<14s} trainable {trainable:>12,d} / {total:>12,d}"
 
 
+def _stage_line(backbone, stage):
+    """The count line of one backbone stage (or a timm backbone's module path), by its parameter names."""
+    inside = finetune._in_stages(backbone, [stage])
+    params = [p for n, p in backbone.named_parameters() if inside(n)]
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return f"  {stage:<14s} trainable {trainable:>12,d} / {sum(p.numel() for p in params):>12,d}"
+
+
 def summarize(cfg, file=None):
     """Build the model for ``cfg`` and print its trainable line and per-stage counts; returns the model."""
     file = file or sys.stdout
     keys = ("base_learner", "pretrained") if cfg.arch == "bam" else ("pretrained",)
     for key in keys:
         path = getattr(cfg, key)
-        if path and not os.path.isfile(path):
+        if path == "hub" and key == "pretrained":
+            print("note: pretrained=hub (timm's download) not used for this summary: random initialisation", file=file)
+            setattr(cfg, key, None)
+        elif path and not os.path.isfile(path):
             print(f"note: {key} file {path!r} not found: using random initialisation for this summary", file=file)
             setattr(cfg, key, None)
     with warnings.catch_warnings():
@@ -42,9 +54,11 @@ def summarize(cfg, file=None):
           file=file)
     print(finetune.describe(cfg), file=file)
     svf.print_trainable_parameters(model, file=file)
+    print(f"layout: {model.backbone.describe()}", file=file)
     print(_count_line("backbone", model.backbone), file=file)
-    for stage in STAGES:
-        print(_count_line(stage, getattr(model.backbone, stage)), file=file)
+    named = [s for s in finetune.tuned_stages(cfg) if s not in STAGES]  # a timm backbone's module paths
+    for stage in STAGES + tuple(named):
+        print(_stage_line(model.backbone, stage), file=file)
     backbones = ("backbone", "base_backbone")  # base_backbone: BAM+SVF's frozen copy read by its base learner
     heads = [c for n, c in model.named_children() if n not in backbones]
     trainable = sum(svf.count_parameters(c)[0] for c in heads)

@@ -208,13 +208,21 @@ def test_stage_one_statistics_and_stages():
 
 
 @pytest.mark.parametrize("method,backbone,message", [
-    ("bn", "swin_t", "has no BatchNorm layer; use finetune=bias or full"),
-    ("lora", "swin_t", "converts nn.Conv2d layers"),
-    ("dna", "swin_t", "converts nn.Conv2d layers"),
+    # torchvision's Swin attention reads qkv.weight / proj.weight itself: a LoRA/DnA layer there would be ignored
+    ("lora", "swin_t", r"reads the weight of layer2\.[0-9.]+attn\.qkv directly .*use finetune=svf"),
+    ("dna", "swin_t", r"reads the weight of layer2\.[0-9.]+attn\.qkv directly"),
 ])
 def test_refused_combinations(method, backbone, message):
     with pytest.raises(ValueError, match=message):
         build_model(tiny_cfg(backbone=backbone, finetune=method))
+
+
+def test_bn_tunes_layernorm_where_there_is_no_batchnorm():
+    model = _build(_cfg("bn", backbone="swin_t"))
+    modules = dict(model.backbone.named_modules())
+    trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.backbone.named_parameters() if n.startswith(("layer2.", "layer3.", "layer4."))
+                         and isinstance(modules[n.rsplit(".", 1)[0]], nn.LayerNorm)} and trainable
 
 
 @pytest.mark.parametrize("arch,backbone,method", [("pfenet", "resnet18_deep", "bn"), ("baseline", "vgg16_bn", "lora"),

@@ -14,12 +14,14 @@
 #   finetune_speed  Q4: benchmarks/finetune_speed.py: step time and peak memory of every fine-tuning method
 #                   (float32, AMP);
 #   finetune_5shot  the SVF step at 5-shot (the loader's 5-shot comparison);
+#   vit_speed       benchmarks/vit_speed.py: a DINOv3 ViT-S/16 backbone (timm, random init) at batch 8, 448x448: step
+#                   time and peak memory of frozen / floor / svf / lora rank 1 and 8 / full (layer2-4 tuned);
 #   loader_speed    Q3: benchmarks/loader_speed.py: episodes/s of train.py's loader (1-/5-shot, 4/8/16 workers) on
 #                   VOC-sized JPEGs made on the spot, against the GPU's consumption at batch 8 (svf_speed,
 #                   finetune_5shot).
 # Then tools/device_summary.py answers the four questions from the JSON files. Everything goes to $OUT (default
 # exp/device_check/<time>): summary.txt, steps.log (every step's output), pytest_cuda.xml, test_1shot.json,
-# svf_speed.json, s_movement.json, finetune_speed.json, finetune_5shot.json, loader_speed.json; data and checkpoints
+# svf_speed.json, s_movement.json, finetune_speed.json, finetune_5shot.json, loader_speed.json, vit_speed.json; data and checkpoints
 # to a temporary folder. Each step runs even when an earlier one failed; the summary lists them all and the exit
 # status is 1 when any failed.
 # Usage: sh tools/device_check.sh      (OUT=folder to choose where)
@@ -29,7 +31,7 @@
 set -u
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-ALL_STEPS="pytest_cuda data stage1 train test svf_speed s_movement finetune_speed finetune_5shot loader_speed"
+ALL_STEPS="pytest_cuda data stage1 train test svf_speed s_movement finetune_speed finetune_5shot loader_speed vit_speed"
 STEPS=${DEVICE_CHECK_STEPS:-$ALL_STEPS}
 TINY=${DEVICE_CHECK_TINY:-0}
 for s in $STEPS; do
@@ -56,6 +58,7 @@ if [ "$TINY" = 1 ]; then
     FT_ARGS="--size 33 --batch 1 --backbone resnet18_deep --iters 1 --warmup 1"
     FT_METHODS="freeze svf"
     LS_ARGS="--workers 0 1 --size 65 --image-size 64 --num-train 200 --batches 3"
+    VIT_ARGS="--size 32 --batch 1 --iters 1 --warmup 1"
 else
     SCALE=1
     SPEED_ARGS="--paper-size --iters 3 --warmup 1"
@@ -63,6 +66,7 @@ else
     FT_ARGS="--iters 3 --warmup 1"
     FT_METHODS="freeze svf full bias bn lora dna"
     LS_ARGS="--workers 4 8 16 --batches 25"
+    VIT_ARGS="--device cuda --size 448 --batch 8 --iters 10 --warmup 3"
 fi
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run if chosen, log to $WORK/NAME.log, record status and time
@@ -89,9 +93,9 @@ DATA=$WORK/data; LISTS=$WORK/lists; STAGE1=$WORK/stage1/best.pth; RUN=$WORK/run
 SET="data_root=$DATA list_dir=$LISTS min_class_pixels=128 workers=4 amp=true base_learner=$STAGE1 pretrained=$STAGE1"
 SET="$SET stage1_epochs=2 epochs=2 val_episodes=40 test_episodes=100 test_seeds=[321,322] exp_dir=$RUN"
 
-# limits (s): 85 + 20 + 35 + 35 + 25 + 60 + 95 + 60 + 20 + 45 = 480; the benchmarks write their JSON after
+# limits (s): 80 + 20 + 35 + 35 + 25 + 60 + 90 + 55 + 20 + 40 + 20 = 480; the benchmarks write their JSON after
 # each run or setting, so one stopped by its limit keeps what it measured
-step pytest_cuda 85 $PYTHON -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml"
+step pytest_cuda 80 $PYTHON -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml"
 step data 20 sh -c "$PYTHON -m dataset.synthetic --out $DATA --num-train 200 --num-val 60 --workers 8 && \
     $PYTHON -m dataset.make_lists pascal --data-root $DATA --list-dir $LISTS --min-class-pixels 128"
 # shellcheck disable=SC2086  # $SET and the *_ARGS are lists of words
@@ -104,16 +108,18 @@ step test 25 $PYTHON test.py --config config/demo_split0.yaml $SET --out "$OUT/t
 step svf_speed 60 $PYTHON benchmarks/svf_speed.py $SPEED_ARGS --skip-inference \
     --variants floor floor+fold svf_paper svf_ours svf_ours+fold --json "$OUT/svf_speed.json"
 # shellcheck disable=SC2086
-step s_movement 95 $PYTHON benchmarks/s_movement.py $SM_ARGS --json "$OUT/s_movement.json"
+step s_movement 90 $PYTHON benchmarks/s_movement.py $SM_ARGS --json "$OUT/s_movement.json"
 # shellcheck disable=SC2086
-step finetune_speed 60 $PYTHON benchmarks/finetune_speed.py $FT_ARGS --methods $FT_METHODS \
+step finetune_speed 55 $PYTHON benchmarks/finetune_speed.py $FT_ARGS --methods $FT_METHODS \
     --json "$OUT/finetune_speed.json"
 # shellcheck disable=SC2086
 step finetune_5shot 20 $PYTHON benchmarks/finetune_speed.py $FT_ARGS --methods svf --shot 5 \
     --json "$OUT/finetune_5shot.json"
 # shellcheck disable=SC2086
-step loader_speed 45 $PYTHON benchmarks/loader_speed.py $LS_ARGS --json "$OUT/loader_speed.json" \
+step loader_speed 40 $PYTHON benchmarks/loader_speed.py $LS_ARGS --json "$OUT/loader_speed.json" \
     --against "$OUT/svf_speed.json" "$OUT/finetune_5shot.json"
+# shellcheck disable=SC2086
+step vit_speed 20 $PYTHON benchmarks/vit_speed.py $VIT_ARGS --json "$OUT/vit_speed.json"
 
 {
     echo
@@ -123,6 +129,7 @@ step loader_speed 45 $PYTHON benchmarks/loader_speed.py $LS_ARGS --json "$OUT/lo
     [ -f "$WORK/train.log" ] && grep -h "loss" "$WORK/train.log" | tail -n 2
     [ -f "$WORK/test.log" ] && grep -h -E "^(mIoU|FB-IoU)" "$WORK/test.log"
     $PYTHON tools/device_summary.py "$OUT"
+    [ -f "$WORK/vit_speed.log" ] && cat "$WORK/vit_speed.log"
     echo "total $(( $(date +%s) - START )) s; logs and figures in $OUT"
 } 2>&1 | tee -a "$OUT/summary.txt"
 rm -rf "$WORK"
