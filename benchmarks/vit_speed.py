@@ -35,7 +35,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -44,22 +43,9 @@ import lrcc  # noqa: E402
 import svf  # noqa: E402
 from common.config import defaults  # noqa: E402
 from model import build_backbone, finetune  # noqa: E402
-from svf_speed import SavedBytes, sync  # noqa: E402
+from svf_speed import BackboneOnly, SavedBytes, sync  # noqa: E402  (head on layer4, cross-entropy)
 
 STAGES = ("layer2", "layer3", "layer4")
-
-
-class BackboneOnly(nn.Module):
-    """The ViT backbone and a 1x1 two-class head on layer4; cross-entropy at the patch resolution."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Conv2d(backbone.channels["layer4"], 2, 1)
-
-    def forward(self, img, target):
-        logits = self.head(self.backbone(img)[-1])
-        return F.cross_entropy(logits, target)
 
 
 def build_variant(name, args):
@@ -142,9 +128,9 @@ def run(args):
             t0 = clock()
             if it == 0:
                 with torch.autograd.graph.saved_tensors_hooks(saved[name].pack, lambda t: t):
-                    loss = model(*batch)
+                    _, loss = model(*batch)
             else:
-                loss = model(*batch)
+                _, loss = model(*batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -33,13 +33,15 @@ def _fold_lists(cfg, split, classes, drop_novel_images, bench=None):
     return lists, classes_of_images(lists, counts)
 
 
-def _test_transform(cfg, bench):
+def _test_transform(cfg, bench=None):
+    bench = bench or benchmark_of(cfg)
     if bench.family.test_transform is not None:
         return bench.family.test_transform(cfg)
     return TestTransform(int(cfg.test_size), bool(cfg.test_resize_smaller))
 
 
-def _train_transform(cfg, bench):
+def _train_transform(cfg, bench=None):
+    bench = bench or benchmark_of(cfg)
     if bench.family.train_transform is not None:
         return bench.family.train_transform(cfg)
     return TrainTransform(size=int(cfg.train_size), scale_min=float(cfg.scale_min), scale_max=float(cfg.scale_max),

@@ -47,8 +47,7 @@ from dataset.files import atomic_path, atomic_write_png, read_image
 from dataset.splits import IGNORE_LABEL
 from dataset.transforms import TestTransform
 
-__all__ = ["Predictor", "Prediction", "BadInput", "read_mask", "mask_from_array", "list_queries", "main",
-           "MODEL_KEYS"]
+__all__ = ["Predictor", "Prediction", "BadInput", "read_mask", "mask_from_array", "list_queries", "main"]
 
 FIGURE_DIR, MASK_DIR, SUMMARY = "figures", "masks", "summary.csv"
 SUMMARY_COLUMNS = ("query", "status", "mask", "figure", "height", "width", "foreground_fraction", "seconds", "note")
@@ -202,55 +201,26 @@ class SupportSet:
 
 # ---------------------------------------------------------------- config and weights
 
-MODEL_KEYS = {  # config keys that shape the model, per arch / finetune method (the rest may differ freely)
-    "all": ("arch", "backbone", "dilation_rule", "finetune", "reduce_dim"),
-    "pfenet": ("pyramid_bins",), "bam": ("ppm_bins", "num_base_classes"),
-    "svf": ("svf_factors", "finetune_stages"), "bias": ("finetune_stages",), "bn": ("finetune_stages",),
-    "full": ("finetune_stages",), "lora": ("finetune_stages", "lrcc_rank", "lrcc_rank_ratio", "lora_alpha"),
-    "dna": ("finetune_stages", "lrcc_rank", "lrcc_rank_ratio", "dna_mode"),
-}
-
-
-def _model_keys(values: dict) -> tuple:
-    from common.config import finetune_method
-    return MODEL_KEYS["all"] + MODEL_KEYS.get(values.get("arch"), ()) + MODEL_KEYS.get(finetune_method(values), ())
-
-
-def _model_values(values: dict, keys=None) -> dict:
-    """The values of the keys that shape the model (``keys``, default those of its arch and method), the
-    finetune method and the dilation rule resolved as build_model resolves them."""
-    from types import SimpleNamespace
-
-    from common.config import finetune_method
-    from model.build import dilation_rule
-
-    method = finetune_method(values)
-    out = {k: values.get(k) for k in (keys or _model_keys(values))}
-    out["finetune"] = method
-    if values.get("dilation_rule") is not None:
-        out["dilation_rule"] = dilation_rule(SimpleNamespace(arch=values.get("arch"),
-                                                             dilation_rule=values["dilation_rule"]))
-    return out
-
-
-def _word(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(str(v) for v in value) + "]"
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def check_weights_config(saved: dict, cfg, weights: str):
     """The checkpoint's stored config against the config the model is built from: every key that shapes the
-    model must agree, else one line naming them, e.g. "weights W were trained with arch=pfenet (the config says
-    arch=baseline); pass arch=pfenet"."""
-    keys = _model_keys(saved)
-    trained, wanted = _model_values(saved, keys), _model_values(cfg.to_dict(), keys)
-    differ = [k for k in keys if k in saved and trained[k] != wanted[k]]
-    if differ:
-        words = " ".join(f"{k}={_word(trained[k])}" for k in differ)
-        says = ", ".join(f"{k}={_word(wanted.get(k))}" for k in differ)
-        raise BadInput(f"weights {weights} were trained with {words} (the config says {says}); pass {words}, "
-                       "or leave out --config: the weights carry their own config")
+    model (model.finetune.state_config_keys, and the dilation rule) must agree, else one line naming them, e.g.
+    "weights W: it was trained with arch=pfenet (this config: arch=baseline): pass arch=pfenet". The number of
+    supports is checked on its own (``Predictor``: BAM's K-shot reweighting)."""
+    from types import SimpleNamespace
+
+    from engine.checkpoint import trained_with
+    from model.build import dilation_rule
+
+    config = dict(cfg.to_dict(), shot=saved.get("shot", cfg.shot))
+    reason = trained_with(saved, config)
+    if not reason and saved.get("dilation_rule") is not None:
+        rule = [dilation_rule(SimpleNamespace(arch=v.get("arch"), dilation_rule=v["dilation_rule"]))
+                for v in (saved, config)]
+        if rule[0] != rule[1]:  # same tensors, another function: a ResNet's 3x3 convs dilated otherwise
+            reason = (f"it was trained with dilation_rule={rule[0]} (this config: dilation_rule={rule[1]}): pass "
+                      f"dilation_rule={rule[0]}")
+    if reason:
+        raise BadInput(f"weights {weights}: {reason}, or leave out --config: the weights carry their own config")
 
 
 def config_from_weights(saved: dict, overrides: Sequence[str] = ()):
@@ -600,13 +570,14 @@ def main(argv=None) -> list:
     """The command; returns the summary rows (summary.csv, written last)."""
     from tqdm import tqdm
 
+    from common.config import finetune_method
     from dataset.files import atomic_write_text
 
     args, overrides = parse_args(argv)
     predictor, support_set, queries = check_inputs(args, overrides)
     batch_size = args.batch_size or (8 if predictor.device.type == "cuda" else 1)
     cfg = predictor.cfg
-    method = _model_values(cfg.to_dict())["finetune"]
+    method = finetune_method(cfg)
     print(f"weights: {predictor.weights} ({cfg.arch}, {cfg.backbone}, finetune {method}); "
           f"{support_set.shot}-shot; {len(queries)} queries; device {predictor.device}; batch {batch_size}; "
           f"test_size {cfg.test_size}", flush=True)

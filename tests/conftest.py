@@ -4,7 +4,7 @@
   shared with other jobs runs ~20x slower (resnet18_deep through svf.resolver: 7 s on one thread, 2+ minutes
   on two under load), and one thread keeps timings comparable between machines.
 - ``tiny_voc``: one tiny synthetic PASCAL-layout dataset and its lists, for the end-to-end tests.
-- ``tiny_cfg(**overrides)`` and ``random_episode(...)``: plain functions for the model tests
+- ``tiny_cfg(**overrides)``, ``random_episode(...)`` and ``as_bam_release(state)``: plain functions for the model tests
   (``from conftest import random_episode, tiny_cfg``; pytest puts ``tests/`` on ``sys.path`` for
   ``pytest`` and ``python -m pytest`` alike).
 """
@@ -69,3 +69,27 @@ def random_episode(batch=2, shot=1, size=33, seed=0):
     query_mask[:, 0, :] = 255
     support_masks[:, :, 0, :] = 255
     return query, supports, support_masks, query_mask
+
+
+# The released BAM code's state-dict names of our modules (its checkpoint format), for the tests that write one.
+_TO_RELEASED = [(r"backbone\.layer0\.conv1\.", "layer0.0."), (r"backbone\.layer0\.bn1\.", "layer0.1."),
+                (r"backbone\.layer0\.conv2\.", "layer0.3."), (r"backbone\.layer0\.bn2\.", "layer0.4."),
+                (r"backbone\.layer0\.conv3\.", "layer0.6."), (r"backbone\.layer0\.bn3\.", "layer0.7."),
+                (r"backbone\.", ""), (r"base_learner\.ppm\.", "learner_base.0."),
+                (r"base_learner\.cls\.", "learner_base.1."), (r"meta\.init_merge\.", "init_merge."),
+                (r"meta\.aspp\.", "ASPP_meta."), (r"meta\.res1\.", "res1_meta."), (r"meta\.res2\.0\.0\.", "res2_meta.0."),
+                (r"meta\.res2\.1\.0\.", "res2_meta.2."), (r"meta\.cls\.", "cls_meta.")]
+
+
+def as_bam_release(state):
+    """A BAM state dict of this project under BAM's own released key names (written out for the tiny backbone):
+    what the released code's checkpoint of the same model holds (test_model_released, test_predict)."""
+    import re
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in _TO_RELEASED:
+            if re.match(pattern, key):
+                key = re.sub("^" + pattern, repl, key)
+                break
+        out["module." + key] = value
+    return out

@@ -13,7 +13,7 @@ import svf
 from model import build_model
 from model.build import load_base_learner
 from model.released import _resolve_folded, convert_released, detect_format, load_released
-from conftest import tiny_cfg
+from conftest import as_bam_release, tiny_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -505,26 +505,6 @@ def test_unmapped_key_wrong_arch_and_wrong_svf_are_clear_errors():
 
 
 # --------------------------------------------------------------------------- test.py and the converter tool
-_TO_RELEASED = [(r"backbone\.layer0\.conv1\.", "layer0.0."), (r"backbone\.layer0\.bn1\.", "layer0.1."),
-                (r"backbone\.layer0\.conv2\.", "layer0.3."), (r"backbone\.layer0\.bn2\.", "layer0.4."),
-                (r"backbone\.layer0\.conv3\.", "layer0.6."), (r"backbone\.layer0\.bn3\.", "layer0.7."),
-                (r"backbone\.", ""), (r"base_learner\.ppm\.", "learner_base.0."),
-                (r"base_learner\.cls\.", "learner_base.1."), (r"meta\.init_merge\.", "init_merge."),
-                (r"meta\.aspp\.", "ASPP_meta."), (r"meta\.res1\.", "res1_meta."), (r"meta\.res2\.0\.0\.", "res2_meta.0."),
-                (r"meta\.res2\.1\.0\.", "res2_meta.2."), (r"meta\.cls\.", "cls_meta.")]
-
-
-def _as_bam_release(state):
-    """A BAM state dict of this project under BAM's own released key names (written out for the tiny backbone)."""
-    import re
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in _TO_RELEASED:
-            if re.match(pattern, key):
-                key = re.sub("^" + pattern, repl, key)
-                break
-        out["module." + key] = value
-    return out
 
 
 def test_test_py_and_convert_tool_read_a_released_file(tmp_path, capsys):
@@ -550,7 +530,7 @@ def test_test_py_and_convert_tool_read_a_released_file(tmp_path, capsys):
     torch.manual_seed(0)
     model = build_model(load_config(config, overrides))
     released = tmp_path / "train_epoch_3.pth"
-    torch.save({"epoch": 3, "state_dict": _as_bam_release(model.state_dict()), "optimizer": {}}, released)
+    torch.save({"epoch": 3, "state_dict": as_bam_release(model.state_dict()), "optimizer": {}}, released)
 
     capsys.readouterr()
     first = test_script.main(["--config", config, *overrides, "--weights", str(released),

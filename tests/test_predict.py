@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from common.config import dump_config
-from conftest import tiny_cfg
+from conftest import as_bam_release, tiny_cfg
 from engine.checkpoint import atomic_save
 from engine.predict import BadInput, Predictor, mask_from_array, read_mask, run
 from engine.vis import GAP, PANEL, TITLE_HEIGHT
@@ -281,7 +281,7 @@ def test_merged_export_predicts_what_its_run_predicts(files, tmp_path):
         sure = np.abs(b.prob - 0.5) > 1e-3  # merging moves logits by < 1e-4: only near-ties may flip
         assert np.array_equal(mask[sure], b.mask[sure]) and sure.mean() > 0.99
     # the run's own config (finetune=lora) with the merged file: the differing key is named
-    with pytest.raises(BadInput, match=r"trained with finetune=freeze .*config says finetune=lora"):
+    with pytest.raises(BadInput, match=r"trained with finetune=freeze \(this config: finetune=lora\)"):
         Predictor(cfg, merged)
 
 
@@ -309,7 +309,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(files, checkpoints, tmp_path)
         (["--weights", weights, "--support", str(files / "s2.png"), str(files / "s2_labels.png"), *query],
          "s2_labels.png is not a binary mask"),
         (["--config", str(config), "--weights", checkpoints[("pfenet", 1)], *good, *query],
-         "were trained with arch=pfenet (the config says arch=baseline); pass arch=pfenet"),
+         "it was trained with arch=pfenet (this config: arch=baseline): pass arch=pfenet"),
         (["--weights", checkpoints[("bam", 1)], *good, *good, *query], "BAM trained with shot=1"),
         (["--weights", str(text), *good, *query], "is a text file, not a checkpoint"),
         (["--run", str(files), *good, *query], "has no config.yaml"),
@@ -332,27 +332,6 @@ def test_bad_inputs_are_one_line_and_write_nothing(files, checkpoints, tmp_path)
 
 # ---------------------------------------------------------------- a released checkpoint (BAM's own key names)
 
-_TO_RELEASED = [(r"backbone\.layer0\.conv1\.", "layer0.0."), (r"backbone\.layer0\.bn1\.", "layer0.1."),
-                (r"backbone\.layer0\.conv2\.", "layer0.3."), (r"backbone\.layer0\.bn2\.", "layer0.4."),
-                (r"backbone\.layer0\.conv3\.", "layer0.6."), (r"backbone\.layer0\.bn3\.", "layer0.7."),
-                (r"backbone\.", ""), (r"base_learner\.ppm\.", "learner_base.0."),
-                (r"base_learner\.cls\.", "learner_base.1."), (r"meta\.init_merge\.", "init_merge."),
-                (r"meta\.aspp\.", "ASPP_meta."), (r"meta\.res1\.", "res1_meta."),
-                (r"meta\.res2\.0\.0\.", "res2_meta.0."),
-                (r"meta\.res2\.1\.0\.", "res2_meta.2."), (r"meta\.cls\.", "cls_meta.")]
-
-
-def as_bam_release(state):
-    """A BAM state dict of this project under the released BAM code's key names (as tests/test_model_released)."""
-    import re
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in _TO_RELEASED:
-            if re.match(pattern, key):
-                key = re.sub("^" + pattern, repl, key)
-                break
-        out["module." + key] = value
-    return out
 
 
 def test_released_checkpoint_with_its_config(files, checkpoints, tmp_path):
