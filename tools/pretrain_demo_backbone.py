@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -101,10 +102,18 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 200)
     return correct / len(x)
 
 
+# The numerical pin (module doc): kernels no CPU feature can change. The environment part must be set before torch
+# is imported, so a pinned pretraining runs in a fresh process started with it; the in-process part is set there.
+PIN_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+PIN_MARK = "SVF_DEMO_PRETRAIN_PINNED"  # set (to "1") only in the environment of the process pretrain() starts
+NUMERICS = {"pinned": "pinned: ATEN_CPU_CAPABILITY=default, MKL_CBWR=COMPATIBLE, oneDNN off, NNPACK off",
+            "native": "native: this CPU's kernels (oneDNN, NNPACK, ATen and MKL at the CPU's instruction set)"}
+
+
 def settings_of(args) -> dict:
-    return {"threads": args.threads, "backbone": args.backbone, "num_images": args.num_images, "size": args.size,
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
-            "num_classes": NUM_CLASSES, "generator": "dataset.synthetic_cls"}
+    return {"threads": args.threads, "numerics": NUMERICS[args.numerics], "backbone": args.backbone,
+            "num_images": args.num_images, "size": args.size, "epochs": args.epochs, "batch_size": args.batch_size,
+            "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "num_classes": NUM_CLASSES, "generator": "dataset.synthetic_cls"}
 
 
 def pretrain(args) -> dict:
@@ -114,15 +123,55 @@ def pretrain(args) -> dict:
         if saved == settings:
             print(f"pretrained backbone: {args.out} exists with these settings; reused (--force retrains)")
             return saved
-        raise FileExistsError(f"{args.out} was written with other settings ({json.dumps(saved)}); delete it, "
-                              f"pass --force, or choose another --out")
-    previous = torch.get_num_threads()
+        differ = sorted(k for k in set(settings) | set(saved or {}) if (saved or {}).get(k) != settings.get(k))
+        raise FileExistsError(f"{args.out} was written with other settings ({json.dumps(saved)}; they differ in "
+                              f"{', '.join(differ)}); delete it, pass --force, or choose another --out")
+    if args.numerics == "pinned" and os.environ.get(PIN_MARK) != "1":
+        run_pinned(args)  # a fresh process: the environment part of the pin only acts before torch is imported
+        return settings
+    previous, previous_nnpack = torch.get_num_threads(), torch._C._get_nnpack_enabled()
+    previous_mkldnn = torch.backends.mkldnn.enabled
     torch.set_num_threads(args.threads)  # the rounding, hence the backbone, depends on it (module doc)
     try:
+        if args.numerics == "pinned":
+            check_pinned_process()
+            torch.backends.mkldnn.enabled = False  # convolutions: ATen's im2col + MKL sgemm (pinned by MKL_CBWR)
+            torch.backends.nnpack.set_flags(False)  # NNPACK picks its own kernels and blocking by CPU
         train_and_save(args, settings)
     finally:
         torch.set_num_threads(previous)
+        torch.backends.mkldnn.enabled = previous_mkldnn
+        torch.backends.nnpack.set_flags(previous_nnpack)
     return settings
+
+
+def pinned_environment(threads: int) -> dict:
+    """The environment of the pinned pretraining process: this one's, with the pin's variables (overriding any the
+    caller set, e.g. another MKL_CBWR branch) and OMP_NUM_THREADS = the fixed thread count."""
+    return {**os.environ, **PIN_ENV, "OMP_NUM_THREADS": str(threads), PIN_MARK: "1"}
+
+
+def run_pinned(args):
+    """Run this tool with ``args`` in a fresh process in the pinned environment; its output goes to ours."""
+    argv = [sys.executable, os.path.abspath(__file__), "--numerics", "pinned"]
+    for name, value in vars(args).items():
+        if name == "numerics" or value is False:
+            continue
+        argv += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    sys.stdout.flush()
+    done = subprocess.run(argv, env=pinned_environment(args.threads))
+    if done.returncode != 0:
+        raise RuntimeError(f"the pinned pretraining process failed (exit status {done.returncode}); its output is "
+                           f"above. `--numerics native` trains in this process instead (module doc)")
+
+
+def check_pinned_process():
+    """In the pinned process: the environment took effect (torch was imported after it was set)."""
+    wrong = {k: os.environ.get(k) for k, v in PIN_ENV.items() if os.environ.get(k) != v}
+    capability = torch.backends.cpu.get_cpu_capability()
+    if wrong or capability != "DEFAULT":
+        raise RuntimeError(f"{PIN_MARK}=1 but the process is not pinned (environment {wrong}, ATen CPU capability "
+                           f"{capability}): {PIN_MARK} is for the process pretrain() starts, not to be set by hand")
 
 
 def train_and_save(args, settings: dict):
@@ -168,7 +217,8 @@ def train_and_save(args, settings: dict):
           f"{100 / NUM_CLASSES:.1f}%)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_save({"model": net.state_dict(), "pretrain": settings, "heldout_accuracy": heldout}, args.out)
-    print(f"wrote {args.out} in {time.time() - start:.0f} s on {args.threads} threads; the few-shot configs read it "
+    print(f"wrote {args.out} in {time.time() - start:.0f} s on {args.threads} threads, numerics {args.numerics}; the "
+          f"few-shot configs read it "
           f"with pretrained={args.out}")
 
 
@@ -186,6 +236,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="threads it computes on, whatever OMP_NUM_THREADS "
                         "says (the backbone depends on it; default %(default)s)")
+    parser.add_argument("--numerics", choices=sorted(NUMERICS), default="pinned", help="pinned (default): compute "
+                        "with kernels no CPU feature changes, in a fresh process (the same file on every x86-64 CPU, "
+                        "slower); native: this process, this CPU's fastest kernels (module doc)")
     parser.add_argument("--force", action="store_true", help="retrain even if the file exists")
     args = parser.parse_args(argv)
     for name in ("num_images", "heldout_images", "epochs", "batch_size", "threads"):
@@ -204,5 +257,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
         sys.exit(f"error: {exc}")
