@@ -64,13 +64,14 @@ def test_pinned_pretraining_writes_the_same_tensors_on_emulated_cpus_and_unpinne
     """The issue-31 check: with the numerical pin (the default) the pretraining writes bit-identical tensors on the
     two emulated CPUs; without it (--numerics native) the same two steps already write other tensors, so the check
     has teeth. Toy size: 2 steps of batch 16."""
+    from tools.pretrain_demo_backbone import PIN_ENV, PIN_MARK
+    unset = {*PIN_ENV, PIN_MARK, "ONEDNN_MAX_CPU_ISA"}
     weights = {}
     for numerics in ("pinned", "native"):
         for cpu, variables in EMULATED_CPUS.items():
             out = str(tmp_path / f"{numerics}_{cpu}.pth")
-            env = {**{k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                                                                      "MKL_CBWR", "SVF_DEMO_PRETRAIN_PINNED")},
-                   **variables, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+            env = {**{k: v for k, v in os.environ.items() if k not in unset}, **variables, "OMP_NUM_THREADS": "1",
+                   "PYTHONWARNINGS": "ignore"}
             done = subprocess.run([sys.executable, "tools/pretrain_demo_backbone.py", "--out", out, "--numerics",
                                    numerics, "--num-images", "32", "--heldout-images", "8", "--size", "32", "--epochs",
                                    "1", "--batch-size", "16"], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -15,10 +15,27 @@ The file is a checkpoint dict ``{"model": {"backbone.*": ..., "classifier.*": ..
 file present and written with the same settings the command only says so (``--force`` retrains); with other
 settings it stops with an error instead of overwriting.
 
-It always computes on ``--threads`` threads (default 2), whatever OMP_NUM_THREADS says: float rounding depends on
-the thread count, and 1,000 steps of training from scratch turn a rounding difference into another backbone (as
-different as another seed). With the count fixed, every machine with the same CPU kernels writes the same file, as
-everybody downloads the same ImageNet weights; the few-shot runs after it may use any thread count.
+Float rounding decides which backbone comes out: 1,000 steps of training from scratch turn a rounding difference
+into another backbone (as different as another seed). As everybody downloads the same ImageNet weights, every
+machine should write the same file, so the two things that change the rounding are fixed:
+
+- the thread count: it always computes on ``--threads`` threads (default 2), whatever OMP_NUM_THREADS says;
+- the CPU's kernels (``--numerics pinned``, the default): oneDNN, MKL and ATen pick vectorised kernels by the CPU's
+  instruction set (SSE4 / AVX2 / AVX-512), and their float32 results differ. The pretraining computes with oneDNN
+  and NNPACK off (convolutions go through ATen's im2col + MKL sgemm), ATen's kernels at their baseline x86-64 build
+  (``ATEN_CPU_CAPABILITY=default``) and MKL on its SSE2 branch for every Intel and compatible CPU
+  (``MKL_CBWR=COMPATIBLE``, conditional numerical reproducibility; ``MKL_DYNAMIC=OMP_DYNAMIC=FALSE``). Those
+  variables act only when torch starts, so ``pretrain()`` runs this tool again in a fresh process with them set
+  (``SVF_DEMO_PRETRAIN_PINNED=1`` marks that process, which checks that the pin took effect); its output is ours.
+  Tested (tests/test_ablate.py): on two emulated CPUs — this one's native kernels, and ATen at baseline, oneDNN
+  capped at SSE4.1, MKL on its SSE4.2 branch — the pinned pretraining writes bit-identical tensors, the unpinned
+  one other tensors after two steps. It costs about 3.9x the CPU time of a step (measured; docs/demo.md).
+  ``--numerics native`` trains in this process with this CPU's fastest kernels: the same file only on a CPU with
+  the same kernels. The cached file records which (``numerics`` in its settings), so a file written one way is
+  never reused as the other.
+
+The few-shot runs after it may use any thread count and any CPU (they move a run by tenths of a point, not by a
+pretraining draw; docs/demo.md).
 """
 from __future__ import annotations
 
@@ -104,9 +121,10 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 200)
 
 # The numerical pin (module doc): kernels no CPU feature can change. The environment part must be set before torch
 # is imported, so a pinned pretraining runs in a fresh process started with it; the in-process part is set there.
-PIN_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+PIN_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"}
 PIN_MARK = "SVF_DEMO_PRETRAIN_PINNED"  # set (to "1") only in the environment of the process pretrain() starts
-NUMERICS = {"pinned": "pinned: ATEN_CPU_CAPABILITY=default, MKL_CBWR=COMPATIBLE, oneDNN off, NNPACK off",
+NUMERICS = {"pinned": "pinned: ATEN_CPU_CAPABILITY=default, MKL_CBWR=COMPATIBLE, MKL_DYNAMIC=OMP_DYNAMIC=FALSE, "
+                      "oneDNN off, NNPACK off",
             "native": "native: this CPU's kernels (oneDNN, NNPACK, ATen and MKL at the CPU's instruction set)"}
 
 
