@@ -49,6 +49,7 @@ def test_pretraining_writes_weights_the_configs_load_and_is_cached(tmp_path, cap
     with pytest.raises(FileExistsError, match="other settings"):
         main(tiny[:-2] + ["--batch-size", "8"])
     assert saved["pretrain"]["numerics"].startswith("pinned: ")      # the default: the numerical pin, recorded
+    assert all(t.is_contiguous() for t in saved["model"].values())   # computed channels-last, saved plain
     with pytest.raises(FileExistsError, match="differ in numerics"):  # an unpinned file is never taken for a pinned one
         main(tiny + ["--numerics", "native"])
 
