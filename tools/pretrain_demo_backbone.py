@@ -31,7 +31,8 @@ machine should write the same file, so the two things that change the rounding a
   plain tensors either way.
   Tested (tests/test_ablate.py): on two emulated CPUs — this one's native kernels, and ATen at baseline, oneDNN
   capped at SSE4.1, MKL on its SSE4.2 branch — the pinned pretraining writes bit-identical tensors, the unpinned
-  one other tensors after two steps. It costs about 2.6x the CPU time of a step (measured; docs/demo.md).
+  one other tensors after two steps. It costs about twice the time of a step on 2 threads (measured under load;
+  docs/demo.md).
   ``--numerics native`` trains in this process with this CPU's fastest kernels: the same file only on a CPU with
   the same kernels. The cached file records which (``numerics`` in its settings), so a file written one way is
   never reused as the other.
@@ -133,7 +134,8 @@ NUMERICS = {"pinned": "pinned: ATEN_CPU_CAPABILITY=default, MKL_CBWR=COMPATIBLE,
 def settings_of(args) -> dict:
     return {"threads": args.threads, "numerics": NUMERICS[args.numerics], "backbone": args.backbone,
             "num_images": args.num_images, "size": args.size, "epochs": args.epochs, "batch_size": args.batch_size,
-            "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "num_classes": NUM_CLASSES, "generator": "dataset.synthetic_cls"}
+            "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "num_classes": NUM_CLASSES,
+            "generator": "dataset.synthetic_cls"}
 
 
 def pretrain(args) -> dict:
