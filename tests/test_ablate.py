@@ -48,11 +48,63 @@ def test_pretraining_writes_weights_the_configs_load_and_is_cached(tmp_path, cap
     assert torch.equal(torch.load(out, weights_only=True)["model"]["backbone." + key], saved["model"]["backbone." + key])
     with pytest.raises(FileExistsError, match="other settings"):
         main(tiny[:-2] + ["--batch-size", "8"])
+    assert saved["pretrain"]["numerics"].startswith("pinned: ")      # the default: the numerical pin, recorded
+    assert all(t.is_contiguous() for t in saved["model"].values())   # computed channels-last, saved plain
+    with pytest.raises(FileExistsError, match="differ in numerics"):  # an unpinned file is never taken for a pinned one
+        main(tiny + ["--numerics", "native"])
+
+
+# The two CPUs the pinned pretraining must not tell apart, emulated on one machine: its native kernels (ATen,
+# oneDNN and MKL at this CPU's instruction set), and one capped to baseline ATen, SSE4.1 oneDNN and MKL's SSE4.2
+# branch. These variables are read when torch starts, so each run is a process of its own.
+EMULATED_CPUS = {"native": {},
+                 "sse4": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "SSE4_2"}}
+
+
+def test_pinned_pretraining_writes_the_same_tensors_on_emulated_cpus_and_unpinned_does_not(tmp_path):
+    """The issue-31 check: with the numerical pin (the default) the pretraining writes bit-identical tensors on the
+    two emulated CPUs; without it (--numerics native) the same two steps already write other tensors, so the check
+    has teeth. Toy size: 2 steps of batch 16, on 1 thread (the pin is about the instruction set, not the thread
+    count), both CPUs at once."""
+    from tools.pretrain_demo_backbone import PIN_ENV, PIN_MARK
+    unset = {*PIN_ENV, PIN_MARK, "ONEDNN_MAX_CPU_ISA"}
+    weights = {}
+    for numerics in ("pinned", "native"):
+        running = {}
+        for cpu, variables in EMULATED_CPUS.items():
+            out = str(tmp_path / f"{numerics}_{cpu}.pth")
+            env = {**{k: v for k, v in os.environ.items() if k not in unset}, **variables, "OMP_NUM_THREADS": "1",
+                   "PYTHONWARNINGS": "ignore"}
+            running[cpu] = out, subprocess.Popen(
+                [sys.executable, "tools/pretrain_demo_backbone.py", "--out", out, "--numerics", numerics, "--threads",
+                 "1", "--num-images", "32", "--heldout-images", "8", "--size", "32", "--epochs", "1", "--batch-size",
+                 "16"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cpu, (out, process) in running.items():
+            output = process.communicate(timeout=300)[0]
+            assert process.returncode == 0, output[-3000:]
+            weights[numerics, cpu] = torch.load(out, weights_only=True)["model"]
+    pinned_native, pinned_sse4 = weights["pinned", "native"], weights["pinned", "sse4"]
+    assert pinned_native.keys() == pinned_sse4.keys()
+    assert [k for k in pinned_native if not torch.equal(pinned_native[k], pinned_sse4[k])] == []
+    unpinned_native, unpinned_sse4 = weights["native", "native"], weights["native", "sse4"]
+    differ = sum(not torch.equal(unpinned_native[k], unpinned_sse4[k]) for k in unpinned_native)
+    assert differ > len(unpinned_native) // 2
+
+
+def test_the_pinned_process_refuses_a_mark_without_the_pin(tmp_path):
+    """The mark says 'this process was started pinned'; set by hand in an unpinned process it is an error, not a
+    silent unpinned file recorded as pinned."""
+    env = {**os.environ, "SVF_DEMO_PRETRAIN_PINNED": "1", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "tools/pretrain_demo_backbone.py", "--out", str(tmp_path / "w.pth"),
+                           "--num-images", "16", "--heldout-images", "8", "--size", "32", "--epochs", "1",
+                           "--batch-size", "16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "not pinned" in done.stderr and not os.path.exists(tmp_path / "w.pth")
 
 
 def test_pretraining_computes_on_its_own_thread_count_whatever_the_process_uses(tmp_path):
     """The backbone depends on the rounding, hence on the thread count: the pretraining always computes on
-    --threads, so a process on 1 thread and one on 3 write the same tensors, and each gets its own count back."""
+    --threads, so a process on 1 thread and one on 3 write the same tensors, and each gets its own count back.
+    Checked in this process (--numerics native); the pinned pretraining is a fresh process on --threads."""
     from tools.pretrain_demo_backbone import main
     before = torch.get_num_threads()
     weights = []
@@ -61,7 +113,7 @@ def test_pretraining_computes_on_its_own_thread_count_whatever_the_process_uses(
             torch.set_num_threads(process_threads)
             out = str(tmp_path / f"w{process_threads}.pth")
             main(["--out", out, "--num-images", "32", "--heldout-images", "8", "--size", "32", "--epochs", "1",
-                  "--batch-size", "16", "--threads", "2"])
+                  "--batch-size", "16", "--threads", "2", "--numerics", "native"])
             assert torch.get_num_threads() == process_threads
             weights.append(torch.load(out, weights_only=True)["model"])
     finally:

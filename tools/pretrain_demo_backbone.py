@@ -15,10 +15,30 @@ The file is a checkpoint dict ``{"model": {"backbone.*": ..., "classifier.*": ..
 file present and written with the same settings the command only says so (``--force`` retrains); with other
 settings it stops with an error instead of overwriting.
 
-It always computes on ``--threads`` threads (default 2), whatever OMP_NUM_THREADS says: float rounding depends on
-the thread count, and 1,000 steps of training from scratch turn a rounding difference into another backbone (as
-different as another seed). With the count fixed, every machine with the same CPU kernels writes the same file, as
-everybody downloads the same ImageNet weights; the few-shot runs after it may use any thread count.
+Float rounding decides which backbone comes out: 1,000 steps of training from scratch turn a rounding difference
+into another backbone (as different as another seed). As everybody downloads the same ImageNet weights, every
+machine should write the same file, so the two things that change the rounding are fixed:
+
+- the thread count: it always computes on ``--threads`` threads (default 2), whatever OMP_NUM_THREADS says;
+- the CPU's kernels (``--numerics pinned``, the default): oneDNN, MKL and ATen pick vectorised kernels by the CPU's
+  instruction set (SSE4 / AVX2 / AVX-512), and their float32 results differ. The pretraining computes with oneDNN
+  and NNPACK off (convolutions go through ATen's im2col + MKL sgemm), ATen's kernels at their baseline x86-64 build
+  (``ATEN_CPU_CAPABILITY=default``) and MKL on its SSE2 branch for every Intel and compatible CPU
+  (``MKL_CBWR=COMPATIBLE``, conditional numerical reproducibility; ``MKL_DYNAMIC=OMP_DYNAMIC=FALSE``). Those
+  variables act only when torch starts, so ``pretrain()`` runs this tool again in a fresh process with them set
+  (``SVF_DEMO_PRETRAIN_PINNED=1`` marks that process, which checks that the pin took effect); its output is ours.
+  It computes channels-last (NHWC), where ATen's convolution is about 1.5x faster than on NCHW; the file holds
+  plain tensors either way.
+  Tested (tests/test_ablate.py): on two emulated CPUs — this one's native kernels, and ATen at baseline, oneDNN
+  capped at SSE4.1, MKL on its SSE4.2 branch — the pinned pretraining writes bit-identical tensors, the unpinned
+  one other tensors after two steps. It costs about twice the time of a step on 2 threads (measured under load;
+  docs/demo.md).
+  ``--numerics native`` trains in this process with this CPU's fastest kernels: the same file only on a CPU with
+  the same kernels. The cached file records which (``numerics`` in its settings), so a file written one way is
+  never reused as the other.
+
+The few-shot runs after it may use any thread count and any CPU (they move a run by tenths of a point, not by a
+pretraining draw; docs/demo.md).
 """
 from __future__ import annotations
 
@@ -26,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -101,10 +122,20 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 200)
     return correct / len(x)
 
 
+# The numerical pin (module doc): kernels no CPU feature can change. The environment part must be set before torch
+# is imported, so a pinned pretraining runs in a fresh process started with it; the in-process part is set there.
+PIN_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"}
+PIN_MARK = "SVF_DEMO_PRETRAIN_PINNED"  # set (to "1") only in the environment of the process pretrain() starts
+NUMERICS = {"pinned": "pinned: ATEN_CPU_CAPABILITY=default, MKL_CBWR=COMPATIBLE, MKL_DYNAMIC=OMP_DYNAMIC=FALSE, "
+                      "oneDNN off, NNPACK off, channels-last",
+            "native": "native: this CPU's kernels (oneDNN, NNPACK, ATen and MKL at the CPU's instruction set)"}
+
+
 def settings_of(args) -> dict:
-    return {"threads": args.threads, "backbone": args.backbone, "num_images": args.num_images, "size": args.size,
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
-            "num_classes": NUM_CLASSES, "generator": "dataset.synthetic_cls"}
+    return {"threads": args.threads, "numerics": NUMERICS[args.numerics], "backbone": args.backbone,
+            "num_images": args.num_images, "size": args.size, "epochs": args.epochs, "batch_size": args.batch_size,
+            "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "num_classes": NUM_CLASSES,
+            "generator": "dataset.synthetic_cls"}
 
 
 def pretrain(args) -> dict:
@@ -114,15 +145,55 @@ def pretrain(args) -> dict:
         if saved == settings:
             print(f"pretrained backbone: {args.out} exists with these settings; reused (--force retrains)")
             return saved
-        raise FileExistsError(f"{args.out} was written with other settings ({json.dumps(saved)}); delete it, "
-                              f"pass --force, or choose another --out")
-    previous = torch.get_num_threads()
+        differ = sorted(k for k in set(settings) | set(saved or {}) if (saved or {}).get(k) != settings.get(k))
+        raise FileExistsError(f"{args.out} was written with other settings ({json.dumps(saved)}; they differ in "
+                              f"{', '.join(differ)}); delete it, pass --force, or choose another --out")
+    if args.numerics == "pinned" and os.environ.get(PIN_MARK) != "1":
+        run_pinned(args)  # a fresh process: the environment part of the pin only acts before torch is imported
+        return settings
+    previous, previous_nnpack = torch.get_num_threads(), torch._C._get_nnpack_enabled()
+    previous_mkldnn = torch.backends.mkldnn.enabled
     torch.set_num_threads(args.threads)  # the rounding, hence the backbone, depends on it (module doc)
     try:
+        if args.numerics == "pinned":
+            check_pinned_process()
+            torch.backends.mkldnn.enabled = False  # convolutions: ATen's im2col + MKL sgemm (pinned by MKL_CBWR)
+            torch.backends.nnpack.set_flags(False)  # NNPACK picks its own kernels and blocking by CPU
         train_and_save(args, settings)
     finally:
         torch.set_num_threads(previous)
+        torch.backends.mkldnn.enabled = previous_mkldnn
+        torch.backends.nnpack.set_flags(previous_nnpack)
     return settings
+
+
+def pinned_environment(threads: int) -> dict:
+    """The environment of the pinned pretraining process: this one's, with the pin's variables (overriding any the
+    caller set, e.g. another MKL_CBWR branch) and OMP_NUM_THREADS = the fixed thread count."""
+    return {**os.environ, **PIN_ENV, "OMP_NUM_THREADS": str(threads), PIN_MARK: "1"}
+
+
+def run_pinned(args):
+    """Run this tool with ``args`` in a fresh process in the pinned environment; its output goes to ours."""
+    argv = [sys.executable, os.path.abspath(__file__), "--numerics", "pinned"]
+    for name, value in vars(args).items():
+        if name == "numerics" or value is False:
+            continue
+        argv += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    sys.stdout.flush()
+    done = subprocess.run(argv, env=pinned_environment(args.threads))
+    if done.returncode != 0:
+        raise RuntimeError(f"the pinned pretraining process failed (exit status {done.returncode}); its output is "
+                           f"above. `--numerics native` trains in this process instead (module doc)")
+
+
+def check_pinned_process():
+    """In the pinned process: the environment took effect (torch was imported after it was set)."""
+    wrong = {k: os.environ.get(k) for k, v in PIN_ENV.items() if os.environ.get(k) != v}
+    capability = torch.backends.cpu.get_cpu_capability()
+    if wrong or capability != "DEFAULT":
+        raise RuntimeError(f"{PIN_MARK}=1 but the process is not pinned (environment {wrong}, ATen CPU capability "
+                           f"{capability}): {PIN_MARK} is for the process pretrain() starts, not to be set by hand")
 
 
 def train_and_save(args, settings: dict):
@@ -136,6 +207,9 @@ def train_and_save(args, settings: dict):
           f"a segmentation class), {args.size} px, {args.epochs} epochs (data made in {time.time() - start:.1f} s)")
 
     net = Classifier(undilate(build_backbone(args.backbone, "every_block")), NUM_CLASSES)
+    # pinned: channels-last, where ATen's own convolution is ~1.5x faster than on NCHW (module doc)
+    layout = torch.channels_last if args.numerics == "pinned" else torch.contiguous_format
+    net = net.to(memory_format=layout)
     decay = [p for n, p in net.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
@@ -153,7 +227,7 @@ def train_and_save(args, settings: dict):
             for group in optimizer.param_groups:  # linear warm-up over half an epoch, then cosine decay
                 warm = min(1.0, (step + 1) / warmup)
                 group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * step / total))
-            logits = net(augment(x[idx], gen))
+            logits = net(augment(x[idx], gen).contiguous(memory_format=layout))
             loss = F.cross_entropy(logits, y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -163,12 +237,14 @@ def train_and_save(args, settings: dict):
             step += 1
         print(f"epoch {epoch + 1}/{args.epochs} loss {loss_sum / steps_per_epoch:.3f} train accuracy "
               f"{100 * correct / (steps_per_epoch * args.batch_size):.1f}% ({time.time() - start:.0f} s)", flush=True)
-    heldout = accuracy(net, held_x, held_y)
+    heldout = accuracy(net, held_x.contiguous(memory_format=layout), held_y)
+    net = net.to(memory_format=torch.contiguous_format)  # the file holds plain (NCHW) tensors either way
     print(f"held-out accuracy {100 * heldout:.1f}% on {args.heldout_images} new images (chance "
           f"{100 / NUM_CLASSES:.1f}%)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_save({"model": net.state_dict(), "pretrain": settings, "heldout_accuracy": heldout}, args.out)
-    print(f"wrote {args.out} in {time.time() - start:.0f} s on {args.threads} threads; the few-shot configs read it "
+    print(f"wrote {args.out} in {time.time() - start:.0f} s on {args.threads} threads, numerics {args.numerics}; the "
+          f"few-shot configs read it "
           f"with pretrained={args.out}")
 
 
@@ -186,6 +262,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="threads it computes on, whatever OMP_NUM_THREADS "
                         "says (the backbone depends on it; default %(default)s)")
+    parser.add_argument("--numerics", choices=sorted(NUMERICS), default="pinned", help="pinned (default): compute "
+                        "with kernels no CPU feature changes, in a fresh process (the same file on every x86-64 CPU, "
+                        "slower); native: this process, this CPU's fastest kernels (module doc)")
     parser.add_argument("--force", action="store_true", help="retrain even if the file exists")
     args = parser.parse_args(argv)
     for name in ("num_images", "heldout_images", "epochs", "batch_size", "threads"):
@@ -204,5 +283,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
         sys.exit(f"error: {exc}")
