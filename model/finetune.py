@@ -44,14 +44,27 @@ _BN = nn.modules.batchnorm._BatchNorm
 _LAYER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)  # timm's LayerNorm/LayerNorm2d subclass nn.LayerNorm
 
 
+def _modules_of(backbone, stage):
+    """(name, module) of the modules that make ``stage``: what the backbone says (model.backbones.Backbone and the
+    timm backbones), or, for any other module with stages as attributes (layer2 ...), that attribute."""
+    if hasattr(backbone, "stage_modules"):
+        return backbone.stage_modules(stage)
+    return [(stage, getattr(backbone, stage))]
+
+
+def _prefixes_of(backbone, stage):
+    """Parameter-name prefixes of ``stage`` (see _modules_of)."""
+    return backbone.stage_prefixes(stage) if hasattr(backbone, "stage_prefixes") else (f"{stage}.",)
+
+
 def _stage_modules(backbone, stages):
     """(name in the backbone, module) of every module of ``stages`` (layer0..4, or a timm backbone's module paths)."""
-    return [(n, m) for s in stages for n, m in backbone.stage_modules(s)]
+    return [(n, m) for s in stages for n, m in _modules_of(backbone, s)]
 
 
 def _in_stages(backbone, stages):
     """A predicate on backbone parameter names: does the name belong to one of ``stages``?"""
-    prefixes = tuple(p for s in stages for p in backbone.stage_prefixes(s))
+    prefixes = tuple(p for s in stages for p in _prefixes_of(backbone, s))
     exact = {p for p in prefixes if not p.endswith(".")}
     starts = tuple(p for p in prefixes if p.endswith("."))
     return lambda name: name in exact or name.startswith(starts)
@@ -161,7 +174,7 @@ def _prepare_dna(backbone, stages, cfg):
 
 def _stages_without(backbone, stages, kind):
     return [s for s in stages
-            if not any(isinstance(x, kind) for _, m in backbone.stage_modules(s) for x in m.modules())]
+            if not any(isinstance(x, kind) for _, m in _modules_of(backbone, s) for x in m.modules())]
 
 
 def _refuses_bn(backbone, stages, cfg):
