@@ -447,12 +447,18 @@ def finetune_tag(values) -> str:
     return tag
 
 
+def data_name(data_root) -> str:
+    """A dataset's name: the last folder name of its data_root (the `{data_name}` template; a folder benchmark's
+    datasets are told apart by it)."""
+    return os.path.basename(os.path.normpath(str(data_root or "")))
+
+
 def _format_templates(values: dict) -> dict:
     """Fill `{key}` references in string values (e.g. exp_dir) from the other values."""
     context = dict(values)
     context["svf_tag"] = finetune_tag(values)
     context["backbone_weights"] = backbone_weights_file(values.get("backbone", ""))
-    context["data_name"] = os.path.basename(os.path.normpath(str(values.get("data_root", ""))))
+    context["data_name"] = data_name(values.get("data_root"))
     out = dict(values)
     for key, value in values.items():
         if isinstance(value, str) and "{" in value:

@@ -267,7 +267,7 @@ def _family():
         folder_classes, folder_folds, folder_image_lists, read_folder_label,
         data_hint="put images/ and masks/ there (label maps masks/<name>.png with classes.txt, or one folder of "
                   "binary masks per class: masks/<class>/<name>.png); see docs/own_data.md",
-        make_lists_options=("val_fraction", "train_ids", "val_ids"))
+        make_lists_options=("val_fraction", "train_ids", "val_ids"), data_named=True)
 
 
 FAMILY = _family()

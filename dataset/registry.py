@@ -39,6 +39,9 @@ class Family:
     ``train_dataset(cfg, bench)`` / ``test_dataset(cfg, bench, seed, num_episodes, shot)``: a family whose files are
     no label maps (one binary mask per image, its class told by its folder: FSS-1000, the cross-domain sets of
     dataset/crossdomain.py) builds its datasets itself from the lists; None = the label-map pipeline.
+    ``data_named``: the family is whatever ``data_root`` holds (``folder``), so two datasets of it are told apart by
+    that folder's name (``common.config.data_name``): ablate's default output folder (summarize's tables go by
+    the results' data_root).
     """
     name: str
     summary: str
@@ -54,6 +57,7 @@ class Family:
     train_transform: Optional[Callable] = None
     train_dataset: Optional[Callable] = None
     test_dataset: Optional[Callable] = None
+    data_named: bool = False
 
     def __reduce__(self):  # pickled by name (data-loader and list-scan worker processes): its callables may be closures
         return family, (self.name,)

@@ -74,8 +74,9 @@ def check_pretrained(cfg, config_path: str = "CONFIG"):
     if os.path.basename(cfg.pretrained).endswith("_synthcls.pth"):  # the demo's (tools/pretrain_demo_backbone.py)
         raise FileNotFoundError(
             f"backbone weights '{cfg.pretrained}' (config key pretrained in {config_path}) not found; the demo's "
-            f"backbone is pretrained on synthetic classification by: python tools/pretrain_demo_backbone.py "
-            f"--out {cfg.pretrained} (sh demo.sh runs it)")
+            f"backbone ships with the repository as weights/{os.path.basename(cfg.pretrained)} (restore it with git "
+            f"checkout -- weights/), or make it on synthetic classification with: python "
+            f"tools/pretrain_demo_backbone.py --out {cfg.pretrained}")
     raise FileNotFoundError(
         f"backbone weights '{cfg.pretrained}' (config key pretrained in {config_path}) not found; ImageNet weights "
         f"cannot be downloaded here: put resnet50_v2.pth (PSPNet/PFENet's initmodel) or a torchvision state dict "

@@ -54,6 +54,49 @@ def test_pretraining_writes_weights_the_configs_load_and_is_cached(tmp_path, cap
         main(tiny + ["--numerics", "native"])
 
 
+def test_the_shipped_backbone_is_the_tools_default_output_and_the_demo_model_loads_it():
+    """weights/ holds what the tool writes with its defaults (pinned numerics, 2 threads): a change to the tool's
+    defaults without a new file fails here. The demo's config reads that file, and every backbone tensor of its
+    few-shot model comes from it (strict loading) -- in a fresh clone, with nothing run before."""
+    from common.config import load_config
+    from model import build_model
+    from tools.pretrain_demo_backbone import SHIPPED, parse_args, settings_of
+    saved = torch.load(os.path.join(ROOT, SHIPPED), weights_only=True)
+    assert saved["pretrain"] == settings_of(parse_args([]))
+    assert saved["pretrain"]["numerics"].startswith("pinned: ")
+    assert 1 / saved["pretrain"]["num_classes"] < saved["heldout_accuracy"] <= 1   # it learned something
+    cfg = load_config(os.path.join(ROOT, "config/demo.yaml"), ["finetune=freeze"])  # plain tensors, comparable
+    assert cfg.pretrained == SHIPPED and cfg.stage1_pretrained == SHIPPED
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)  # config paths are relative to the repository root
+        model = build_model(cfg)
+    finally:
+        os.chdir(cwd)
+    backbone = {k: v for k, v in model.backbone.state_dict().items() if "num_batches_tracked" not in k}
+    mismatched = [k for k, v in backbone.items() if not torch.equal(v, saved["model"]["backbone." + k])]
+    assert backbone and mismatched == []
+
+
+def test_a_remade_backbone_is_compared_with_the_shipped_one(tmp_path):
+    """PRETRAIN=1: the tool says whether this machine wrote the shipped tensors, and how far it is off if not;
+    nothing to compare for the shipped file itself or for other settings (another protocol, not another CPU)."""
+    from tools.pretrain_demo_backbone import compare_with_shipped
+    shipped = tmp_path / "shipped.pth"
+    settings = {"seed": 0, "numerics": "pinned: x"}
+    model = {"backbone.a": torch.ones(3), "backbone.b": torch.zeros(2), "classifier.weight": torch.ones(2, 2)}
+    torch.save({"model": model, "pretrain": settings}, shipped)
+    same, other = tmp_path / "same.pth", tmp_path / "other.pth"
+    torch.save({"model": {k: v.clone() for k, v in model.items()}, "pretrain": settings}, same)
+    torch.save({"model": {**model, "backbone.b": torch.tensor([0.0, 0.25])}, "pretrain": settings}, other)
+    assert compare_with_shipped(str(same), settings, str(shipped)).startswith("identical to the shipped backbone")
+    line = compare_with_shipped(str(other), settings, str(shipped))
+    assert line.startswith("1 of 3 tensors differ") and "largest difference 0.25" in line
+    assert compare_with_shipped(str(other), {**settings, "seed": 1}, str(shipped)) is None
+    assert compare_with_shipped(str(shipped), settings, str(shipped)) is None
+    assert compare_with_shipped(str(same), settings, str(tmp_path / "absent.pth")) is None
+
+
 # The two CPUs the pinned pretraining must not tell apart, emulated on one machine: its native kernels (ATen,
 # oneDNN and MKL at this CPU's instruction set), and one capped to baseline ATen, SSE4.1 oneDNN and MKL's SSE4.2
 # branch. These variables are read when torch starts, so each run is a process of its own.
@@ -123,6 +166,20 @@ def test_pretraining_computes_on_its_own_thread_count_whatever_the_process_uses(
 
 
 # ------------------------------------------------------------------------------------------ ablate.py
+
+def test_default_output_folder_is_one_per_folder_dataset():
+    """Two folder datasets (any data_root) never share an ablation's runs; PASCAL keeps its path."""
+    from tools.ablate import default_out
+    from common.config import load_config
+    cells = load_config(os.path.join(ROOT, "config/folder.yaml"), ["data_root=data/cells/", "fold=1"])
+    defects = load_config(os.path.join(ROOT, "config/folder.yaml"), ["data_root=/x/defects", "fold=1"])
+    pascal = load_config(os.path.join(ROOT, "config/pascal_split0.yaml"), [])
+    assert default_out(cells) == os.path.join("exp", "ablation", "folder", "cells", f"{cells.arch}_{cells.backbone}",
+                                              "split1", f"{cells.shot}shot")
+    assert default_out(defects).split(os.sep)[:4] == ["exp", "ablation", "folder", "defects"]
+    assert default_out(pascal) == os.path.join("exp", "ablation", "pascal", f"{pascal.arch}_{pascal.backbone}",
+                                               "split0", f"{pascal.shot}shot")
+
 
 def fake_result(miou, seeds=(1, 2)):
     return {"miou": miou, "fbiou": miou + 0.2, "episodes_per_seed": 4, "seeds": list(seeds),

@@ -50,8 +50,9 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common.config import FIELDS, load_config, split_overrides  # noqa: E402
+from common.config import FIELDS, data_name, load_config, split_overrides  # noqa: E402
 from dataset.files import atomic_write_text  # noqa: E402
+from dataset.registry import family  # noqa: E402
 from engine.checkpoint import config_differences, describe_differences, evaluation_checkpoint  # noqa: E402
 from tools.summarize import ABLATION, read_json, render_ablation  # noqa: E402
 
@@ -273,7 +274,8 @@ def parse_args(argv=None):
     parser.add_argument("--reference", default="freeze", help="the method the paired differences are taken to")
     parser.add_argument("--no-untrained", action="store_true", help="leave out the untrained row")
     parser.add_argument("--out", help="folder of the runs and ablation.json (default exp/ablation/<benchmark>/"
-                        "<arch>_<backbone>/split<fold>/<shot>shot)")
+                        "<arch>_<backbone>/split<fold>/<shot>shot; a folder benchmark adds its data folder's name "
+                        "after <benchmark>)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torch.distributed.run; GPUs)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default %(default)s); on a CPU, JOBS runs "
                         "of OMP_NUM_THREADS threads each use JOBS x OMP_NUM_THREADS cores. A run's figures do not "
@@ -318,13 +320,20 @@ def training_seeds(args, cfg) -> list[int]:
     return [cfg.seed + i for i in range(args.train_seeds)]
 
 
+def default_out(cfg) -> str:
+    """exp/ablation/<benchmark>[/<data folder's name>]/<arch>_<backbone>/split<fold>/<shot>shot: a folder benchmark
+    (any data_root) gets one folder per dataset, so two datasets never share runs."""
+    dataset = [data_name(cfg.data_root)] if family(cfg.benchmark).data_named else []
+    return os.path.join("exp", "ablation", cfg.benchmark, *dataset, f"{cfg.arch}_{cfg.backbone}", f"split{cfg.fold}",
+                        f"{cfg.shot}shot")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
     cfg = load_config(args.config, args.overrides)
     if args.out is None:
-        args.out = os.path.join("exp", "ablation", cfg.benchmark, f"{cfg.arch}_{cfg.backbone}", f"split{cfg.fold}",
-                                f"{cfg.shot}shot")
+        args.out = default_out(cfg)
     seeds = training_seeds(args, cfg)
     args.target_shot_list = args.target_shot_list or [cfg.shot]
     methods = ([] if args.no_untrained else [UNTRAINED]) + args.method_list

@@ -3,6 +3,11 @@
     python tools/pretrain_demo_backbone.py                      # writes exp/demo/pretrain/resnet18_deep_half_synthcls.pth
     python tools/pretrain_demo_backbone.py --out FILE --epochs 4 --num-images 2000
 
+Its output with the defaults ships with the repository (``weights/resnet18_deep_half_synthcls.pth``, 11 MB): the
+demo's configs read that file, as few-shot configs read downloaded ImageNet weights, so the demo does not spend
+five minutes writing it again. Running the tool with its defaults re-makes it (``PRETRAIN=1 sh demo.sh``) and
+says whether this machine wrote the same tensors as the shipped file.
+
 As ImageNet weights relate to PASCAL-5i, the backbone learns another task (80-way classification) on other
 images and other categories than the few-shot data: ``dataset.synthetic_cls`` (hues half-way between the
 segmentation classes' hues, 4 textures the segmentation data never uses, 1 object per image, no masks).
@@ -60,6 +65,10 @@ from engine.checkpoint import atomic_save, torch_load  # noqa: E402
 from model.backbones import build_backbone  # noqa: E402
 
 DEFAULT_OUT = "exp/demo/pretrain/resnet18_deep_half_synthcls.pth"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The file this tool writes with its defaults, shipped with the repository (weights/README.md): the demo's
+# "download", so that every machine starts from the same backbone and the demo does not pay for the pretraining.
+SHIPPED = "weights/resnet18_deep_half_synthcls.pth"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the few-shot data's normalisation (ImageNet's)
 
 
@@ -275,8 +284,37 @@ def parse_args(argv=None):
     return args
 
 
+def compare_with_shipped(path: str, settings: dict, shipped: str = SHIPPED) -> str | None:
+    """One line on how the backbone in ``path`` (written with ``settings``) relates to the shipped one: identical
+    tensors, or how many differ and by how much. None when there is nothing to compare (``path`` is the shipped
+    file, the shipped file is absent, or it was written with other settings: another protocol, not another CPU)."""
+    shipped_path = shipped if os.path.isabs(shipped) else os.path.join(ROOT, shipped)
+    if not os.path.isfile(shipped_path) or os.path.abspath(path) == os.path.abspath(shipped_path):
+        return None
+    reference = torch_load(shipped_path, "the shipped backbone")
+    if reference.get("pretrain") != settings:
+        return None
+    ours, theirs = torch_load(path, "pretrained backbone")["model"], reference["model"]
+    if ours.keys() != theirs.keys():
+        return f"{path} holds other tensors than the shipped backbone {shipped} (other names)"
+    differ = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    if not differ:
+        return (f"identical to the shipped backbone {shipped} ({len(ours)} tensors): this machine writes the same "
+                f"file as the one the demo's figures were measured with")
+    largest = max(float((ours[k].double() - theirs[k].double()).abs().max()) for k in differ)
+    return (f"{len(differ)} of {len(ours)} tensors differ from the shipped backbone {shipped} (largest difference "
+            f"{largest:.3g}) although the settings are the same: this machine's kernels round differently (see "
+            f"docs/demo.md, 'CPUs, and the numerical pin'); trained from this file, the demo's rows may move by up to "
+            f"4 points")
+
+
 def main(argv=None) -> int:
-    pretrain(parse_args(argv))
+    args = parse_args(argv)
+    settings = pretrain(args)
+    if os.environ.get(PIN_MARK) != "1":  # the caller's process (the pinned child's caller reports, not the child)
+        line = compare_with_shipped(args.out, settings)
+        if line:
+            print(line)
     return 0
 
 
