@@ -7,7 +7,7 @@
 #   3. tools/ablate.py: the SVF paper's baseline few-shot model with the backbone untrained-heads / frozen /
 #      SVF / fully fine-tuned / BatchNorm-tuned, 3 training seeds each, all tested on the same 2 x 100 episodes;
 #   4. print the table (mean ± std over training seeds, paired differences to the frozen backbone).
-# Usage: sh demo.sh                           # fold 0; about 14 minutes on 2 cores (measured; docs/demo.md)
+# Usage: sh demo.sh                           # fold 0; about 13 minutes on 2 cores (measured; docs/demo.md)
 #        FOLDS="0 1 2 3" sh demo.sh           # all four folds (four times as long)
 #        METHODS=freeze,svf,full,bn,bias SEEDS=5 sh demo.sh
 #        JOBS=1 OMP_NUM_THREADS=2 sh demo.sh  # one run at a time on 2 threads (the thread-count check)

@@ -37,10 +37,8 @@ state the Ctrl-C handler saves.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -48,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset
 
 import svf
 
@@ -59,12 +57,14 @@ from engine.checkpoint import (BEST, LAST, LOSS_DIVERGENCE_FACTOR, NonFiniteWeig
 from engine.config import FIELDS, Config, dump_config, finetune_method, load_config, split_overrides
 from engine.faults import (fault_point, hold_interrupts, install_interrupt_handlers, interrupts_deferred,
                            release_interrupts, restore_handlers)
-from engine.distributed import (DistInfo, all_reduce_sum_, cleanup_distributed, derive_seed,
-                                init_distributed, loader_generator, print0, seed_everything, worker_init_fn)
+from engine.distributed import (DistInfo, EpochSampler, all_reduce_sum_, cleanup_distributed, derive_seed,
+                                init_distributed, loader_generator, print0, seed_everything, sync_trained_batchnorm,
+                                train_loader, trained_batchnorm)
 from engine.loop import autocast, evaluate_episodes, evaluate_semantic
 from engine.optim import build_sgd, describe_groups, scheduled_lr, set_lr
 from engine.preflight import check_base_learner, check_data, check_pretrained, check_writable, value_origin
 from engine.runlock import ExpDirInUse, own_exp_dir
+from engine.runstats import peak_memory, write_run_stats
 
 
 class NonFiniteLoss(RuntimeError):
@@ -431,38 +431,9 @@ def fit(run: Run, stage: Stage, state: RunState, stop_after: Optional[int] = Non
     print0(f"done: best validation mIoU {100 * state.best_miou:.2f} at epoch {state.best_epoch}; "
            f"test.py evaluates {evaluation_checkpoint(cfg.exp_dir, cfg.checkpoint_select)}")
     if is_main:
-        write_run_stats(run, state, trained_now=state.timed_steps > steps_at_start)
+        write_run_stats(run.cfg.exp_dir, run.net, run.dist_info, state.timed_steps, state.timed_seconds,
+                        state.peak_memory_bytes, trained_now=state.timed_steps > steps_at_start)
     return 0
-
-
-RUN_STATS = "train_stats.json"
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, kind) of this process's peak memory: GPU torch.cuda.max_memory_allocated, CPU the peak RSS."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
-
-
-def write_run_stats(run: Run, state: RunState, trained_now: bool):
-    """exp_dir/train_stats.json, written when a run completes: trainable parameters (all, backbone), the mean
-    wall time of the run's steps (data loading and mid-epoch validation included, end-of-epoch validation not) and
-    its peak memory, over every invocation of the run (--resume continues the figures saved in last.pth).
-    tools/ablate.py reads it."""
-    path = os.path.join(run.cfg.exp_dir, RUN_STATS)
-    if not trained_now and os.path.exists(path):
-        return  # a finished run resumed again: keep the figures of the invocations that trained
-    net, device = unwrap(run.net), run.dist_info.device
-    (trainable, total), (trainable_backbone, _) = svf.count_parameters(net), svf.count_parameters(net.backbone)
-    memory, kind = peak_memory(device)
-    steps = state.timed_steps
-    stats = {"trainable": trainable, "trainable_backbone": trainable_backbone, "total_parameters": total,
-             "steps_timed": steps, "step_time_s": state.timed_seconds / steps if steps else None,
-             "peak_memory_bytes": max(int(memory), state.peak_memory_bytes), "memory_kind": kind,
-             "device": device.type,
-             "world_size": run.dist_info.world_size, "torch_threads": torch.get_num_threads()}
-    atomic_write_text(path, json.dumps(stats, indent=1) + "\n")
 
 
 def train_one_epoch(run: Run, stage: Stage, state: RunState, epoch: int, mid_epoch_step: Optional[int] = None):
@@ -593,53 +564,6 @@ def good_checkpoint_advice(run: Run) -> str:
 def save(obj: dict, path: str):
     with interrupts_deferred():  # a Ctrl-C during the write lets it finish first
         atomic_save(obj, path)
-
-
-def train_loader(train_set: Dataset, sampler: Sampler, batch_per_rank: int, workers: int, device: torch.device,
-                 generator: torch.Generator) -> DataLoader:
-    """The training loader of one epoch (benchmarks/loader_speed.py times this very loader)."""
-    return DataLoader(train_set, batch_size=batch_per_rank, sampler=sampler, num_workers=workers, drop_last=True,
-                      worker_init_fn=worker_init_fn, pin_memory=device.type == "cuda", generator=generator)
-
-
-class EpochSampler(Sampler):
-    """This rank's part of a DistributedSampler permutation, minus the batches already done."""
-
-    def __init__(self, dataset, dist_info: DistInfo, seed: int, batch_per_rank: int):
-        self.inner = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                        shuffle=True, seed=seed, drop_last=True)
-        self.batch_per_rank = batch_per_rank
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0):
-        self.inner.set_epoch(epoch)
-        self.skip = skip_batches * self.batch_per_rank
-
-    def batches_per_epoch(self) -> int:
-        return len(self.inner) // self.batch_per_rank
-
-    def __iter__(self):
-        return iter(list(self.inner)[self.skip:])
-
-    def __len__(self):
-        return len(self.inner) - self.skip
-
-
-def trained_batchnorm(net: torch.nn.Module) -> list:
-    """(parent module, child name) of every BatchNorm whose parameters train and whose statistics update (train
-    mode after ``net.train()``: not those of a backbone kept in eval mode, e.g. under finetune=bn)."""
-    return [(parent, name) for parent in net.modules() for name, child in parent.named_children()
-            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and child.training
-            and any(p.requires_grad for p in child.parameters(recurse=False))]
-
-
-def sync_trained_batchnorm(net: torch.nn.Module) -> int:
-    """Replace every BatchNorm whose parameters train by a SyncBatchNorm (statistics over all processes,
-    as BAM's stage 1); frozen ones (eval mode, hooks) stay as they are. Returns how many were replaced."""
-    targets = trained_batchnorm(net)
-    for parent, name in targets:
-        setattr(parent, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(parent, name)))
-    return len(targets)
 
 
 if __name__ == "__main__":

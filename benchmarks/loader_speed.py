@@ -6,7 +6,7 @@
 
 What is timed is what train.py runs: ``dataset.build_train_dataset`` of ``config/pascal_split0.yaml`` (JPEG and PNG
 decoding, the episode sampler, the training transform at ``train_size``: scale, rotation, blur, flip, crop,
-normalisation; 1-shot and 5-shot) through ``train.train_loader`` (train.py's DataLoader: batch 8, its workers,
+normalisation; 1-shot and 5-shot) through ``engine.distributed.train_loader`` (train.py's DataLoader: batch 8, its workers,
 pinned memory on CUDA). The images are written on the spot into a temporary folder in the PASCAL VOC layout by
 ``dataset.synthetic`` at VOC's size (``--image-size 500``: sides 313..500, JPEG quality 92), with lists built by
 ``dataset.make_lists`` as for the real data. The sampler cycles through the training images (a few hundred are
@@ -38,7 +38,7 @@ from common.config import load_config  # noqa: E402
 from dataset.files import atomic_write_text  # noqa: E402
 from dataset.make_lists import main as make_lists  # noqa: E402
 from dataset.synthetic import write_dataset  # noqa: E402
-from train import train_loader  # noqa: E402
+from engine.distributed import train_loader  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "config", "pascal_split0.yaml")
 VOC_PIXELS = 500 * 375  # config/pascal.yaml's min_class_pixels (2048) is meant for images of about this size

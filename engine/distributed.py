@@ -8,6 +8,8 @@
 - `derive_seed(*keys)` turns (seed, epoch, rank, iteration, ...) into a 31-bit seed, the same in
   every process and every run; `worker_init_fn` seeds numpy / random in data-loader workers from
   the per-worker torch seed that the loader's generator determines.
+- training data: `EpochSampler` (this rank's part of an epoch's permutation, minus the batches a resumed run
+  already did) and `train_loader`; `sync_trained_batchnorm` makes trained BatchNorm layers synchronise over ranks.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 @dataclass
@@ -103,3 +106,50 @@ def worker_init_fn(worker_id: int):
 def loader_generator(*keys: int) -> torch.Generator:
     """A generator for DataLoader(generator=...): fixes the per-worker seeds of one epoch."""
     return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def train_loader(train_set: Dataset, sampler: Sampler, batch_per_rank: int, workers: int, device: torch.device,
+                 generator: torch.Generator) -> DataLoader:
+    """The training loader of one epoch (benchmarks/loader_speed.py times this very loader)."""
+    return DataLoader(train_set, batch_size=batch_per_rank, sampler=sampler, num_workers=workers, drop_last=True,
+                      worker_init_fn=worker_init_fn, pin_memory=device.type == "cuda", generator=generator)
+
+
+class EpochSampler(Sampler):
+    """This rank's part of a DistributedSampler permutation, minus the batches already done."""
+
+    def __init__(self, dataset, dist_info: DistInfo, seed: int, batch_per_rank: int):
+        self.inner = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                        shuffle=True, seed=seed, drop_last=True)
+        self.batch_per_rank = batch_per_rank
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0):
+        self.inner.set_epoch(epoch)
+        self.skip = skip_batches * self.batch_per_rank
+
+    def batches_per_epoch(self) -> int:
+        return len(self.inner) // self.batch_per_rank
+
+    def __iter__(self):
+        return iter(list(self.inner)[self.skip:])
+
+    def __len__(self):
+        return len(self.inner) - self.skip
+
+
+def trained_batchnorm(net: torch.nn.Module) -> list:
+    """(parent module, child name) of every BatchNorm whose parameters train and whose statistics update (train
+    mode after ``net.train()``: not those of a backbone kept in eval mode, e.g. under finetune=bn)."""
+    return [(parent, name) for parent in net.modules() for name, child in parent.named_children()
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and child.training
+            and any(p.requires_grad for p in child.parameters(recurse=False))]
+
+
+def sync_trained_batchnorm(net: torch.nn.Module) -> int:
+    """Replace every BatchNorm whose parameters train by a SyncBatchNorm (statistics over all processes,
+    as BAM's stage 1); frozen ones (eval mode, hooks) stay as they are. Returns how many were replaced."""
+    targets = trained_batchnorm(net)
+    for parent, name in targets:
+        setattr(parent, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(parent, name)))
+    return len(targets)

@@ -161,7 +161,7 @@ def test_shards_reassemble_to_the_one_process_result():
 
 
 def test_epoch_sampler_skip_continues_the_same_order():
-    from train import EpochSampler
+    from engine.distributed import EpochSampler
     data = list(range(23))
     for rank in range(2):
         sampler = EpochSampler(data, DistInfo(rank=rank, world_size=2), seed=5, batch_per_rank=3)

@@ -12,7 +12,8 @@ from torch import nn
 from engine.config import ConfigKeyError, load_config
 from engine.optim import build_sgd, scheduled_lr, set_lr
 from model import param_groups
-from train import stage1_config, sync_trained_batchnorm
+from engine.distributed import sync_trained_batchnorm
+from train import stage1_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -56,7 +56,7 @@ from dataset.registry import family  # noqa: E402
 from engine.checkpoint import config_differences, describe_differences, evaluation_checkpoint  # noqa: E402
 from tools.summarize import ABLATION, read_json, render_ablation  # noqa: E402
 
-from train import RUN_STATS  # noqa: E402  (exp_dir/train_stats.json, written by train.py when a run completes)
+from engine.runstats import RUN_STATS  # noqa: E402  (exp_dir/train_stats.json, written by train.py when a run completes)
 
 UNTRAINED = "untrained"
 # settings that do not change what a run trains: a folder trained without them is reused (and retested)
