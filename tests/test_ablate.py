@@ -1,8 +1,10 @@
 """The demo's pieces: the classification pretraining of its backbone (tools/pretrain_demo_backbone.py) and
 the ablation runner (tools/ablate.py: methods x training seeds -> one table and ablation.json, read by
 tools/summarize.py)."""
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,6 +65,12 @@ def test_the_shipped_backbone_is_the_tools_default_output_and_the_demo_model_loa
     from tools.pretrain_demo_backbone import SHIPPED, parse_args, settings_of
     saved = torch.load(os.path.join(ROOT, SHIPPED), weights_only=True)
     assert saved["pretrain"] == settings_of(parse_args([]))
+    with open(os.path.join(ROOT, SHIPPED), "rb") as fh:       # the checksum weights/README.md and docs/demo.md state
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    with open(os.path.join(ROOT, "weights", "README.md")) as fh:
+        assert re.findall(r"`([0-9a-f]{64})`", fh.read()) == [digest]
+    with open(os.path.join(ROOT, "docs", "demo.md")) as fh:
+        assert re.findall(r"sha256 `([0-9a-f]+)…`", fh.read()) == [digest[:8]]
     assert saved["pretrain"]["numerics"].startswith("pinned: ")
     assert 1 / saved["pretrain"]["num_classes"] < saved["heldout_accuracy"] <= 1   # it learned something
     cfg = load_config(os.path.join(ROOT, "config/demo.yaml"), ["finetune=freeze"])  # plain tensors, comparable
