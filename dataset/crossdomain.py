@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .episodes import Episode, item_rng
-from .files import atomic_write_text, check_complete
+from .files import atomic_write_text, check_complete, list_rows
 from .transforms import to_tensors
 
 FAMILIES = ("fss1000", "deepglobe", "isic", "lung")
@@ -204,15 +204,8 @@ def read_family_list(path, data_root):
         raise FileNotFoundError(f"list file not found: {path}; build it with python -m dataset.make_lists "
                                 "<fss1000|deepglobe|isic|lung> --data-root PATH")
     out = {}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 3:
-                raise ValueError(f"{path}:{line_no}: expected 'class image mask', got {line!r}")
-            pair = (os.path.join(data_root, fields[1]), os.path.join(data_root, fields[2]))
-            out.setdefault(fields[0], []).append(pair)
+    for _, (name, image, mask) in list_rows(path, "class image mask"):
+        out.setdefault(name, []).append((os.path.join(data_root, image), os.path.join(data_root, mask)))
     if not out:
         raise ValueError(f"list file {path} is empty")
     return out

@@ -152,6 +152,21 @@ def check_same_image(image_field, label_field, where):
                          "<name>.jpg goes with the mask <name>.png: correct or remove the line")
 
 
+def list_rows(path, columns: str):
+    """(``path:line``, fields) of every non-empty line of a whitespace-separated list file whose lines hold the
+    ``columns`` (their names, space-separated, as the error states them); a line with another count is a
+    ValueError naming the file and line."""
+    count = len(columns.split())
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != count:
+                raise ValueError(f"{path}:{line_no}: expected '{columns}', got {line!r}")
+            yield f"{path}:{line_no}", fields
+
+
 def read_list(list_path, data_root, same_image=False):
     """Read a list file of ``image label`` lines; returns [(image_path, label_path)] under data_root, in the
     file's order. Paths relative to data_root (our lists, PFENet's/BAM's/the SVF code's ``val.txt``) or absolute
@@ -163,17 +178,10 @@ def read_list(list_path, data_root, same_image=False):
         raise FileNotFoundError(f"list file not found: {list_path}; build it with "
                                 "`python -m dataset.make_lists pascal|coco --data-root PATH`")
     pairs = []
-    with open(list_path) as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise ValueError(f"{list_path}:{line_no}: expected 'image_path label_path', got {line!r}")
-            where = f"{list_path}:{line_no}"
-            if same_image:
-                check_same_image(*fields, where)
-            pairs.append(tuple(list_entry_path(field, data_root, where) for field in fields))
+    for where, fields in list_rows(list_path, "image_path label_path"):
+        if same_image:
+            check_same_image(*fields, where)
+        pairs.append(tuple(list_entry_path(field, data_root, where) for field in fields))
     if not pairs:
         raise ValueError(f"list file {list_path} is empty")
     return pairs

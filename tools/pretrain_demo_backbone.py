@@ -59,13 +59,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from dataset.synthetic_cls import NUM_CLASSES, make_classification_set  # noqa: E402
 from engine.checkpoint import atomic_save, torch_load  # noqa: E402
 from model.backbones import build_backbone  # noqa: E402
 
 DEFAULT_OUT = "exp/demo/pretrain/resnet18_deep_half_synthcls.pth"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The file this tool writes with its defaults, shipped with the repository (weights/README.md): the demo's
 # "download", so that every machine starts from the same backbone and the demo does not pay for the pretraining.
 SHIPPED = "weights/resnet18_deep_half_synthcls.pth"
